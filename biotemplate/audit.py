@@ -1,0 +1,560 @@
+"""The audit trail: append-only, hash-chained, every entry signed, in its own ``audit.db``.
+
+It is kept apart from ``records.db`` so that restoring an old records database cannot roll
+the audit back. Signing is injected (``Signer``/``Verifier``) so that only the crypto module
+imports a crypto library; the chain is stdlib SHA-256 over canonical msgpack bodies::
+
+    row  = entries(seq, ref_seq, body, hash, sig)
+    body = msgpack({"v": 1, "seq", "prev", "store", "ts0", "ts1", "event", "actor",
+                    "outcome", "f": fields})   # fixed key order, field maps sorted by key
+    hash = SHA-256(b"biotemplate-audit-v1\\x00" || body);  sig = Ed25519(hash)
+    prev = hash of entry seq-1 (32 zero bytes for seq 1); ts = µs since 1970, UTC
+    ref_seq = f["ref_seq"] copied to an indexed column; verify() checks the copy
+
+EU AI Act Art. 12(3) (logs of remote biometric identification) maps to:
+(a) period of each use -> ts0/ts1 (``started=``, then the clock at append);
+(b) reference database -> field "purpose" (each purpose is its own gallery);
+(c) input data that led to a match -> field "probe_digest" (a keyed digest, never the probe);
+(d) natural persons who verified the result -> "confirm" entries with "reviewer" and
+"ref_seq" = the search; Art. 14(5) wants two distinct reviewers: ``find("confirm", seq)``.
+
+Fields take msgpack primitives only (None, bool, int, float, str, bytes, lists and str-keyed
+dicts of these); anything else raises ``InvalidInput`` naming only the type. Callers pass
+digests and record ids, never templates, keys or clear subject ids.
+
+A chain alone cannot reveal truncation or an old file restored: keep a ``checkpoint()`` with
+a witness and pass it to ``verify()``. A live trail also compares the file with the head it
+holds in memory, so truncation under a running process is caught without one.
+
+Durability is a measured choice (an fsync costs more than a search, DESIGN §5). The file is
+WAL. ``durable=True`` (mutations) commits under ``synchronous=FULL``: the WAL is fsynced
+before return. ``durable=False`` (searches) commits under ``synchronous=NORMAL``: the entry
+is in the OS page cache before return, so it survives a process crash and is lost only to
+a power cut before the next fsync. The 64th non-durable entry in a row, any durable entry,
+``sync()``, ``checkpoint()`` and ``close()`` fsync, and one fsync covers the whole WAL.
+
+Appends are serialised by a lock (the chain needs one order); use one trail per file: a
+second writing process makes appends fail, never forks the chain. Fail closed: an entry that
+cannot be signed or written raises ``AuditError``, is rolled back, and leaves the head as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import msgpack
+
+from biotemplate.errors import (
+    AuditError,
+    IntegrityError,
+    InvalidInput,
+    RecordNotFound,
+    StoreExists,
+    StoreNotFound,
+)
+
+__all__ = ["AuditEntry", "AuditReport", "AuditTrail", "Checkpoint", "Signer", "Verifier"]
+
+Signer = Callable[[bytes], bytes]
+Verifier = Callable[[bytes, bytes], bool]
+
+_ENTRY_DOMAIN = b"biotemplate-audit-v1\x00"
+_CHECKPOINT_DOMAIN = b"biotemplate-checkpoint-v1\x00"
+_ZERO = bytes(32)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EVENT = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_OUTCOMES = frozenset({"ok", "refused", "error"})
+_KEYS = frozenset({"v", "seq", "prev", "store", "ts0", "ts1", "event", "actor", "outcome", "f"})
+_MAX_BODY = 16 << 20  # bytes: a purge listing ~400k record ids still fits
+_GROUP = 64  # a run of non-durable entries is fsynced at least every _GROUP entries
+_MAX_PROBLEMS = 100
+_COLS = "SELECT seq, ref_seq, body, hash, sig FROM entries"
+_SCHEMA = """
+CREATE TABLE entries(seq INTEGER PRIMARY KEY, ref_seq INTEGER, body BLOB NOT NULL,
+                     hash BLOB NOT NULL, sig BLOB NOT NULL);
+CREATE INDEX entries_ref_seq ON entries(ref_seq);
+CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries
+  BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
+  BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+PRAGMA user_version = 1;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One verified entry; ``fields`` is read-only (tuples written come back as lists)."""
+
+    seq: int
+    ts_start: datetime
+    ts_end: datetime
+    event: str
+    actor: str | None
+    outcome: str
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReport:
+    """What ``verify()`` found; ``ok`` is True iff ``problems`` is empty."""
+
+    ok: bool
+    entries: int
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A signed (store, seq, head hash, time), to be kept by a witness outside the host."""
+
+    store_id: bytes
+    seq: int
+    head: bytes
+    ts: datetime
+    signature: bytes
+
+    def message(self) -> bytes:
+        """The signed bytes; their length (> 32) keeps them apart from entry signatures."""
+        return _CHECKPOINT_DOMAIN + _pack([self.store_id, self.seq, self.head, _us(self.ts)])
+
+    def to_bytes(self) -> bytes:
+        return _pack({"v": 1, "store": self.store_id, "seq": self.seq, "head": self.head,
+                      "ts": _us(self.ts), "sig": self.signature})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Checkpoint:
+        """Raises: IntegrityError: malformed (the signature is checked by ``verify``)."""
+        try:
+            d = _unpack(data, 4096)
+            if not isinstance(d, dict) or set(d) != {"v", "store", "seq", "head", "ts", "sig"}:
+                raise ValueError
+            return cls._build(d["v"], d["store"], d["seq"], d["head"], d["ts"], d["sig"])
+        except ValueError:
+            raise IntegrityError("malformed checkpoint") from None
+
+    def to_json(self) -> str:
+        return json.dumps({"v": 1, "store_id": self.store_id.hex(), "seq": self.seq,
+                           "head": self.head.hex(), "ts": self.ts.isoformat(),
+                           "signature": self.signature.hex()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Checkpoint:
+        """Raises: IntegrityError: malformed (the signature is checked by ``verify``)."""
+        try:
+            d = json.loads(text[:4096])
+            return cls._build(d["v"], bytes.fromhex(d["store_id"]), d["seq"],
+                              bytes.fromhex(d["head"]), _us(datetime.fromisoformat(d["ts"])),
+                              bytes.fromhex(d["signature"]))
+        except (ValueError, TypeError, KeyError, RecursionError):
+            raise IntegrityError("malformed checkpoint") from None
+
+    @classmethod
+    def _build(cls, v: Any, store: Any, seq: Any, head: Any, ts: Any, sig: Any) -> Checkpoint:
+        if not (v == 1 and isinstance(store, bytes) and 1 <= len(store) <= 64
+                and type(seq) is int and seq >= 1 and isinstance(head, bytes)
+                and len(head) == 32 and type(ts) is int and isinstance(sig, bytes)
+                and len(sig) == 64):
+            raise ValueError
+        return cls(store, seq, head, _dt(ts), sig)
+
+
+class AuditTrail:
+    """The audit trail of one store; build it with ``create`` or ``open``."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, store_id: bytes,
+                 signer: Signer, verifier: Verifier, clock: Callable[[], datetime]) -> None:
+        self._conn, self._path, self._store_id = conn, path, store_id
+        self._signer, self._verifier, self._clock = signer, verifier, clock
+        self._head: tuple[int, bytes] = (0, _ZERO)  # (seq, hash) of the last entry
+        self._lock = threading.Lock()
+        self._full: bool | None = None  # the connection's synchronous setting
+        self._pending = 0  # non-durable entries since the last fsync
+        self._closed = False
+
+    @classmethod
+    def create(cls, path: Path, *, store_id: bytes, signer: Signer, verifier: Verifier,
+               clock: Callable[[], datetime]) -> AuditTrail:
+        """Create the file and write its genesis entry (event "create"); all or nothing.
+
+        Raises:
+            StoreExists: the file exists. InvalidInput: bad store_id, or a naive clock.
+            AuditError: the file or the genesis entry could not be written.
+        """
+        path = Path(path)
+        if not isinstance(store_id, bytes) or not 1 <= len(store_id) <= 64:
+            raise InvalidInput("store_id must be 1 to 64 bytes")
+        if path.exists():
+            raise StoreExists(f"{path} already exists")
+        trail = None
+        try:
+            trail = cls(_connect(path, "rwc"), path, store_id, signer, verifier, clock)
+            if trail._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
+                raise AuditError("the audit database needs WAL mode")
+            trail._conn.executescript(_SCHEMA)
+            trail.append("create", actor=None)
+            _fsync(path.parent)  # the new directory entry must survive a power cut
+            return trail
+        except BaseException as exc:
+            if trail is not None:
+                trail._conn.close()
+            for name in (path.name, path.name + "-wal", path.name + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path.with_name(name))
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise AuditError("cannot create the audit database") from exc
+            raise
+
+    @classmethod
+    def open(cls, path: Path, *, store_id: bytes, signer: Signer, verifier: Verifier,
+             clock: Callable[[], datetime]) -> AuditTrail:
+        """Open a trail; its last entry is verified before anything is chained to it.
+
+        Raises:
+            StoreNotFound: no file. AuditError: not a readable audit database.
+            IntegrityError: no entries, or the last one is forged or another store's.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise StoreNotFound(f"no audit trail at {path}")
+        trail = None
+        try:
+            trail = cls(_connect(path, "rw"), path, store_id, signer, verifier, clock)
+            if trail._conn.execute("PRAGMA user_version").fetchone()[0] != 1:
+                raise AuditError("not a biotemplate audit database")
+            trail._conn.execute("PRAGMA journal_mode=WAL")
+            row = trail._conn.execute(f"{_COLS} ORDER BY seq DESC LIMIT 1").fetchone()
+            if row is None:
+                raise IntegrityError("the audit trail has no entries: genesis missing")
+            trail._checked(row)
+            trail._head = (row[0], row[3])
+            return trail
+        except BaseException as exc:
+            if trail is not None:
+                trail._conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise AuditError("cannot read the audit database") from exc
+            raise
+
+    def append(self, event: str, *, actor: str | None, outcome: str = "ok",
+               started: datetime | None = None, durable: bool = True, **fields: Any) -> int:
+        """Sign and write one entry before the audited call returns; returns its seq.
+
+        Args:
+            event: a short lower-case name ("search", "confirm", ...).
+            actor: who asked; None for the system itself.
+            outcome: "ok", "refused" or "error".
+            started: when the audited call began (ts0); ts1 is the clock now.
+            durable: fsync before returning; False for searches (see the module docstring).
+            **fields: msgpack primitives; "ref_seq", if given, must name an earlier entry.
+
+        Raises:
+            InvalidInput: a bad argument, field or naive time; nothing written.
+            AuditError: the entry could not be signed or written; nothing written.
+        """
+        if not isinstance(event, str) or not _EVENT.fullmatch(event):
+            raise InvalidInput("audit event must be a short lower-case name")
+        if actor is not None and (not isinstance(actor, str) or len(actor) > 256):
+            raise InvalidInput("actor must be None or a string of at most 256 characters")
+        if outcome not in _OUTCOMES:
+            raise InvalidInput(f"outcome must be one of {sorted(_OUTCOMES)}")
+        f = {name: _normalise(fields[name], name, 0) for name in sorted(fields)}
+        ref = f.get("ref_seq")
+        ts0 = None if started is None else _us(started)
+        with self._lock:
+            self._ensure_open()
+            if ref is not None and not (type(ref) is int and 1 <= ref <= self._head[0]):
+                raise InvalidInput("ref_seq must be the seq of an earlier entry")
+            ts1 = _us(self._clock())
+            seq = self._head[0] + 1
+            body = _pack({"v": 1, "seq": seq, "prev": self._head[1], "store": self._store_id,
+                          "ts0": ts1 if ts0 is None else ts0, "ts1": ts1, "event": event,
+                          "actor": actor, "outcome": outcome, "f": f})
+            if len(body) > _MAX_BODY:
+                raise InvalidInput("audit entry too large")
+            digest = hashlib.sha256(_ENTRY_DOMAIN + body).digest()
+            sig = self._sign(digest)
+            full = durable or self._pending + 1 >= _GROUP
+            try:
+                if self._full is not full:  # may not change inside a transaction
+                    self._conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+                    self._full = full
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+                                   (seq, ref, body, digest, sig))
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                raise AuditError(f"audit entry {seq} could not be written") from exc
+            self._head = (seq, digest)
+            self._pending = 0 if full else self._pending + 1
+            return seq
+
+    def get(self, seq: int) -> AuditEntry:
+        """Raises: RecordNotFound: no such entry. IntegrityError: it fails verification."""
+        rows = self._query(f"{_COLS} WHERE seq = ?", seq)
+        if not rows:
+            raise RecordNotFound(f"no audit entry {seq}")
+        return self._checked(rows[0])
+
+    def find(self, event: str, ref_seq: int) -> list[AuditEntry]:
+        """Entries of ``event`` that refer to entry ``ref_seq`` (e.g. a search's confirmations).
+
+        Raises:
+            IntegrityError: one of them fails verification.
+        """
+        rows = self._query(f"{_COLS} WHERE ref_seq = ? ORDER BY seq", ref_seq)
+        return [e for e in map(self._checked, rows) if e.event == event]
+
+    def last(self) -> AuditEntry | None:
+        """The newest entry. Raises: IntegrityError: it is missing or fails verification."""
+        with self._lock:
+            seq = self._head[0]
+        try:
+            return self.get(seq) if seq else None
+        except RecordNotFound:
+            raise IntegrityError(f"audit entry {seq} is missing: truncated") from None
+
+    def verify(self, checkpoint: Checkpoint | None = None) -> AuditReport:
+        """Check every entry, streamed from a read snapshot; problems are reported, not raised.
+
+        Without a checkpoint, a trail truncated or restored while closed looks whole.
+        """
+        problems: list[str] = []
+
+        def add(problem: str) -> None:  # a wrecked file must not build a huge report
+            if len(problems) < _MAX_PROBLEMS:
+                problems.append(problem)
+            elif len(problems) == _MAX_PROBLEMS:
+                problems.append("further problems not listed")
+
+        with self._lock:  # pin a snapshot that matches the head held in memory
+            self._ensure_open()
+            held_seq, held_hash = self._head
+            ro = None
+            try:  # a separate connection, so appends go on while we walk
+                ro = _connect(self._path, "ro")
+                ro.execute("BEGIN")
+                ro.execute("SELECT max(seq) FROM entries").fetchone()
+            except sqlite3.Error:
+                if ro is not None:
+                    ro.close()
+                return AuditReport(False, 0, ("audit database unreadable",))
+        count, prev_seq, prev_hash = 0, 0, _ZERO
+        seen: dict[int, bytes] = {}  # recomputed hashes of the held head and checkpoint seq
+        try:
+            for row in ro.execute(f"{_COLS} ORDER BY seq"):
+                count, seq = count + 1, row[0]
+                if seq != prev_seq + 1:
+                    add(f"gap after seq {prev_seq}")
+                found, _, actual, prev = self._inspect(row)
+                if seq == prev_seq + 1 and prev is not None and prev != prev_hash:
+                    found.append("chain broken")
+                for problem in found:
+                    add(f"seq {seq}: {problem}")
+                if seq in (held_seq, checkpoint and checkpoint.seq):
+                    seen[seq] = actual
+                prev_seq, prev_hash = seq, actual
+        except sqlite3.Error:
+            add("audit database unreadable")
+            return AuditReport(False, count, tuple(problems))
+        finally:
+            ro.close()
+        if count == 0:
+            add("no entries: the genesis entry is missing")
+        if held_seq > prev_seq:
+            add(f"trail ends at seq {prev_seq}, but this process wrote seq {held_seq}: truncated")
+        elif seen.get(held_seq, held_hash) != held_hash:
+            add(f"entry {held_seq} differs from the head held in memory: rewritten")
+        if checkpoint is not None:
+            if checkpoint.store_id != self._store_id:
+                add("checkpoint is for another store")
+            elif not self._sig_ok(checkpoint.message(), checkpoint.signature):
+                add("checkpoint signature invalid")
+            elif checkpoint.seq > prev_seq:
+                add(f"trail ends at seq {prev_seq}, before checkpoint seq {checkpoint.seq}: "
+                    "truncated or an old file restored")
+            elif seen.get(checkpoint.seq) != checkpoint.head:
+                add(f"entry {checkpoint.seq} differs from checkpoint: rewritten")
+        return AuditReport(not problems, count, tuple(problems))
+
+    def checkpoint(self) -> Checkpoint:
+        """Sign the current head; appends nothing, so ``verify(cp)`` is exact.
+
+        Syncs first: a witness must never hold a checkpoint that a power cut could falsify.
+
+        Raises:
+            AuditError: sync or signing failed. InvalidInput: the clock returned a naive time.
+        """
+        with self._lock:
+            self._ensure_open()
+            self._sync_files()
+            cp = Checkpoint(self._store_id, *self._head, _dt(_us(self._clock())), bytes(64))
+            return Checkpoint(cp.store_id, cp.seq, cp.head, cp.ts, self._sign(cp.message()))
+
+    def sync(self) -> None:
+        """Make every appended entry durable now. Raises: AuditError: the fsync failed."""
+        with self._lock:
+            self._ensure_open()
+            self._sync_files()
+
+    def close(self) -> None:
+        """Sync and close; idempotent. Raises: AuditError: the final fsync failed."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                try:
+                    self._sync_files()
+                finally:
+                    self._conn.close()
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise AuditError("the audit trail is closed")
+
+    def _query(self, sql: str, arg: int) -> list[Any]:
+        with self._lock:
+            self._ensure_open()
+            try:
+                return self._conn.execute(sql, (arg,)).fetchall()
+            except sqlite3.Error as exc:
+                raise AuditError("cannot read the audit trail") from exc
+
+    def _sign(self, message: bytes) -> bytes:
+        try:
+            sig = self._signer(message)
+        except Exception as exc:
+            raise AuditError("the audit signer failed") from exc
+        if not isinstance(sig, bytes) or len(sig) != 64:
+            raise AuditError("the audit signer returned a malformed signature")
+        return sig
+
+    def _sig_ok(self, message: bytes, sig: object) -> bool:
+        try:  # a verifier must return True itself; truthy is not enough
+            return isinstance(sig, bytes) and self._verifier(message, sig) is True
+        except Exception:
+            return False
+
+    def _sync_files(self) -> None:
+        # fsync on any descriptor flushes the file: one covers every WAL frame written so far.
+        try:
+            for name in (self._path.name + "-wal", self._path.name):
+                with contextlib.suppress(FileNotFoundError):
+                    _fsync(self._path.with_name(name))
+        except OSError as exc:
+            raise AuditError("the audit trail could not be synced") from exc
+        self._pending = 0
+
+    def _inspect(self, row: Any) -> tuple[list[str], AuditEntry | None, bytes, bytes | None]:
+        """Check one row on its own: (problems, entry, recomputed hash, body's prev)."""
+        seq, ref, body, digest, sig = row
+        actual = hashlib.sha256(_ENTRY_DOMAIN + body).digest() if isinstance(body, bytes) else b""
+        found = [] if digest == actual else ["hash mismatch"]
+        if not self._sig_ok(actual, sig):
+            found.append("signature invalid")
+        try:
+            entry, prev, store = _parse(body)
+        except ValueError:
+            return [*found, "body unreadable"], None, actual, None
+        for good, problem in ((entry.seq == seq, "body seq mismatch"),
+                              (store == self._store_id, "entry of another store"),
+                              (entry.fields.get("ref_seq") == ref, "ref_seq column mismatch"),
+                              (seq != 1 or entry.event == "create", "not a genesis entry")):
+            if not good:
+                found.append(problem)
+        return found, entry, actual, prev
+
+    def _checked(self, row: Any) -> AuditEntry:
+        found, entry, _, _ = self._inspect(row)
+        if found or entry is None:
+            raise IntegrityError(f"audit entry {row[0]} failed verification")
+        return entry
+
+
+def _connect(path: Path, mode: str) -> sqlite3.Connection:
+    uri = f"{path.resolve().as_uri()}?mode={mode}"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _us(moment: object) -> int:
+    if not isinstance(moment, datetime) or moment.utcoffset() is None:
+        raise InvalidInput("audit times must be timezone-aware datetimes (UTC)")
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _dt(us: int) -> datetime:
+    try:
+        return _EPOCH + timedelta(microseconds=us)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
+
+
+def _normalise(value: Any, name: str, depth: int) -> Any:
+    """Admit msgpack primitives only; sort dict keys so that bodies are canonical."""
+    if depth <= 8:
+        if value is None or isinstance(value, bool | str | bytes | float):
+            return value
+        if isinstance(value, int) and -(1 << 63) <= value < (1 << 64):
+            return value
+        if isinstance(value, list | tuple):
+            return [_normalise(v, name, depth + 1) for v in value]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: _normalise(value[k], name, depth + 1) for k in sorted(value)}
+    # Name the type, never the value: it could be a template or a subject id.
+    raise InvalidInput(f"audit field {name!r}: {type(value).__name__} is not a msgpack "
+                       "primitive (or is out of range, or nested too deeply)")
+
+
+def _pack(obj: Any) -> bytes:
+    try:
+        return bytes(msgpack.packb(obj, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. a lone surrogate in a str
+        raise InvalidInput("audit data cannot be encoded") from exc
+
+
+def _unpack(data: object, limit: int) -> Any:
+    if not isinstance(data, bytes) or len(data) > limit:
+        raise ValueError("not bytes, or too large")
+    try:  # bounded lengths, no ext types; msgpack's own errors are ValueErrors
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=limit,
+                               max_bin_len=limit, max_array_len=limit, max_map_len=limit,
+                               max_ext_len=0)
+    except (TypeError, msgpack.UnpackException) as exc:
+        raise ValueError("malformed") from exc
+
+
+def _parse(body: object) -> tuple[AuditEntry, bytes, bytes]:
+    """Decode and type-check a body: (entry, prev, store). Raises ValueError."""
+    d = _unpack(body, _MAX_BODY)
+    if not (isinstance(d, dict) and set(d) == _KEYS and d["v"] == 1
+            and type(d["seq"]) is int and isinstance(d["prev"], bytes) and len(d["prev"]) == 32
+            and isinstance(d["store"], bytes) and type(d["ts0"]) is int
+            and type(d["ts1"]) is int and isinstance(d["event"], str)
+            and (d["actor"] is None or isinstance(d["actor"], str))
+            and d["outcome"] in _OUTCOMES and isinstance(d["f"], dict)
+            and all(isinstance(k, str) for k in d["f"])):
+        raise ValueError("malformed body")
+    entry = AuditEntry(d["seq"], _dt(d["ts0"]), _dt(d["ts1"]), d["event"], d["actor"],
+                       d["outcome"], MappingProxyType(d["f"]))
+    return entry, d["prev"], d["store"]

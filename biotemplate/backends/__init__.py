@@ -1,0 +1,1 @@
+"""Storage backends: the Backend protocol and its implementations."""

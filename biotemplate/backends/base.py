@@ -1,0 +1,93 @@
+"""The storage interface the store is written against.
+
+A backend keeps sealed rows and a little metadata. It knows no keys and no templates: every
+field of :class:`RecordRow` except ``blob`` is a header that is stored in clear and bound as
+associated data inside ``blob``, so a backend (or whoever edits its files) can lose or
+damage data but cannot change what a record means without detection.
+
+SQLite is the embedded default; PostgreSQL fits beside it by implementing this Protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRow:
+    """One sealed record as stored.
+
+    Attributes:
+        record_id: random id (32 lowercase hex characters), unique in the store.
+        subject_ref: keyed hash of the subject id (never the id itself).
+        epoch: the retention epoch in which the record expires (selects its key).
+        expiry_us: expiry, microseconds since the Unix epoch, UTC.
+        purposes: sorted purpose tags.
+        model: the template model id (one per store, bound per record).
+        held: True when sealed under the subject's legal-hold key instead of the epoch key.
+        blob: version byte, nonce and AEAD ciphertext (see ``sealing``).
+        seq: the change sequence number assigned by the backend on insert/update (0 before).
+    """
+
+    record_id: str
+    subject_ref: bytes
+    epoch: int
+    expiry_us: int
+    purposes: tuple[str, ...]
+    model: str
+    held: bool
+    blob: bytes
+    seq: int = 0
+
+
+class Backend(Protocol):
+    """What the store needs from a database. Writes happen only inside ``transaction()``."""
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """One write transaction: committed on normal exit, rolled back on exception."""
+        ...
+
+    def get_meta(self, key: str) -> bytes | None: ...
+
+    def put_meta(self, key: str, value: bytes) -> None: ...
+
+    def insert(self, rows: Sequence[RecordRow]) -> None:
+        """Add new rows; a duplicate record id raises and the transaction rolls back."""
+        ...
+
+    def update(self, rows: Sequence[RecordRow]) -> None:
+        """Replace epoch, held and blob of existing rows (a reseal), by record id."""
+        ...
+
+    def delete(self, record_ids: Sequence[str]) -> int:
+        """Delete rows by id; returns how many existed."""
+        ...
+
+    def get(self, record_id: str) -> RecordRow | None: ...
+
+    def by_subject(self, subject_ref: bytes) -> list[RecordRow]: ...
+
+    def expired(self, now_us: int) -> list[RecordRow]:
+        """Rows whose expiry is at or before ``now_us`` (held or not)."""
+        ...
+
+    def below_epoch(self, epoch: int) -> list[RecordRow]:
+        """Rows that are not held and whose epoch is below ``epoch`` (their key is gone)."""
+        ...
+
+    def scan(self, batch_size: int = 4096) -> Iterator[list[RecordRow]]:
+        """Every row, in batches, in ``seq`` order."""
+        ...
+
+    def subject_refs(self) -> set[bytes]: ...
+
+    def count(self) -> int: ...
+
+    def checkpoint(self) -> None:
+        """Truncate the write-ahead log so deleted bytes do not linger in it."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,441 @@
+"""The embedded records backend: one SQLite file behind one lock-guarded connection.
+
+Durability and erasure choices, and why:
+
+* ``journal_mode=WAL``: readers never block the writer; a crash mid-write leaves the last
+  committed state. ``synchronous=FULL``: every COMMIT is fsynced before it returns, since
+  an acknowledged enrolment or erasure is a promise a power cut must not undo.
+* ``secure_delete=ON``, set rather than trusting the build default: freed cells and pages
+  are zeroed, so an erased record's ciphertext does not survive in the main file. Old page
+  images can still sit in the log, hence :meth:`SQLiteBackend.checkpoint` (TRUNCATE),
+  which the store calls after deletes and purges.
+* ``page_size=16384``, set before the first table: sealed rows are ~2 KiB, and larger
+  pages waste less space and read faster. ``trusted_schema=OFF``: an edited file's schema
+  must not run functions on our behalf. Files are created 0600.
+* Copies only through SQLite's backup API (:meth:`SQLiteBackend.backup`): copying the file
+  under a live writer can capture a torn database.
+
+The connection is in autocommit mode and ``transaction()`` issues ``BEGIN IMMEDIATE``, so
+a writer takes the lock up front instead of failing halfway. A re-entrant lock, held by a
+transaction from BEGIN to COMMIT, serialises threads, so none reads uncommitted rows.
+Every ``sqlite3`` exception is translated (corruption to ``IntegrityError``, the rest to
+``StorageError``); messages name the operation and SQLite's error code, never row data.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from biotemplate.backends.base import RecordRow
+from biotemplate.errors import (
+    BiotemplateError,
+    IntegrityError,
+    InvalidInput,
+    RecordNotFound,
+    StorageError,
+    StoreExists,
+    StoreNotFound,
+)
+
+if TYPE_CHECKING:
+    from biotemplate.backends.base import Backend
+
+__all__ = ["SQLiteBackend"]
+
+SCHEMA_VERSION = 1
+PAGE_SIZE = 16384
+BUSY_TIMEOUT_MS = 5000
+_CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+_COLUMNS = "seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob"
+_INSERT = (
+    "INSERT INTO records (record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_LOG = "INSERT INTO changes (record_id, op) VALUES (?, ?)"
+_UPSERT_META = (
+    "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "CREATE TABLE records (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " record_id TEXT NOT NULL UNIQUE, subject_ref BLOB NOT NULL, epoch INTEGER NOT NULL,"
+    " expiry_us INTEGER NOT NULL, purposes TEXT NOT NULL, model TEXT NOT NULL,"
+    " held INTEGER NOT NULL, blob BLOB NOT NULL)",
+    "CREATE INDEX records_subject ON records (subject_ref)",
+    "CREATE INDEX records_expiry ON records (expiry_us)",
+    "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " record_id TEXT NOT NULL, op TEXT NOT NULL)",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+_PRAGMAS = ("synchronous=FULL", "secure_delete=ON", "foreign_keys=ON", "trusted_schema=OFF")
+
+
+def _translate(exc: sqlite3.Error, what: str) -> BiotemplateError:
+    """Map a sqlite3 exception to ours; the message never carries data values."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "malformed" in text or "not a database" in text or (code or 0) & 0xFF in _CORRUPT_CODES
+    ):
+        return IntegrityError("records database is corrupt")
+    return StorageError(
+        f"{what} failed ({getattr(exc, 'sqlite_errorname', None) or type(exc).__name__})"
+    )
+
+
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Translate lower-layer exceptions raised in the block, so no sqlite3 one leaks."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise _translate(exc, what) from None
+    except OverflowError:
+        raise InvalidInput("integer out of range for the records database") from None
+
+
+def _new_file(path: Path, what: str) -> None:
+    """Create an empty 0600 file atomically; never overwrite (a store or a backup)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise StoreExists(f"{what} already exists: {path}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot create {what} ({exc.strerror})") from None
+
+
+def _remove(path: Path) -> None:
+    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        leftover.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open an existing file only (``mode=rw``): SQLite must never create one implicitly."""
+    return sqlite3.connect(
+        f"{path.absolute().as_uri()}?mode=rw",
+        uri=True,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    if str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower() != "wal":
+        raise StorageError("write-ahead logging is unavailable for the records database")
+    for pragma in (*_PRAGMAS, f"busy_timeout={BUSY_TIMEOUT_MS}"):
+        conn.execute(f"PRAGMA {pragma}")
+
+
+def _start(path: Path, *, new: bool) -> sqlite3.Connection:
+    """Connect; a new file gets page size and schema, an old one is checked before writing."""
+    conn: sqlite3.Connection | None = None
+    try:
+        with _mapped("open"):
+            conn = _connect(path)
+            if new:
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before WAL and any table
+            else:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:  # an empty or foreign SQLite file where ours should be
+                    raise IntegrityError("records database is corrupt")
+                if version != SCHEMA_VERSION:
+                    raise StorageError("unsupported records database schema version")
+            _configure(conn)
+            if new:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+    return conn
+
+
+def _row(r: Any) -> RecordRow:
+    seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob = r
+    tags = tuple(purposes.split(",")) if purposes else ()
+    return RecordRow(record_id, subject_ref, epoch, expiry_us, tags, model, bool(held), blob, seq)
+
+
+def _params(r: RecordRow) -> tuple[object, ...]:
+    if any("," in tag for tag in r.purposes):
+        raise InvalidInput("a purpose tag contains a comma")
+    tags = ",".join(sorted(r.purposes))
+    return (r.record_id, r.subject_ref, r.epoch, r.expiry_us, tags, r.model, int(r.held), r.blob)
+
+
+class SQLiteBackend:
+    """The :class:`~biotemplate.backends.base.Backend` over one SQLite file.
+
+    Build it with :meth:`create` or :meth:`open`, which configure the connection. Every
+    method raises ``StorageError`` when the database fails and ``IntegrityError`` when it
+    is corrupt; writes (``insert``, ``update``, ``delete``, ``put_meta``) raise
+    ``StorageError`` outside ``transaction()``, a guard against forgetting one.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+        self._lock = threading.RLock()
+        self._in_tx = False
+
+    @classmethod
+    def create(cls, path: Path) -> SQLiteBackend:
+        """Create an empty records database; a failure leaves no file, so a retry works.
+
+        Raises:
+            StoreExists: the file already exists (it is never overwritten).
+            StorageError: the file could not be created or initialised.
+        """
+        path = Path(path)
+        _new_file(path, "records database")
+        try:
+            return cls(_start(path, new=True), path)
+        except BaseException:
+            _remove(path)
+            raise
+
+    @classmethod
+    def open(cls, path: Path) -> SQLiteBackend:
+        """Open an existing records database, checking it before anything is written.
+
+        Raises:
+            StoreNotFound: there is no file at ``path``.
+            IntegrityError: the file is corrupt, or not a biotemplate records database.
+            StorageError: the file could not be opened, or has an unknown schema version.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise StoreNotFound(f"no records database at {path}")
+        return cls(_start(path, new=False), path)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction; other threads wait on the lock until it ends.
+
+        Raises:
+            StorageError: nested in another transaction, or BEGIN/COMMIT failed (a failed
+                COMMIT is rolled back).
+        """
+        with self._lock:
+            if self._in_tx:
+                raise StorageError("nested transaction")
+            with _mapped("begin"):
+                self._conn.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+            try:
+                yield
+                with _mapped("commit"):
+                    self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the original exception matters more; close rolls back too
+                raise
+            finally:
+                self._in_tx = False
+
+    def _write(self, sql: str, params: Sequence[tuple[object, ...]]) -> int:
+        """Run ``sql`` once per tuple, only inside a transaction; returns rows changed."""
+        if not self._in_tx:
+            raise StorageError("write outside a transaction")
+        return self._conn.executemany(sql, params).rowcount
+
+    def _query(self, what: str, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+        with self._lock, _mapped(what):
+            return self._conn.execute(sql, args).fetchall()
+
+    def get_meta(self, key: str) -> bytes | None:
+        """Store-level metadata (salts, wrapped keys, settings) by key, or None."""
+        found = self._query("get_meta", "SELECT value FROM meta WHERE key = ?", (key,))
+        return found[0][0] if found else None
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        """Insert or replace one metadata value."""
+        with self._lock, _mapped("put_meta"):
+            self._write(_UPSERT_META, [(key, value)])
+
+    def insert(self, rows: Sequence[RecordRow]) -> None:
+        """Add rows (``seq`` assigned here), logging one 'add' change each.
+
+        Raises:
+            InvalidInput: a record id already exists, or a purpose tag holds a comma.
+        """
+        params = [_params(r) for r in rows]
+        with self._lock, _mapped("insert"):
+            try:
+                self._write(_INSERT, params)
+            except sqlite3.IntegrityError as exc:
+                if "records.record_id" in str(exc):
+                    raise InvalidInput("record id already exists") from None
+                raise
+            self._write(_LOG, [(p[0], "add") for p in params])
+
+    def update(self, rows: Sequence[RecordRow]) -> None:
+        """Reseal in place: epoch, held and blob change, ``seq`` stays; logs 'reseal'.
+
+        Raises:
+            RecordNotFound: a row to reseal does not exist (nothing may vanish silently).
+        """
+        sql = "UPDATE records SET epoch = ?, held = ?, blob = ? WHERE record_id = ?"
+        with self._lock, _mapped("update"):
+            for r in rows:
+                if self._write(sql, [(r.epoch, int(r.held), r.blob, r.record_id)]) != 1:
+                    raise RecordNotFound("cannot reseal a record that does not exist")
+            self._write(_LOG, [(r.record_id, "reseal") for r in rows])
+
+    def delete(self, record_ids: Sequence[str]) -> int:
+        """Delete rows by id, logging 'del' for each that existed; returns that count."""
+        deleted: list[tuple[object, ...]] = []
+        with self._lock, _mapped("delete"):
+            for record_id in record_ids:
+                if self._write("DELETE FROM records WHERE record_id = ?", [(record_id,)]):
+                    deleted.append((record_id, "del"))
+            self._write(_LOG, deleted)
+        return len(deleted)
+
+    def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
+        """``(seq, record_id, op)`` of every change after ``seq``, oldest first.
+
+        An index snapshot names the last change it covers; replaying the rest brings it up
+        to date without a rebuild.
+        """
+        sql = "SELECT seq, record_id, op FROM changes WHERE seq > ? ORDER BY seq"
+        return [(s, rid, op) for s, rid, op in self._query("changes_since", sql, (seq,))]
+
+    def last_change(self) -> int:
+        """The newest change sequence number; 0 when nothing was ever written."""
+        return int(self._query("last_change", "SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
+
+    def _select(
+        self, what: str, where: str, args: tuple[object, ...], tail: str = ""
+    ) -> list[RecordRow]:
+        # Only fixed fragments from this module are formatted in; values are always bound.
+        sql = f"SELECT {_COLUMNS} FROM records WHERE {where} ORDER BY seq{tail}"  # noqa: S608
+        return [_row(r) for r in self._query(what, sql, args)]
+
+    def get(self, record_id: str) -> RecordRow | None:
+        """One row by id, or None."""
+        found = self._select("get", "record_id = ?", (record_id,))
+        return found[0] if found else None
+
+    def by_subject(self, subject_ref: bytes) -> list[RecordRow]:
+        """Every row of one subject (indexed), in ``seq`` order."""
+        return self._select("by_subject", "subject_ref = ?", (subject_ref,))
+
+    def expired(self, now_us: int) -> list[RecordRow]:
+        """Rows whose expiry is at or before ``now_us`` (indexed), held or not."""
+        return self._select("expired", "expiry_us <= ?", (now_us,))
+
+    def below_epoch(self, epoch: int) -> list[RecordRow]:
+        """Rows not held whose epoch is below ``epoch``: their key is destroyed."""
+        return self._select("below_epoch", "held = 0 AND epoch < ?", (epoch,))
+
+    def scan(self, batch_size: int = 4096) -> Iterator[list[RecordRow]]:
+        """Every row in ``seq`` order, ``batch_size`` at a time, never all in memory.
+
+        Keyset pagination (``seq > last``) makes each batch one index seek, and the lock is
+        taken per batch, so a slow consumer does not block writers in between.
+
+        Raises:
+            InvalidInput: ``batch_size`` is below 1 (at the call, not on iteration).
+        """
+        if batch_size < 1:
+            raise InvalidInput("batch_size must be at least 1")
+        return self._scan(batch_size)
+
+    def _scan(self, batch_size: int) -> Iterator[list[RecordRow]]:
+        batch = self._select("scan", "seq > ?", (0, batch_size), " LIMIT ?")
+        while batch:
+            yield batch
+            if len(batch) < batch_size:
+                return
+            batch = self._select("scan", "seq > ?", (batch[-1].seq, batch_size), " LIMIT ?")
+
+    def subject_refs(self) -> set[bytes]:
+        """The distinct subject refs that still have a row."""
+        return {
+            r[0] for r in self._query("subject_refs", "SELECT DISTINCT subject_ref FROM records")
+        }
+
+    def count(self) -> int:
+        """How many rows are stored (expired ones too, until purged)."""
+        return int(self._query("count", "SELECT COUNT(*) FROM records")[0][0])
+
+    def stats(self) -> dict[str, int]:
+        """Sizes for operators: rows, held rows, subjects, page size, file and log bytes."""
+        sql = "SELECT COUNT(*), COALESCE(SUM(held), 0), COUNT(DISTINCT subject_ref) FROM records"
+        with self._lock, _mapped("stats"):
+            rows, held, subjects = self._conn.execute(sql).fetchone()
+            page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        file_bytes, wal_bytes = _size(self._path), _size(Path(f"{self._path}-wal"))
+        return {
+            "rows": rows,
+            "held_rows": held,
+            "subjects": subjects,
+            "page_size": page_size,
+            "file_bytes": file_bytes,
+            "wal_bytes": wal_bytes,
+        }
+
+    def checkpoint(self) -> None:
+        """Copy the log into the main file and truncate it to zero bytes.
+
+        Raises:
+            StorageError: inside a transaction, or readers kept it from completing.
+        """
+        with self._lock, _mapped("checkpoint"):
+            if self._in_tx:
+                raise StorageError("checkpoint inside a transaction")
+            if self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+                raise StorageError("checkpoint incomplete (database busy)")
+
+    def backup(self, dest: Path) -> None:
+        """Copy the database to a new 0600 file through SQLite's online backup API.
+
+        Raises:
+            StoreExists: ``dest`` exists (it is never overwritten).
+            StorageError: inside a transaction, or the copy failed (nothing is left behind).
+        """
+        dest = Path(dest)
+        with self._lock:
+            if self._in_tx:
+                raise StorageError("backup inside a transaction")
+            _new_file(dest, "backup target")
+            try:
+                with _mapped("backup"):
+                    target = _connect(dest)
+                    try:
+                        self._conn.backup(target)
+                    finally:
+                        target.close()
+            except BaseException:
+                _remove(dest)
+                raise
+
+    def close(self) -> None:
+        """Close the connection (idempotent); SQLite checkpoints and removes the log."""
+        with self._lock, _mapped("close"):
+            self._conn.close()
+
+
+if TYPE_CHECKING:
+    _CONFORMS: type[Backend] = SQLiteBackend

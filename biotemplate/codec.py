@@ -1,0 +1,86 @@
+"""Rows <-> records: which key seals which row, and what its associated data says.
+
+This is the glue between the keyring (which keys exist), the crypto module (how to seal)
+and the backend rows (where the headers live). It holds no policy: the store decides
+whether a record may be read; the codec only knows whether it *can* be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import sealing
+from .backends.base import RecordRow
+from .errors import IntegrityError, KeyUnavailable
+from .keys import Keyring
+from .records import Plain, decode_plain, encode_plain
+
+
+class Shredded(KeyUnavailable):
+    """The row's key material is gone (expired epoch, erased subject): it reads as absent."""
+
+
+class RecordCodec:
+    """Seal and open records of one store with the keys of its keyring."""
+
+    def __init__(self, keyring: Keyring, *, model: str, dim: int) -> None:
+        self.keyring = keyring
+        self.model = model
+        self.dim = dim
+
+    def _aad(self, row: RecordRow) -> bytes:
+        try:
+            rid = bytes.fromhex(row.record_id)
+        except ValueError:
+            raise IntegrityError("sealed data failed authentication") from None
+        return sealing.record_aad(store_id=self.keyring.store_id, model=row.model,
+                                  record_id=rid, subject_ref=row.subject_ref,
+                                  purposes=row.purposes, expiry_us=row.expiry_us,
+                                  epoch=row.epoch, held=row.held)
+
+    def _key(self, row: RecordRow) -> bytes:
+        subject_key = self.keyring.subjects.get(row.subject_ref)
+        if subject_key is None:
+            raise Shredded("subject key destroyed")
+        if row.held:
+            hold = self.keyring.holds.get(row.subject_ref)
+            if hold is None:
+                raise Shredded("hold key destroyed")
+            scope = hold[0]
+        else:
+            if row.epoch < self.keyring.ratchet_epoch:
+                raise Shredded("epoch shredded")
+            scope = self.keyring.epoch_key(row.epoch)
+        return sealing.record_key(scope, subject_key, bytes.fromhex(row.record_id))
+
+    def seal(self, *, record_id: str, subject_ref: bytes, purposes: Sequence[str],
+             expiry_us: int, held: bool, plain: Plain) -> RecordRow:
+        epoch = expiry_us // self.keyring.epoch_us
+        row = RecordRow(record_id=record_id, subject_ref=subject_ref, epoch=epoch,
+                        expiry_us=expiry_us, purposes=tuple(sorted(purposes)),
+                        model=self.model, held=held, blob=b"")
+        blob = sealing.seal(self._key(row), encode_plain(plain), self._aad(row))
+        return _with_blob(row, blob, held)
+
+    def open(self, row: RecordRow) -> Plain:
+        """Raises:
+        Shredded: the key is gone (reads as absent, never as an error to the user).
+        IntegrityError: the row or blob was tampered with, swapped or replayed.
+        """
+        if row.model != self.model:
+            raise IntegrityError("sealed data failed authentication")
+        aad = self._aad(row)
+        return decode_plain(sealing.open_sealed(self._key(row), row.blob, aad), self.dim)
+
+    def reseal(self, row: RecordRow, *, held: bool) -> RecordRow:
+        """Move a record between its epoch key and its subject's hold key."""
+        plain = self.open(row)
+        moved = _with_blob(row, b"", held)
+        return _with_blob(moved, sealing.seal(self._key(moved), encode_plain(plain),
+                                              self._aad(moved)), held)
+
+
+def _with_blob(row: RecordRow, blob: bytes, held: bool) -> RecordRow:
+    return RecordRow(record_id=row.record_id, subject_ref=row.subject_ref, epoch=row.epoch,
+                     expiry_us=row.expiry_us, purposes=row.purposes, model=row.model,
+                     held=held, blob=blob, seq=row.seq)

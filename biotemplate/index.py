@@ -1,0 +1,572 @@
+"""Approximate nearest-neighbour search over face templates, on hnswlib.
+
+This is the only module that imports ``hnswlib``. It wraps it so that the store never
+meets hnswlib's sharp edges:
+
+- **Filtering.** hnswlib's ``filter=`` callable collapses when selective, so every purpose
+  gets its own sub-index: filtering by purpose costs nothing and recall holds when a
+  purpose owns 2% of the records. A record in three purposes sits in three sub-indexes
+  under one label. Expiry is enforced twice: expired labels are ``mark_deleted`` (so the
+  graph stops returning them) and every result is checked against the expiry again.
+- **Too few results.** hnswlib raises "Cannot return the results in a contiguous 2D
+  array" when fewer than ``k`` live items are reachable. Small sub-indexes (at most
+  ``exact_cutoff`` live items), exhausted over-fetches and that error all fall back to an
+  exact dot product over the live vectors. Results are never padded.
+- **Erasure.** ``mark_deleted`` only hides a vector. Removing a record first overwrites
+  its stored vector with a random unit vector (``add_items`` on an existing label
+  rewrites it in place), then marks it deleted; its slot is reused by later adds
+  (``replace_deleted``), and a sub-index more than half deleted is rebuilt.
+- **Concurrency.** hnswlib searches may run together but not beside add, delete or
+  resize; a writer-preferring readers-writer lock guards every hnswlib call.
+- **Errors.** hnswlib's bare ``RuntimeError`` becomes a fallback or a
+  :class:`~biotemplate.errors.BiotemplateError`. Nothing here writes vectors to disk.
+
+Search is cosine similarity on L2-normalised vectors in hnswlib's ``"ip"`` space, where
+distance is ``1 - dot``; the score is ``dot`` clipped to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import hnswlib
+import numpy as np
+from numpy.typing import NDArray
+
+from biotemplate.errors import BiotemplateError, InvalidInput, InvalidTemplate
+
+__all__ = ["Hit", "IndexParams", "TemplateIndex"]
+
+_CHUNK = 10_000  # rows per add_items call, so `progress` ticks and the GIL is let go
+_MIN_CAPACITY = 1_024
+_NORM_TOLERANCE = 1e-3  # scores assume unit vectors; reject what the caller forgot to normalise
+
+Labels = NDArray[np.uint64]
+Vectors = NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexParams:
+    """HNSW tuning. The defaults target d=512 face embeddings."""
+
+    # Links per node (2*M on the bottom layer). Higher M: better recall in high dimension
+    # and a graph that tolerates deletions, at the cost of memory (~8*M bytes a node)
+    # and slower inserts. 12-48 is the useful range; 16 suits face embeddings.
+    M: int = 16
+    # Beam width while building: a better graph for a slower add. Fixed once built.
+    ef_construction: int = 200
+    # Beam width while searching; hnswlib uses max(ef, k), so an over-fetch of k items
+    # is always searched with ef >= k. At d=512, M=16 needs ef>=128 for the rank-1 of
+    # mated probes to match exact search.
+    ef_search: int = 128
+    # Sub-indexes with this many live items or fewer are searched exactly.
+    exact_cutoff: int = 2048
+    # 0 = hnswlib's default (all cores).
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.M < 2 or self.ef_construction < 1 or self.ef_search < 1:
+            raise InvalidInput("IndexParams: M must be >= 2 and ef values >= 1")
+        if self.exact_cutoff < 0 or self.num_threads < 0:
+            raise InvalidInput("IndexParams: exact_cutoff and num_threads must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result: the subject's best record for the probe."""
+
+    record_id: str
+    subject_ref: bytes
+    score: float  # cosine similarity in [-1, 1]
+
+
+@dataclass(slots=True)
+class _Sub:
+    """One purpose's hnswlib index and what we know about its labels."""
+
+    index: Any
+    live: set[int] = field(default_factory=set)  # present and searchable
+    hidden: set[int] = field(default_factory=set)  # expired: marked deleted, bytes kept
+    # A copy of the live vectors while the sub-index is under the exact cut-off, because
+    # get_items costs ~60 ms for 2048 vectors at d=512 and the exact path runs per search.
+    mirror_labels: Labels | None = None
+    mirror: Vectors | None = None
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers so it cannot starve."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn hnswlib's bare RuntimeError into our hierarchy (the cause stays chained)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise BiotemplateError(f"the template index failed to {what}") from exc
+
+
+def _scrub(array: NDArray[Any] | None) -> None:
+    """Zero a private copy of templates before it is freed: an erased face survives nowhere."""
+    if array is not None:
+        array.fill(0)
+
+
+def _purpose_tuple(purposes: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(purposes, str):  # a str is an Iterable[str] of its characters
+        raise InvalidInput("a record's purposes must be a collection of strings, not a string")
+    tags = tuple(dict.fromkeys(purposes))
+    if not tags or not all(isinstance(t, str) and t for t in tags):
+        raise InvalidInput("every record needs at least one non-empty purpose string")
+    return tags
+
+
+def _check_int(value: Any, name: str, minimum: int | None = None) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError(name)
+        number = operator.index(value)  # ints and numpy integers, not floats
+    except TypeError:
+        raise InvalidInput(f"{name} must be an int") from None
+    if minimum is not None and number < minimum:
+        raise InvalidInput(f"{name} must be >= {minimum}")
+    return number
+
+
+class TemplateIndex:
+    """Per-purpose HNSW sub-indexes over normalised templates, filtered by expiry.
+
+    Thread-safe: searches run concurrently; add, remove and hide_expired are exclusive.
+    Holds vectors in memory only; it is rebuilt from the sealed records on open.
+    """
+
+    def __init__(self, dim: int, params: IndexParams | None = None) -> None:
+        """Raises: InvalidInput: ``dim`` is not a positive int."""
+        self._dim = _check_int(dim, "dim", 1)
+        self._params = params if params is not None else IndexParams()
+        self._threads = self._params.num_threads or -1
+        self._lock = _RWLock()
+        self._rng = np.random.default_rng()  # OS-seeded: overwrite noise is unpredictable
+        self._subs: dict[str, _Sub] = {}
+        self._label_of: dict[str, int] = {}
+        self._record_of: dict[int, str] = {}
+        self._subject: dict[int, bytes] = {}
+        self._expiry: dict[int, int] = {}  # a label absent here is removed: never returned
+        self._purposes_of: dict[int, tuple[str, ...]] = {}
+        self._heap: list[tuple[int, int]] = []  # (expiry_us, label), stale entries skipped
+        self._next_label = 0  # labels are never reused
+
+    # -- writes ------------------------------------------------------------------------
+
+    def add(
+        self,
+        record_ids: Sequence[str],
+        subject_refs: Sequence[bytes],
+        purposes: Sequence[Iterable[str]],
+        expiries_us: Sequence[int],
+        vectors: NDArray[np.float32],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Index records; all or nothing (a failed add is rolled back and erased).
+
+        Raises:
+            InvalidInput: lengths differ, a record id is repeated or already indexed, a
+                record has no purpose, or a field has the wrong type.
+            InvalidTemplate: ``vectors`` is not finite, unit-norm, shape (n, dim).
+            BiotemplateError: hnswlib failed (e.g. out of memory).
+        """
+        ids, refs = list(record_ids), list(subject_refs)
+        tags = [_purpose_tuple(p) for p in purposes]
+        exps = [_check_int(e, "expiry_us") for e in expiries_us]
+        rows = self._unit(vectors, 2)
+        n = len(ids)
+        if not len(refs) == len(tags) == len(exps) == rows.shape[0] == n:
+            raise InvalidInput("add: record_ids, subject_refs, purposes, expiries_us and "
+                               "vectors must have the same length")
+        if not all(isinstance(r, str) for r in ids) or not all(isinstance(s, bytes) for s in refs):
+            raise InvalidInput("add: record ids must be str and subject refs bytes")
+        if len(set(ids)) != n:
+            raise InvalidInput("add: a record id appears twice in the batch")
+        with self._lock.write():
+            if any(r in self._label_of for r in ids):
+                raise InvalidInput("add: a record id is already indexed")
+            labels = list(range(self._next_label, self._next_label + n))
+            self._next_label += n
+            try:
+                self._insert(labels, tags, rows, progress)
+            except BaseException as exc:
+                with _translated("roll back a failed add"):
+                    for purpose, sub in list(self._subs.items()):
+                        self._erase(purpose, sub, [x for x in labels if x in sub.live])
+                if isinstance(exc, RuntimeError):
+                    raise BiotemplateError("the template index failed to add records") from exc
+                raise
+            for label, rid, ref, exp, tag in zip(labels, ids, refs, exps, tags, strict=True):
+                self._label_of[rid], self._record_of[label] = label, rid
+                self._subject[label], self._expiry[label] = ref, exp
+                self._purposes_of[label] = tag
+                heapq.heappush(self._heap, (exp, label))
+
+    def _insert(self, labels: list[int], tags: list[tuple[str, ...]], rows: Vectors,
+                progress: Callable[[int, int], None] | None) -> None:
+        rows_of: dict[str, list[int]] = {}
+        for i, tag in enumerate(tags):
+            for purpose in tag:
+                rows_of.setdefault(purpose, []).append(i)
+        for purpose, idx in rows_of.items():
+            if purpose not in self._subs:
+                self._subs[purpose] = _Sub(self._new_index(len(idx)),
+                                           mirror_labels=np.empty(0, np.uint64),
+                                           mirror=np.empty((0, self._dim), np.float32))
+            self._reserve(self._subs[purpose], len(idx))
+        label_arr = np.asarray(labels, dtype=np.uint64)
+        per_purpose = {p: np.asarray(idx, dtype=np.intp) for p, idx in rows_of.items()}
+        for start in range(0, len(labels), _CHUNK):
+            stop = min(start + _CHUNK, len(labels))
+            for purpose, picked in per_purpose.items():
+                lo, hi = np.searchsorted(picked, [start, stop])
+                if lo == hi:
+                    continue
+                sub, sel = self._subs[purpose], picked[lo:hi]
+                chunk, chunk_labels = rows[sel], label_arr[sel]
+                sub.live.update(chunk_labels.tolist())  # before the call: rollback sees it
+                try:
+                    sub.index.add_items(chunk, chunk_labels, num_threads=self._threads,
+                                        replace_deleted=True)
+                    self._refresh_mirror(sub, add=(chunk_labels, chunk))
+                finally:
+                    _scrub(chunk)
+            if progress is not None:
+                progress(stop, len(labels))
+
+    def remove(self, record_ids: Iterable[str]) -> int:
+        """Hide records at once and overwrite their vectors; unknown ids are ignored.
+
+        Returns: how many known records were removed.
+
+        Raises:
+            InvalidInput: ``record_ids`` is a single string.
+            BiotemplateError: hnswlib failed; the records are hidden all the same.
+        """
+        if isinstance(record_ids, str):
+            raise InvalidInput("remove takes a collection of record ids, not one string")
+        wanted = set(record_ids)
+        with self._lock.write():
+            labels = [self._label_of[r] for r in wanted if r in self._label_of]
+            by_purpose: dict[str, list[int]] = {}
+            for label in labels:  # forget first: searches skip unknown labels from now on
+                del self._label_of[self._record_of.pop(label)]
+                del self._subject[label], self._expiry[label]
+                for purpose in self._purposes_of.pop(label):
+                    by_purpose.setdefault(purpose, []).append(label)
+            if len(self._heap) > 2 * len(self._expiry) + _MIN_CAPACITY:
+                self._heap = [e for e in self._heap if self._expiry.get(e[1]) == e[0]]
+                heapq.heapify(self._heap)
+            with _translated("erase removed templates"):
+                for purpose, group in by_purpose.items():
+                    if (sub := self._subs.get(purpose)) is not None:
+                        self._erase(purpose, sub, group)
+            return len(labels)
+
+    def hide_expired(self, now_us: int) -> int:
+        """Hide every record whose expiry is <= ``now_us``; a purge removes them later.
+
+        Returns: how many records were newly hidden.
+
+        Raises:
+            InvalidInput: ``now_us`` is not an int.
+            BiotemplateError: hnswlib failed; searches still filter by expiry.
+        """
+        _check_int(now_us, "now_us")
+        hidden = 0
+        by_purpose: dict[str, list[int]] = {}
+        with self._lock.write():
+            while self._heap and self._heap[0][0] <= now_us:
+                expiry, label = heapq.heappop(self._heap)
+                if self._expiry.get(label) != expiry:
+                    continue  # removed since it was pushed
+                hidden += 1
+                for purpose in self._purposes_of[label]:
+                    by_purpose.setdefault(purpose, []).append(label)
+            with _translated("hide expired templates"):
+                for purpose, group in by_purpose.items():
+                    if (sub := self._subs.get(purpose)) is None:
+                        continue
+                    gone = [x for x in group if x in sub.live]
+                    sub.live.difference_update(gone)
+                    sub.hidden.update(gone)
+                    self._refresh_mirror(sub, drop=gone)
+                    for label in gone:
+                        sub.index.mark_deleted(label)
+        return hidden
+
+    def clear(self) -> None:
+        """Drop every record and sub-index (nothing is kept to restore)."""
+        with self._lock.write():
+            for sub in self._subs.values():
+                _scrub(sub.mirror)
+            for table in (self._subs, self._label_of, self._record_of, self._subject,
+                          self._expiry, self._purposes_of):
+                table.clear()
+            self._heap.clear()
+
+    # -- reads -------------------------------------------------------------------------
+
+    def search(self, probe: NDArray[np.float32], purpose: str, k: int, now_us: int) -> list[Hit]:
+        """Best record of up to ``k`` subjects for ``purpose``, best first, unexpired only.
+
+        Raises:
+            InvalidTemplate: ``probe`` is not a finite unit vector of shape (dim,).
+            InvalidInput: ``k`` < 1 or ``now_us`` not an int.
+        """
+        return self.search_many(self._unit(probe, 1)[None, :], purpose, k, now_us)[0]
+
+    def search_many(self, probes: NDArray[np.float32], purpose: str, k: int,
+                    now_us: int) -> list[list[Hit]]:
+        """:meth:`search` for each row of ``probes``, batched across hnswlib's threads.
+
+        Raises:
+            InvalidTemplate: ``probes`` is not finite unit rows of shape (m, dim).
+            InvalidInput: ``k`` < 1 or ``now_us`` not an int.
+        """
+        queries = self._unit(probes, 2)
+        _check_int(k, "k", 1)
+        _check_int(now_us, "now_us")
+        with self._lock.read():
+            due = bool(self._heap) and self._heap[0][0] <= now_us
+        if due:
+            self.hide_expired(now_us)
+        with self._lock.read():
+            sub = self._subs.get(purpose)
+            if sub is None or not len(queries):
+                return [[] for _ in range(len(queries))]
+            fetch = 3 * k + 10
+            if len(sub.live) <= self._params.exact_cutoff or fetch >= len(sub.live):
+                return self._exact(sub, queries, k, now_us)
+            try:
+                found, dist = sub.index.knn_query(queries, k=fetch, num_threads=self._threads)
+            except RuntimeError:  # some row had < fetch reachable: retry row by row
+                return [self._search_one(sub, q, k, now_us, fetch) for q in queries]
+            results = []
+            for q, row_labels, row_dist in zip(queries, found, dist, strict=True):
+                hits = self._collect(row_labels.tolist(), (1.0 - row_dist).tolist(), k, now_us)
+                results.append(hits if len(hits) >= k
+                               else self._search_one(sub, q, k, now_us, 2 * fetch))
+            return results
+
+    def _search_one(self, sub: _Sub, query: Vectors, k: int, now_us: int,
+                    fetch: int) -> list[Hit]:
+        """Over-fetch, doubling, until k subjects are found; exact once fetch covers all."""
+        while fetch < len(sub.live):
+            try:
+                found, dist = sub.index.knn_query(query, k=fetch, num_threads=1)
+            except RuntimeError:  # "Cannot return the results in a contiguous 2D array"
+                break
+            hits = self._collect(found[0].tolist(), (1.0 - dist[0]).tolist(), k, now_us)
+            if len(hits) >= k:
+                return hits
+            fetch *= 2
+        return self._exact(sub, query[None, :], k, now_us)[0]
+
+    def _exact(self, sub: _Sub, queries: Vectors, k: int, now_us: int) -> list[list[Hit]]:
+        """Brute-force dot products over the sub-index's live vectors."""
+        labels, vectors, owned = sub.mirror_labels, sub.mirror, False
+        if labels is None or vectors is None:
+            labels = np.fromiter(sub.live, dtype=np.uint64, count=len(sub.live))
+            vectors, owned = self._get_items(sub, labels), True
+        try:
+            sims = queries @ vectors.T
+        finally:
+            if owned:
+                _scrub(vectors)
+        out = []
+        for row in sims:
+            order = np.argsort(-row, kind="stable")
+            out.append(self._collect(labels[order].tolist(), row[order].tolist(), k, now_us))
+        return out
+
+    def _collect(self, labels: list[int], sims: list[float], k: int, now_us: int) -> list[Hit]:
+        """Walk best-first results keeping each subject's first (best) unexpired record."""
+        hits: list[Hit] = []
+        seen: set[bytes] = set()
+        for label, sim in zip(labels, sims, strict=True):
+            expiry = self._expiry.get(label)
+            if expiry is None or expiry <= now_us:
+                continue
+            ref = self._subject[label]
+            if ref in seen:
+                continue
+            seen.add(ref)
+            hits.append(Hit(self._record_of[label], ref, min(1.0, max(-1.0, float(sim)))))
+            if len(hits) == k:
+                break
+        return hits
+
+    def purposes(self) -> list[str]:
+        """Purposes that have a sub-index, sorted."""
+        with self._lock.read():
+            return sorted(self._subs)
+
+    def __len__(self) -> int:
+        """Records held (added and not removed), including expired ones awaiting a purge."""
+        return len(self._label_of)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and parameters for monitoring; never vectors."""
+        with self._lock.read():
+            per_purpose: dict[str, dict[str, int]] = {}
+            for purpose, sub in sorted(self._subs.items()):
+                slots: int = sub.index.get_current_count()
+                capacity: int = sub.index.get_max_elements()
+                per_purpose[purpose] = {"live": len(sub.live), "hidden": len(sub.hidden),
+                                        "deleted": slots - len(sub.live), "capacity": capacity}
+            return {"dim": self._dim, "records": len(self._label_of),
+                    "params": asdict(self._params), "purposes": per_purpose}
+
+    # -- internals (callers hold the write lock unless noted) ----------------------------
+
+    def _unit(self, x: NDArray[np.float32], ndim: int) -> Vectors:
+        """Check shape, finiteness and unit norm; the caller normalises, we verify."""
+        try:
+            a = np.ascontiguousarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTemplate("templates must be numeric arrays") from exc
+        if a.ndim != ndim or a.shape[-1] != self._dim:
+            want = f"({self._dim},)" if ndim == 1 else f"(n, {self._dim})"
+            raise InvalidTemplate(f"expected shape {want}, got {a.shape}")
+        if not np.isfinite(a).all():
+            raise InvalidTemplate("templates must be finite")
+        if a.size and float(np.abs(np.linalg.norm(a, axis=-1) - 1.0).max()) > _NORM_TOLERANCE:
+            raise InvalidTemplate("templates must be L2-normalised")
+        return a
+
+    def _new_index(self, expected: int) -> Any:
+        index = hnswlib.Index(space="ip", dim=self._dim)
+        index.init_index(max_elements=max(_MIN_CAPACITY, expected), M=self._params.M,
+                         ef_construction=self._params.ef_construction,
+                         allow_replace_deleted=True)
+        index.set_ef(self._params.ef_search)  # only here: set_ef mutates the index
+        return index
+
+    def _reserve(self, sub: _Sub, extra: int) -> None:
+        """Double capacity until ``extra`` more fit even if no deleted slot is reused."""
+        need = sub.index.get_current_count() + extra
+        capacity: int = sub.index.get_max_elements()
+        if need > capacity:
+            while capacity < need:
+                capacity *= 2
+            sub.index.resize_index(capacity)
+
+    def _get_items(self, sub: _Sub, labels: Labels) -> Vectors:
+        """Copy live vectors out of hnswlib (exact fallback and compaction only)."""
+        if not labels.size:
+            return np.empty((0, self._dim), dtype=np.float32)
+        with _translated("read templates"):
+            return np.asarray(sub.index.get_items(labels), dtype=np.float32)
+
+    def _noise(self, n: int) -> Vectors:
+        """Random unit vectors: they overwrite erased templates and keep the graph sane."""
+        noise = self._rng.standard_normal((n, self._dim), dtype=np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        return noise
+
+    def _overwrite(self, sub: _Sub, labels: list[int]) -> None:
+        """Rewrite the labels' stored vectors with noise, then mark them deleted."""
+        targets = [x for x in labels if x in sub.live]
+        for label in labels:
+            if label in sub.hidden:
+                sub.hidden.discard(label)
+                try:  # hnswlib refuses to rewrite a deleted label: undelete it briefly
+                    sub.index.unmark_deleted(label)
+                except RuntimeError:
+                    continue  # its slot went to a later record: its bytes are already gone
+                targets.append(label)
+        if not targets:
+            return
+        sub.live.difference_update(targets)
+        self._refresh_mirror(sub, drop=targets)
+        sub.index.add_items(self._noise(len(targets)), np.asarray(targets, dtype=np.uint64),
+                            num_threads=self._threads, replace_deleted=False)
+        for label in targets:
+            sub.index.mark_deleted(label)
+
+    def _erase(self, purpose: str, sub: _Sub, labels: list[int]) -> None:
+        """Overwrite, then rebuild the sub-index if more than half its slots are dead."""
+        self._overwrite(sub, labels)
+        slots: int = sub.index.get_current_count()
+        if sub.live and 2 * (slots - len(sub.live)) <= slots:
+            return
+        self._overwrite(sub, list(sub.hidden))  # expired bytes must not outlive the graph
+        if not sub.live:
+            _scrub(sub.mirror)
+            del self._subs[purpose]
+            return
+        live = np.fromiter(sub.live, dtype=np.uint64, count=len(sub.live))
+        vectors = self._get_items(sub, live)
+        try:
+            fresh = self._new_index(2 * len(live))
+            fresh.add_items(vectors, live, num_threads=self._threads)
+        finally:
+            _scrub(vectors)
+        sub.index = fresh
+
+    def _refresh_mirror(self, sub: _Sub, drop: Sequence[int] = (),
+                        add: tuple[Labels, Vectors] | None = None) -> None:
+        """Keep ``sub.mirror`` equal to the live vectors while under the exact cut-off."""
+        old = sub.mirror
+        if len(sub.live) > self._params.exact_cutoff:
+            labels, vectors = None, None
+        elif old is None or sub.mirror_labels is None:  # back under the cut-off
+            labels = np.fromiter(sub.live, dtype=np.uint64, count=len(sub.live))
+            vectors = self._get_items(sub, labels)
+        else:
+            keep = ~np.isin(sub.mirror_labels, np.asarray(drop, dtype=np.uint64))
+            labels, vectors = sub.mirror_labels[keep], old[keep]
+            if add is not None:
+                kept, vectors = vectors, np.concatenate([vectors, add[1]])
+                labels = np.concatenate([labels, add[0]])
+                _scrub(kept)
+        sub.mirror_labels, sub.mirror = labels, vectors
+        _scrub(old)

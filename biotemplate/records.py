@@ -1,0 +1,170 @@
+"""Templates and record contents: input validation and the sealed plaintext format.
+
+Validation happens here, once, before anything touches keys or disk: a template must be a
+1-D array-like of the store's dimension, finite (also after the cast to float32) and of
+non-zero norm. The error says what to fix and never echoes template values.
+
+Plaintext inside a sealed record is msgpack: ``{"t": float32 little-endian bytes,
+"s": subject id, "m": metadata, "src": source, "c": created (us)}``. The subject id lives
+only here, inside the ciphertext; rows carry a keyed hash of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NewType
+
+import msgpack
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import IntegrityError, InvalidInput, InvalidTemplate
+
+RecordId = NewType("RecordId", str)
+
+MAX_SUBJECT_ID = 256
+MAX_TEXT = 1024
+MAX_METADATA_BYTES = 16 * 1024
+_UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_bin_len": 1 << 20,
+                  "max_array_len": 1 << 16, "max_map_len": 1 << 12}
+
+
+def _shape_error(dim: int, got: str) -> InvalidTemplate:
+    return InvalidTemplate(f"expected a 1-D template of length {dim}, got {got}")
+
+
+def _as_float_array(template: object, dim: int) -> NDArray[np.float64]:
+    if isinstance(template, str | bytes | bytearray | Mapping) or template is None:
+        raise _shape_error(dim, type(template).__name__)
+    try:
+        arr = np.asarray(template)
+    except (TypeError, ValueError):
+        raise _shape_error(dim, "an object that is not an array of numbers") from None
+    if arr.dtype.kind not in "iuf":  # bool, complex, object, strings: not a template
+        raise InvalidTemplate(f"template values must be real numbers, got dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
+def _check_rows(arr: NDArray[np.float64],
+                row_label: Callable[[int], str]) -> NDArray[np.float32]:
+    out: NDArray[np.float32] = arr.astype(np.float32)
+    finite = np.isfinite(out).all(axis=-1)
+    if not finite.all():
+        raise InvalidTemplate(f"{row_label(int(np.argmin(finite)))}contains NaN or infinity "
+                              "(or a value too large for float32)")
+    norms = np.linalg.norm(out.astype(np.float64), axis=-1)
+    if not (norms > 1e-12).all():
+        bad = int(np.argmin(norms > 1e-12))
+        raise InvalidTemplate(f"{row_label(bad)}is a zero vector (no direction to compare)")
+    return out
+
+
+def as_template(template: object, dim: int) -> NDArray[np.float32]:
+    """Validate one template and return it as a new float32 array of shape (dim,).
+
+    Raises:
+        InvalidTemplate: wrong type, shape or length; NaN/inf; zero norm.
+    """
+    arr = _as_float_array(template, dim)
+    if arr.ndim != 1 or arr.shape[0] != dim:
+        hint = "; use enroll_many for a batch" if arr.ndim == 2 else ""
+        raise _shape_error(dim, f"shape {arr.shape}{hint}")
+    one: NDArray[np.float32] = _check_rows(arr[None, :], lambda _i: "the template ")[0]
+    return one.copy()
+
+
+def as_templates(templates: object, dim: int) -> NDArray[np.float32]:
+    """Validate a batch, shape (n, dim) with n >= 1; the error names the first bad row."""
+    arr = _as_float_array(templates, dim)
+    if arr.ndim != 2 or arr.shape[1] != dim or arr.shape[0] == 0:
+        raise InvalidTemplate(f"expected a 2-D batch of shape (n >= 1, {dim}), got {arr.shape}")
+    return _check_rows(arr, lambda i: f"row {i} ")
+
+
+def normalised(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
+    """L2-normalise rows (cosine similarity = inner product of unit vectors)."""
+    v = np.asarray(vectors, dtype=np.float32)
+    out: NDArray[np.float32] = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def check_text(value: object, name: str, *, optional: bool = False,
+               limit: int = MAX_TEXT) -> str | None:
+    """Identifiers and free text: str, non-empty, bounded (huge strings are a DoS)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{name} must be a non-empty string")
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is longer than {limit} characters")
+    return value
+
+
+def check_metadata(metadata: object) -> dict[str, Any]:
+    """Metadata: a str-keyed mapping of msgpack-able primitives, at most 16 KiB packed."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise InvalidInput("metadata must be a mapping with string keys")
+    try:
+        packed = msgpack.packb(dict(metadata), use_bin_type=True, strict_types=False)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidInput("metadata values must be str, int, float, bool, None, "
+                           "bytes, lists or mappings of those") from None
+    if len(packed) > MAX_METADATA_BYTES:
+        raise InvalidInput(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in metadata.values()):
+        raise InvalidInput("metadata floats must be finite")
+    return dict(metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """What a sealed record protects."""
+
+    template: NDArray[np.float32]
+    subject_id: str
+    metadata: Mapping[str, Any]
+    source: str | None
+    created_us: int
+
+
+def encode_plain(p: Plain) -> bytes:
+    data = {"t": np.ascontiguousarray(p.template, dtype="<f4").tobytes(), "s": p.subject_id,
+            "m": dict(p.metadata), "src": p.source, "c": p.created_us}
+    return bytes(msgpack.packb(data, use_bin_type=True))
+
+
+def decode_plain(raw: bytes, dim: int) -> Plain:
+    """Authenticated bytes that do not decode mean a bug or a key compromise: fail closed."""
+    try:
+        d = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
+        t = np.frombuffer(d["t"], dtype="<f4")
+        if t.shape != (dim,):
+            raise ValueError
+        return Plain(template=t.astype(np.float32), subject_id=str(d["s"]),
+                     metadata=d["m"], source=d["src"], created_us=int(d["c"]))
+    except (ValueError, KeyError, TypeError, msgpack.ExtraData):
+        raise IntegrityError("record content is malformed") from None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordView:
+    """A decrypted record, as returned by ``export_subject`` (access requests, Art. 15)."""
+
+    record_id: str
+    subject_id: str
+    template: NDArray[np.float32]
+    purposes: tuple[str, ...]
+    expires_at: datetime
+    created_at: datetime
+    source: str | None
+    metadata: Mapping[str, Any]
+    held: bool
+
+    def __repr__(self) -> str:  # never print a template or a subject id by accident
+        return (f"RecordView(record_id={self.record_id!r}, purposes={self.purposes!r}, "
+                f"expires_at={self.expires_at.isoformat()}, held={self.held})")
