@@ -1,0 +1,348 @@
+"""Unit tests for biotemplate.index: exactness, filtering, erasure, compaction, threads."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import biotemplate.index as index_module
+from biotemplate.errors import BiotemplateError, InvalidInput, InvalidTemplate
+from biotemplate.index import Hit, IndexParams, TemplateIndex
+
+FAR = 2**62  # an expiry that never comes
+NOW = 1_000
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def random_unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    return unit(rng.standard_normal((n, d)))
+
+
+def build(vectors, purposes=None, subjects=None, expiries=None, params=None, prefix="r"):
+    n, d = vectors.shape
+    index = TemplateIndex(d, params)
+    index.add(
+        [f"{prefix}{i}" for i in range(n)],
+        subjects if subjects is not None else [f"s{i}".encode() for i in range(n)],
+        purposes if purposes is not None else [("p",)] * n,
+        expiries if expiries is not None else [FAR] * n,
+        vectors,
+    )
+    return index
+
+
+class Proxy:
+    """Wraps an hnswlib index so a test can make one method fail."""
+
+    def __init__(self, inner: Any, **overrides: Any) -> None:
+        self._inner, self._overrides = inner, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        return self._overrides.get(name) or getattr(self._inner, name)
+
+
+def fail(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M")
+
+
+HNSW_ONLY = IndexParams(exact_cutoff=0)  # force the graph path even for small sub-indexes
+BOTH_PATHS = pytest.mark.parametrize("params", [None, HNSW_ONLY], ids=["default", "hnsw"])
+
+
+@BOTH_PATHS
+def test_mated_probes_find_their_exact_top1(params):
+    rng = np.random.default_rng(1)
+    gallery = random_unit(rng, 3000, 64)
+    index = build(gallery, params=params)
+    probes = unit(gallery[:200] + 0.1 * rng.standard_normal((200, 64)))
+    exact_top1 = np.argmax(probes @ gallery.T, axis=1)
+    for probe, want in zip(probes, exact_top1, strict=True):
+        hits = index.search(probe, "p", 1, NOW)
+        assert hits[0].record_id == f"r{want}"
+        assert type(hits[0].score) is float
+        assert hits[0].score == pytest.approx(float(probe @ gallery[want]), abs=1e-5)
+
+
+@BOTH_PATHS
+def test_one_hit_per_subject_and_it_is_the_best_record(params):
+    rng = np.random.default_rng(2)
+    centres = random_unit(rng, 800, 32)
+    gallery = unit(np.repeat(centres, 3, axis=0) + 0.2 * rng.standard_normal((2400, 32)))
+    subjects = [f"s{i // 3}".encode() for i in range(2400)]
+    index = build(gallery, subjects=subjects, params=params)
+    for probe in unit(centres[:30] + 0.1 * rng.standard_normal((30, 32))):
+        hits = index.search(probe, "p", 10, NOW)
+        assert len(hits) == 10
+        assert len({h.subject_ref for h in hits}) == 10
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        sims = gallery @ probe
+        for hit in hits:
+            subject = int(hit.subject_ref[1:])
+            best = 3 * subject + int(np.argmax(sims[3 * subject : 3 * subject + 3]))
+            assert hit.record_id == f"r{best}"
+
+
+def test_purposes_never_leak_into_each_other():
+    rng = np.random.default_rng(3)
+    gallery = random_unit(rng, 3000, 32)
+    purposes = [("a",), ("b",), ("a", "b")] * 1000
+    index = build(gallery, purposes=purposes, params=HNSW_ONLY)
+    assert index.purposes() == ["a", "b"]
+    a_only = {f"r{i}" for i in range(0, 3000, 3)}
+    for i in range(0, 300, 3):  # probe with a-only templates: the exact vector is in "a"
+        assert index.search(gallery[i], "a", 1, NOW)[0].record_id == f"r{i}"
+        hits = index.search(gallery[i], "b", 20, NOW)
+        assert len(hits) == 20 and not a_only & {h.record_id for h in hits}
+    assert index.search(gallery[0], "unknown", 5, NOW) == []
+    assert index.search_many(gallery[:3], "unknown", 5, NOW) == [[], [], []]
+
+
+@BOTH_PATHS
+def test_expired_records_are_hidden_from_their_expiry(params):
+    rng = np.random.default_rng(4)
+    gallery = random_unit(rng, 3000, 32)
+    expiries = [5_000 if i % 2 else FAR for i in range(3000)]
+    index = build(gallery, expiries=expiries, params=params)
+    assert index.search(gallery[1], "p", 1, 4_999)[0].record_id == "r1"
+    hits = index.search(gallery[1], "p", 50, 5_000)
+    assert hits and all(int(h.record_id[1:]) % 2 == 0 for h in hits)
+    assert index.stats()["purposes"]["p"]["hidden"] == 1500
+    assert index.hide_expired(10_000) == 0  # search already hid them
+    assert len(index) == 3000  # hidden, not removed: a purge removes them
+    assert index.remove(["r1", "r2"]) == 2 and len(index) == 2998
+
+
+@BOTH_PATHS
+def test_remove_hides_at_once_and_overwrites_the_vector(params):
+    rng = np.random.default_rng(5)
+    gallery = random_unit(rng, 3000, 64)
+    index = build(gallery, expiries=[FAR] * 2999 + [2_000], params=params)
+    index.hide_expired(2_000)  # r2999 is hidden (expired): its bytes must go too on remove
+    labels = {r: index._label_of[r] for r in ("r7", "r2999")}
+    assert index.remove(["r7", "r2999", "nope", "r7"]) == 2
+    assert len(index) == 2998
+    assert all(h.record_id != "r7" for h in index.search(gallery[7], "p", 50, NOW))
+    sub = index._subs["p"]
+    for record_id, label in labels.items():
+        original = gallery[int(record_id[1:])]
+        sub.index.unmark_deleted(label)  # peek at the slot hnswlib still keeps
+        stored = sub.index.get_items([label])[0]
+        sub.index.mark_deleted(label)
+        assert not np.allclose(stored, original)
+        assert abs(float(stored @ original)) < 0.6
+    live = np.fromiter(sub.live, dtype=np.uint64)
+    assert (sub.index.get_items(live) @ gallery[7]).max() < 0.99  # no live label holds it
+    assert index.remove(["r7"]) == 0
+
+
+def test_fewer_eligible_than_k_returns_all_without_padding():
+    rng = np.random.default_rng(6)
+    gallery = random_unit(rng, 3000, 32)
+    purposes = [("big",)] * 2995 + [("big", "small")] * 5
+    index = build(gallery, purposes=purposes, params=HNSW_ONLY)
+    assert len(index.search(gallery[0], "small", 10, NOW)) == 5
+    expiries = [2_000] * 2900 + [FAR] * 100  # the graph holds 3000 labels, 100 live
+    index = build(gallery, expiries=expiries, params=HNSW_ONLY)
+    hits = index.search(gallery[0], "p", 60, 2_000)
+    assert len(hits) == 60 and all(int(h.record_id[1:]) >= 2900 for h in hits)
+    assert len(index.search(gallery[0], "p", 500, 2_000)) == 100
+
+
+def test_hnswlib_contiguous_array_error_falls_back_to_exact():
+    rng = np.random.default_rng(7)
+    gallery = random_unit(rng, 3000, 32)
+    index = build(gallery, params=HNSW_ONLY)
+    sub = index._subs["p"]
+    sub.index = Proxy(sub.index, knn_query=fail)
+    assert index.search(gallery[3], "p", 5, NOW)[0].record_id == "r3"
+    many = index.search_many(gallery[:4], "p", 5, NOW)
+    assert [hits[0].record_id for hits in many] == ["r0", "r1", "r2", "r3"]
+
+
+def test_hnswlib_errors_on_add_are_translated_and_rolled_back():
+    rng = np.random.default_rng(8)
+    gallery = random_unit(rng, 100, 16)
+    index = build(gallery)
+    sub = index._subs["p"]
+    real = sub.index
+    sub.index = Proxy(real, add_items=fail)
+    with pytest.raises(BiotemplateError) as caught:
+        index.add(["x"], [b"sx"], [("p",)], [FAR], random_unit(rng, 1, 16))
+    assert not isinstance(caught.value, RuntimeError)
+    sub.index = real
+    assert len(index) == 100 and "x" not in index._label_of
+    index.add(["x"], [b"sx"], [("p",)], [FAR], gallery[:1])  # the id is free again
+
+
+def test_recall_at_10_holds_for_a_rare_purpose():
+    rng = np.random.default_rng(9)
+    n, d = 20_000, 64
+    gallery = random_unit(rng, n, d)
+    rare = rng.random(n) < 0.02
+    purposes = [("common", "rare") if r else ("common",) for r in rare]
+    start = time.perf_counter()
+    index = build(gallery, purposes=purposes, params=HNSW_ONLY)
+    print(f"add {n} d={d}: {time.perf_counter() - start:.2f}s")
+    rare_ids = np.flatnonzero(rare)
+    probes = random_unit(rng, 100, d)
+    start = time.perf_counter()
+    found = index.search_many(probes, "rare", 10, NOW)
+    print(f"search_many 100 probes: {(time.perf_counter() - start) * 1e3:.1f}ms")
+    truth = rare_ids[np.argsort(-(probes @ gallery[rare_ids].T), axis=1)[:, :10]]
+    recall = np.mean([len({f"r{t}" for t in want} & {h.record_id for h in hits}) / 10
+                      for want, hits in zip(truth, found, strict=True)])
+    assert recall >= 0.95
+    assert all(h.record_id in {f"r{i}" for i in rare_ids} for hits in found for h in hits)
+
+
+@BOTH_PATHS
+def test_search_many_equals_search(params):
+    rng = np.random.default_rng(10)
+    gallery = random_unit(rng, 3000, 32)
+    subjects = [f"s{i // 2}".encode() for i in range(3000)]
+    index = build(gallery, subjects=subjects, params=params)
+    probes = random_unit(rng, 50, 32)
+    assert index.search_many(probes, "p", 7, NOW) == [index.search(p, "p", 7, NOW) for p in probes]
+
+
+def test_compaction_after_removing_more_than_half():
+    rng = np.random.default_rng(11)
+    gallery = random_unit(rng, 2000, 32)
+    index = build(gallery, purposes=[("p", "q")] * 1000 + [("p",)] * 1000)
+    removed = [f"r{i}" for i in range(1100)]
+    labels = [index._label_of[r] for r in removed]
+    index.remove(removed)
+    stats = index.stats()["purposes"]
+    assert stats["p"] == {"live": 900, "hidden": 0, "deleted": 0, "capacity": 1800}
+    assert "q" not in stats and index.purposes() == ["p"]  # emptied sub-index is dropped
+    assert not set(labels) & set(index._subs["p"].index.get_ids_list())
+    for i in (1100, 1500, 1999):
+        assert index.search(gallery[i], "p", 1, NOW)[0].record_id == f"r{i}"
+    index.add(["new"], [b"new"], [("q",)], [FAR], gallery[:1])
+    assert index.search(gallery[0], "q", 3, NOW) == [Hit("new", b"new", pytest.approx(1.0))]
+
+
+def test_deleted_slots_are_reused_and_capacity_doubles():
+    rng = np.random.default_rng(12)
+    index = build(random_unit(rng, 1000, 16))
+    index.remove([f"r{i}" for i in range(400)])
+    index.add([f"n{i}" for i in range(300)], [b"x"] * 300, [("p",)] * 300, [FAR] * 300,
+              random_unit(rng, 300, 16))
+    assert index.stats()["purposes"]["p"]["deleted"] == 100
+    index.add([f"m{i}" for i in range(2000)], [b"y"] * 2000, [("p",)] * 2000, [FAR] * 2000,
+              random_unit(rng, 2000, 16))
+    assert index.stats()["purposes"]["p"]["capacity"] == 4096
+    assert len(index) == 2900
+
+
+def test_progress_is_reported_per_chunk(monkeypatch):
+    monkeypatch.setattr(index_module, "_CHUNK", 100)
+    rng = np.random.default_rng(13)
+    calls: list[tuple[int, int]] = []
+    TemplateIndex(8).add([str(i) for i in range(250)], [b"s"] * 250, [("p",)] * 250,
+                         [FAR] * 250, random_unit(rng, 250, 8),
+                         progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(100, 250), (200, 250), (250, 250)]
+
+
+def test_bad_input_is_refused_before_anything_is_written():
+    rng = np.random.default_rng(14)
+    vectors = random_unit(rng, 2, 8)
+    index = TemplateIndex(8)
+    index.add(["a"], [b"s"], [("p",)], [FAR], vectors[:1])
+    cases = [
+        (["a"], [b"s"], [("p",)], [FAR], vectors[1:]),  # id already indexed
+        (["b", "b"], [b"s"] * 2, [("p",)] * 2, [FAR] * 2, vectors),  # repeated in batch
+        (["b"], [b"s"], ["p"], [FAR], vectors[1:]),  # a purpose string, not a collection
+        (["b"], [b"s"], [()], [FAR], vectors[1:]),  # no purpose
+        (["b"], [b"s"], [("p",)], [1.5], vectors[1:]),  # float expiry
+        (["b"], [b"s", b"t"], [("p",)], [FAR], vectors[1:]),  # lengths differ
+    ]
+    for case in cases:
+        with pytest.raises(InvalidInput):
+            index.add(*case)
+    for bad in (vectors[1:] * 2, np.full((1, 8), np.nan, np.float32), vectors[:, :4]):
+        with pytest.raises(InvalidTemplate):
+            index.add(["b"], [b"s"], [("p",)], [FAR], bad)
+    with pytest.raises(InvalidTemplate):
+        index.search(vectors, "p", 1, NOW)  # 2-D where 1-D is expected
+    with pytest.raises(InvalidInput):
+        index.search(vectors[0], "p", 0, NOW)
+    with pytest.raises(InvalidInput):
+        index.remove("a")
+    assert len(index) == 1 and index.stats()["records"] == 1
+
+
+def test_stats_and_clear():
+    rng = np.random.default_rng(15)
+    index = build(random_unit(rng, 10, 8), purposes=[("a", "b")] * 10)
+    stats = index.stats()
+    assert stats["params"]["M"] == 16 and stats["dim"] == 8
+    assert stats["purposes"]["a"] == {"live": 10, "hidden": 0, "deleted": 0, "capacity": 1024}
+    index.clear()
+    assert len(index) == 0 and index.purposes() == [] and index.stats()["purposes"] == {}
+
+
+def test_readers_never_see_a_removed_record_while_a_writer_works():
+    rng = np.random.default_rng(16)
+    d = 32
+    gallery = random_unit(rng, 3000, d)
+    index = build(gallery, params=IndexParams(exact_cutoff=500))
+    removed: set[str] = set()
+    guard = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    searches = [0]
+
+    def reader(seed: int) -> None:
+        local = random.Random(seed)
+        try:
+            while not stop.is_set():
+                with guard:
+                    gone = frozenset(removed)
+                i = local.randrange(3000)
+                if local.random() < 0.5:
+                    hits = index.search(gallery[i], "p", 10, NOW)
+                else:
+                    hits = [h for row in index.search_many(gallery[i : i + 4], "p", 10, NOW)
+                            for h in row]
+                assert not gone & {h.record_id for h in hits}
+                searches[0] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def writer() -> None:
+        local = random.Random(0)
+        alive = [f"r{i}" for i in range(3000)]
+        try:
+            for step in range(40):
+                fresh = random_unit(np.random.default_rng(step), 50, d)
+                ids = [f"w{step}-{j}" for j in range(50)]
+                index.add(ids, [i.encode() for i in ids], [("p",)] * 50, [FAR] * 50, fresh)
+                alive += ids
+                local.shuffle(alive)
+                victims, alive = alive[:80], alive[80:]
+                assert index.remove(victims) == 80
+                with guard:
+                    removed.update(victims)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert searches[0] > 0 and len(index) == 3000 + 40 * 50 - 40 * 80
