@@ -31,7 +31,11 @@ WAL. ``durable=True`` (mutations) commits under ``synchronous=FULL``: the WAL is
 before return. ``durable=False`` (searches) commits under ``synchronous=NORMAL``: the entry
 is in the OS page cache before return, so it survives a process crash and is lost only to
 a power cut before the next fsync. The 64th non-durable entry in a row, any durable entry,
-``sync()``, ``checkpoint()`` and ``close()`` fsync, and one fsync covers the whole WAL.
+``sync()``, ``checkpoint()`` and ``close()`` fsync, and one fsync covers the whole WAL. So
+the power-loss window is at most 63 search entries, for as long as no durable entry, sync
+or kernel writeback follows; a store that wants a time bound calls ``sync()`` on a timer.
+Measured (ext4, 2,000 appends, Ed25519 ~20 µs of each): durable ~160-220 µs (up to 1.6 ms
+on a busy disk), non-durable ~65-75 µs.
 
 Appends are serialised by a lock (the chain needs one order); use one trail per file: a
 second writing process makes appends fail, never forks the chain. Fail closed: an entry that
@@ -257,7 +261,7 @@ class AuditTrail:
             outcome: "ok", "refused" or "error".
             started: when the audited call began (ts0); ts1 is the clock now.
             durable: fsync before returning; False for searches (see the module docstring).
-            **fields: msgpack primitives; "ref_seq", if given, must name an earlier entry.
+            **fields: msgpack primitives; "ref_seq", if given, is an int (indexed).
 
         Raises:
             InvalidInput: a bad argument, field or naive time; nothing written.
@@ -272,10 +276,10 @@ class AuditTrail:
         f = {name: _normalise(fields[name], name, 0) for name in sorted(fields)}
         ref = f.get("ref_seq")
         ts0 = None if started is None else _us(started)
-        with self._lock:
+        if ref is not None and not (type(ref) is int and -(1 << 63) <= ref < 1 << 63):
+            raise InvalidInput("ref_seq must be an int (the seq of the entry referred to)")
+        with self._lock:  # a refused call may name a bogus ref_seq: audit it as given
             self._ensure_open()
-            if ref is not None and not (type(ref) is int and 1 <= ref <= self._head[0]):
-                raise InvalidInput("ref_seq must be the seq of an earlier entry")
             ts1 = _us(self._clock())
             seq = self._head[0] + 1
             body = _pack({"v": 1, "seq": seq, "prev": self._head[1], "store": self._store_id,

@@ -491,8 +491,8 @@ class TemplateIndex:
         return index
 
     def _reserve(self, sub: _Sub, extra: int) -> None:
-        """Double capacity until ``extra`` more fit even if no deleted slot is reused."""
-        need = sub.index.get_current_count() + extra
+        """Double capacity until ``extra`` more fit (replace_deleted fills dead slots first)."""
+        need = max(sub.index.get_current_count(), len(sub.live) + extra)
         capacity: int = sub.index.get_max_elements()
         if need > capacity:
             while capacity < need:

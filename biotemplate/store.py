@@ -41,9 +41,9 @@ from .errors import (
     StoreExists,
     StoreNotFound,
 )
-from .index import IndexParams, TemplateIndex
+from .index import Hit, IndexParams, TemplateIndex
 from .keys import KeyProvider, Keyring, SecretKey, epoch_of
-from .policy import RetentionPolicy, format_duration
+from .policy import Purpose, RetentionPolicy, format_duration
 from .results import (
     Candidate,
     Confirmation,
@@ -408,35 +408,63 @@ class TemplateStore:
             InvalidTemplate: bad probe. InvalidInput: bad k or mode.
             PolicyViolation: unknown purpose, or the mode is not allowed for it.
         """
-        started = datetime.now(UTC)
+        started = self._clock()
         with self._audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
-            rec.check_text(reason, "reason", optional=True)
-            if mode not in SEARCH_MODES:
-                raise InvalidInput(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
-            rule = self._policy.purpose(purpose)
-            if not rule.allows_mode(mode):
-                raise PolicyViolation(f"mode {mode!r} is not allowed for purpose {purpose!r}")
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise InvalidInput("k must be a positive int")
+            rule = self._search_rule(purpose, mode, k, reason)
             vec = rec.as_template(probe, self.dim)
             hits = self._index.search(rec.normalised(vec[None, :])[0], purpose,
                                       min(k, rule.max_candidates), self._now_us())
-            t = rule.match_threshold
-            if mode == "identification":
-                hits = [h for h in hits if h.score >= t]
-            # A record removed while this search ran has no subject any more: drop it.
-            named = [(h, self._subjects.get(h.record_id)) for h in hits]
-            cands = [Candidate(record_id=h.record_id, subject_id=sid, score=float(h.score),
-                               rank=i + 1, above_threshold=h.score >= t)
-                     for i, (h, sid) in enumerate((h, s) for h, s in named if s is not None)]
-            decision = any(c.above_threshold for c in cands)
-            seq = self._trail.append(
-                "search", actor=str(actor), started=started, durable=False, k=k, threshold=t,
-                count=len(cands), decision=decision, probe_digest=self._digest(vec),
-                record_ids=[c.record_id for c in cands],
-                scores=[round(c.score, 6) for c in cands], **f)
-            return SearchResult(candidates=cands, decision=decision, threshold=t, mode=mode,
-                                purpose=purpose, audit_seq=seq)
+            return self._answer(vec, hits, rule, mode, k, str(actor), started, f)
+
+    def search_many(self, probes: object, *, purpose: str, k: int = 10, actor: str,
+                    reason: str | None = None, mode: str = "identification",
+                    ) -> list[SearchResult]:
+        """:meth:`search` for a batch of probes (shape (n, dim)), one result per probe,
+        using the index's multi-threaded batch query. Audited as one entry per probe, so
+        each result's ``audit_seq`` works with :meth:`confirm_match`.
+
+        Raises:
+            As :meth:`search`; a bad row fails the whole batch before anything is searched.
+        """
+        started = self._clock()
+        with self._audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
+            rule = self._search_rule(purpose, mode, k, reason)
+            vecs = rec.as_templates(probes, self.dim)
+            lists = self._index.search_many(rec.normalised(vecs), purpose,
+                                            min(k, rule.max_candidates), self._now_us())
+            return [self._answer(v, hits, rule, mode, k, str(actor), started, f)
+                    for v, hits in zip(vecs, lists, strict=True)]
+
+    def _search_rule(self, purpose: str, mode: str, k: object, reason: object) -> Purpose:
+        rec.check_text(reason, "reason", optional=True)
+        if mode not in SEARCH_MODES:
+            raise InvalidInput(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
+        rule = self._policy.purpose(purpose)
+        if not rule.allows_mode(mode):
+            raise PolicyViolation(f"mode {mode!r} is not allowed for purpose {purpose!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInput("k must be a positive int")
+        return rule
+
+    def _answer(self, vec: np.ndarray[Any, Any], hits: Sequence[Hit], rule: Purpose, mode: str,
+                k: int, actor: str, started: datetime, fields: dict[str, Any]) -> SearchResult:
+        """Apply the open-set rule to index hits, audit, and build the result."""
+        t = rule.match_threshold
+        if mode == "identification":
+            hits = [h for h in hits if h.score >= t]
+        # A record removed while this search ran has no subject any more: drop it.
+        named = [(h, sid) for h in hits if (sid := self._subjects.get(h.record_id))]
+        cands = [Candidate(record_id=h.record_id, subject_id=sid, score=float(h.score),
+                           rank=i + 1, above_threshold=bool(h.score >= t))
+                 for i, (h, sid) in enumerate(named)]
+        decision = any(c.above_threshold for c in cands)
+        seq = self._trail.append(
+            "search", actor=actor, started=started, durable=False, k=k, threshold=t,
+            count=len(cands), decision=decision, probe_digest=self._digest(vec),
+            record_ids=[c.record_id for c in cands],
+            scores=[round(c.score, 6) for c in cands], **fields)
+        return SearchResult(candidates=cands, decision=decision, threshold=t, mode=mode,
+                            purpose=rule.name, audit_seq=seq)
 
     def verify(self, probe: object, *, subject_id: str, purpose: str, actor: str,
                reason: str | None = None) -> Verification:
@@ -447,7 +475,7 @@ class TemplateStore:
             PolicyViolation: unknown purpose or verification not allowed for it.
             IntegrityError: one of the subject's records was tampered with.
         """
-        started = datetime.now(UTC)
+        started = self._clock()
         with self._audited("verify", actor, purpose=purpose, reason=reason) as f:
             rec.check_text(reason, "reason", optional=True)
             rec.check_text(subject_id, "subject_id", limit=rec.MAX_SUBJECT_ID)

@@ -153,11 +153,15 @@ def test_append_get_last_find(path: Path) -> None:
     trail.close()
 
 
-def test_ref_seq_must_name_an_earlier_entry(trail: AuditTrail) -> None:
-    for bad in (5, 0, "2", 1.0, True):
+def test_ref_seq_must_be_an_int(trail: AuditTrail) -> None:
+    for bad in ("2", 1.0, True, 1 << 63, [1]):
         with pytest.raises(InvalidInput):
             trail.append("confirm", actor="x", ref_seq=bad)
     assert trail.verify().entries == 1
+    # a refused confirmation of a search that does not exist is still audited
+    seq = trail.append("confirm", actor="x", outcome="refused", ref_seq=10**9)
+    assert [e.seq for e in trail.find("confirm", 10**9)] == [seq]
+    assert trail.verify().ok is True
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -469,12 +473,14 @@ def test_a_closed_trail_refuses_everything(trail: AuditTrail) -> None:
 
 @pytest.mark.parametrize("value", [
     object(), {1, 2}, datetime.now(UTC), {1: "int key"}, 1 << 64, -(1 << 63) - 1,
-    bytearray(b"x"), [[[[[[[[[[[1]]]]]]]]]]], "\ud800",
+    bytearray(b"x"), [[[[[[[[[[[1]]]]]]]]]]],
 ])
 def test_non_primitive_fields_are_refused(trail: AuditTrail, value: object) -> None:
     with pytest.raises(InvalidInput) as info:
         trail.append("search", actor="a", probe=value)
     assert "probe" in str(info.value)
+    with pytest.raises(InvalidInput):  # caught when encoding: not UTF-8
+        trail.append("search", actor="a", probe="\ud800")
     assert trail.verify().entries == 1
 
 

@@ -109,12 +109,12 @@ def test_purposes_never_leak_into_each_other():
 def test_expired_records_are_hidden_from_their_expiry(params):
     rng = np.random.default_rng(4)
     gallery = random_unit(rng, 3000, 32)
-    expiries = [5_000 if i % 2 else FAR for i in range(3000)]
+    expiries = [5_000 if i % 4 == 1 else FAR for i in range(3000)]
     index = build(gallery, expiries=expiries, params=params)
     assert index.search(gallery[1], "p", 1, 4_999)[0].record_id == "r1"
     hits = index.search(gallery[1], "p", 50, 5_000)
-    assert hits and all(int(h.record_id[1:]) % 2 == 0 for h in hits)
-    assert index.stats()["purposes"]["p"]["hidden"] == 1500
+    assert len(hits) == 50 and all(int(h.record_id[1:]) % 4 != 1 for h in hits)
+    assert index.stats()["purposes"]["p"]["hidden"] == 750
     assert index.hide_expired(10_000) == 0  # search already hid them
     assert len(index) == 3000  # hidden, not removed: a purge removes them
     assert index.remove(["r1", "r2"]) == 2 and len(index) == 2998
@@ -149,11 +149,12 @@ def test_fewer_eligible_than_k_returns_all_without_padding():
     purposes = [("big",)] * 2995 + [("big", "small")] * 5
     index = build(gallery, purposes=purposes, params=HNSW_ONLY)
     assert len(index.search(gallery[0], "small", 10, NOW)) == 5
-    expiries = [2_000] * 2900 + [FAR] * 100  # the graph holds 3000 labels, 100 live
+    expiries = [2_000] * 2700 + [FAR] * 300  # the graph holds 3000 labels, 300 live
     index = build(gallery, expiries=expiries, params=HNSW_ONLY)
-    hits = index.search(gallery[0], "p", 60, 2_000)
-    assert len(hits) == 60 and all(int(h.record_id[1:]) >= 2900 for h in hits)
-    assert len(index.search(gallery[0], "p", 500, 2_000)) == 100
+    for k in (1, 60, 95):  # the graph is asked for 3k+10 of 300 live among 2700 deleted
+        hits = index.search(gallery[0], "p", k, 2_000)
+        assert len(hits) == k and all(int(h.record_id[1:]) >= 2700 for h in hits)
+    assert len(index.search(gallery[0], "p", 500, 2_000)) == 300
 
 
 def test_hnswlib_contiguous_array_error_falls_back_to_exact():
@@ -243,6 +244,18 @@ def test_deleted_slots_are_reused_and_capacity_doubles():
     assert len(index) == 2900
 
 
+def test_removing_expired_records_whose_slots_were_reused():
+    rng = np.random.default_rng(17)
+    index = build(random_unit(rng, 1100, 16), expiries=[2_000] * 600 + [FAR] * 500)
+    assert index.hide_expired(2_000) == 600
+    index.add([f"n{i}" for i in range(600)], [b"n"] * 600, [("p",)] * 600, [FAR] * 600,
+              random_unit(rng, 600, 16))  # replace_deleted hands the 600 slots over
+    assert index.stats()["purposes"]["p"]["deleted"] == 0
+    assert index.remove([f"r{i}" for i in range(600)]) == 600
+    assert index.stats()["purposes"]["p"] == {"live": 1100, "hidden": 0, "deleted": 0,
+                                              "capacity": 1100}
+
+
 def test_progress_is_reported_per_chunk(monkeypatch):
     monkeypatch.setattr(index_module, "_CHUNK", 100)
     rng = np.random.default_rng(13)
@@ -323,7 +336,7 @@ def test_readers_never_see_a_removed_record_while_a_writer_works():
         local = random.Random(0)
         alive = [f"r{i}" for i in range(3000)]
         try:
-            for step in range(40):
+            for step in range(25):
                 fresh = random_unit(np.random.default_rng(step), 50, d)
                 ids = [f"w{step}-{j}" for j in range(50)]
                 index.add(ids, [i.encode() for i in ids], [("p",)] * 50, [FAR] * 50, fresh)
@@ -345,4 +358,4 @@ def test_readers_never_see_a_removed_record_while_a_writer_works():
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
-    assert searches[0] > 0 and len(index) == 3000 + 40 * 50 - 40 * 80
+    assert searches[0] > 0 and len(index) == 3000 + 25 * 50 - 25 * 80
