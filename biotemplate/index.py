@@ -19,7 +19,8 @@ meets hnswlib's sharp edges:
 - **Concurrency.** hnswlib searches may run together but not beside add, delete or
   resize; a writer-preferring readers-writer lock guards every hnswlib call.
 - **Errors.** hnswlib's bare ``RuntimeError`` becomes a fallback or a
-  :class:`~biotemplate.errors.BiotemplateError`. Nothing here writes vectors to disk.
+  :class:`~biotemplate.errors.BiotemplateError`. Nothing here writes vectors to disk
+  (no ``save_index``, no pickle); the index is rebuilt from the sealed records.
 
 Search is cosine similarity on L2-normalised vectors in hnswlib's ``"ip"`` space, where
 distance is ``1 - dot``; the score is ``dot`` clipped to [-1, 1].
@@ -126,9 +127,11 @@ class _RWLock:
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
         try:
             yield
@@ -199,16 +202,10 @@ class TemplateIndex:
 
     # -- writes ------------------------------------------------------------------------
 
-    def add(
-        self,
-        record_ids: Sequence[str],
-        subject_refs: Sequence[bytes],
-        purposes: Sequence[Iterable[str]],
-        expiries_us: Sequence[int],
-        vectors: NDArray[np.float32],
-        *,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> None:
+    def add(self, record_ids: Sequence[str], subject_refs: Sequence[bytes],
+            purposes: Sequence[Iterable[str]], expiries_us: Sequence[int],
+            vectors: NDArray[np.float32], *,
+            progress: Callable[[int, int], None] | None = None) -> None:
         """Index records; all or nothing (a failed add is rolled back and erased).
 
         Raises:

@@ -1,0 +1,774 @@
+"""TemplateStore end to end, against the contract in DESIGN §2 (and the backup rule of §3).
+
+Small galleries (50 subjects x 2 samples, dim 64) and a FakeClock keep this fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import nacl.pwhash
+import numpy as np
+import pytest
+
+import biotemplate as bt
+from biotemplate.synthetic import Gallery, make_gallery, probes, strangers
+
+DIM = 64
+WATCH = {"purposes": ["watchlist"], "ttl": timedelta(days=30), "source": "enrolment-desk-1"}
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def enrol_gallery(store: bt.TemplateStore, gallery: Gallery) -> list[str]:
+    return store.enroll_many(gallery.templates, subject_ids=gallery.subject_ids,
+                             actor="svc-enrol", **WATCH)
+
+
+def probe(gallery: Gallery, i: int) -> np.ndarray:
+    return probes(gallery, [i])[0]
+
+
+def stranger(seed: int = 2) -> np.ndarray:
+    return strangers(1, DIM, seed=seed)[0]
+
+
+def entries(store: bt.TemplateStore) -> int:
+    report = store.audit.verify()
+    assert report.ok, report.problems
+    return report.entries
+
+
+@contextmanager
+def adds_one_entry(store: bt.TemplateStore) -> Iterator[None]:
+    before = entries(store)
+    yield
+    assert entries(store) == before + 1
+
+
+def search_ids(store: bt.TemplateStore, p: np.ndarray, purpose: str = "watchlist",
+               k: int = 20) -> list[str]:
+    res = store.search(p, purpose=purpose, k=k, actor="analyst", mode="investigation")
+    return [c.subject_id for c in res.candidates]
+
+
+def backup_records(store_dir: Path, dest: Path) -> Path:
+    """A copy of records.db through SQLite's backup API (the only supported way, §5)."""
+    with sqlite3.connect(store_dir / "records.db") as src, sqlite3.connect(dest) as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return dest
+
+
+def restore_records(store_dir: Path, copy: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{store_dir / 'records.db'}{suffix}").unlink(missing_ok=True)
+    shutil.copy(copy, store_dir / "records.db")
+
+
+def audit_rows(store_dir: Path) -> int:
+    con = sqlite3.connect(f"file:{store_dir / 'audit.db'}?mode=ro", uri=True)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+    finally:
+        con.close()
+
+
+# --- lifecycle ------------------------------------------------------------------------
+
+
+def test_create_open_round_trip(store: bt.TemplateStore, store_dir: Path, keys: Any,
+                                clock: Any, policy: bt.RetentionPolicy,
+                                gallery: Gallery) -> None:
+    ids = enrol_gallery(store, gallery)
+    store.close()
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as again:
+        assert again.dim == DIM and again.model == "test-model-v1"
+        assert again.policy == policy
+        assert again.stats()["records"] == len(ids)
+        res = again.search(probe(gallery, 7), purpose="watchlist", k=5, actor="a")
+        assert res.candidates[0].subject_id == "P-000007"
+        assert res.candidates[0].record_id in ids
+
+
+def test_create_twice_raises_store_exists(store: bt.TemplateStore, store_dir: Path,
+                                          keys: Any, policy: bt.RetentionPolicy) -> None:
+    with pytest.raises(bt.StoreExists):
+        bt.TemplateStore.create(store_dir, dim=DIM, model="m", policy=policy, key_provider=keys)
+
+
+def test_open_empty_dir_raises_store_not_found(tmp_path: Path, keys: Any) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(bt.StoreNotFound):
+        bt.TemplateStore.open(tmp_path / "empty", key_provider=keys)
+    with pytest.raises(bt.StoreNotFound):
+        bt.TemplateStore.open(tmp_path / "missing", key_provider=keys)
+
+
+def test_context_manager_closes(store: bt.TemplateStore, store_dir: Path, keys: Any,
+                                clock: Any) -> None:
+    store.close()
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert s.stats()["records"] == 0
+    with pytest.raises(bt.BiotemplateError):
+        s.stats()
+    with pytest.raises(bt.BiotemplateError):
+        s.enroll(stranger(), subject_id="X", purposes=["rare"], actor="a")
+    s.close()  # a second close is harmless
+
+
+# --- enrolment --------------------------------------------------------------------------
+
+
+def test_enroll_and_enroll_many_return_ids(store: bt.TemplateStore, gallery: Gallery) -> None:
+    rid = store.enroll(gallery.templates[0], subject_id="S-1", actor="svc", **WATCH)
+    assert isinstance(rid, str) and rid
+    rids = store.enroll_many(gallery.templates[:6], subject_ids=gallery.subject_ids[:6],
+                             actor="svc", **WATCH)
+    assert isinstance(rids, list) and len(rids) == 6
+    assert all(isinstance(r, str) for r in rids)
+    assert len({rid, *rids}) == 7
+    assert store.stats()["records"] == 7
+
+
+def test_smallest_default_retention_applies(store: bt.TemplateStore, clock: Any,
+                                            gallery: Gallery) -> None:
+    # border-verification 12h and rare 7d both define a default: 12h applies
+    store.enroll(gallery.templates[0], subject_id="S-1",
+                 purposes=["rare", "border-verification"], actor="svc")
+    # rare 7d is the only default; watchlist allows 3y
+    store.enroll(gallery.templates[2], subject_id="S-2", purposes=["watchlist", "rare"],
+                 source="case-file-9", actor="svc")
+    (one,) = store.export_subject("S-1", actor="dpo")
+    (two,) = store.export_subject("S-2", actor="dpo")
+    assert one.expires_at == clock.now + timedelta(hours=12)
+    assert two.expires_at == clock.now + timedelta(days=7)
+    assert set(one.purposes) == {"rare", "border-verification"}
+
+
+def test_default_retention_must_fit_the_smallest_max(store: bt.TemplateStore,
+                                                     policy: bt.RetentionPolicy,
+                                                     gallery: Gallery) -> None:
+    d = policy.to_dict()
+    d["purposes"]["short"] = {"max_retention": "1h", "modes": ["verification"],
+                              "match_threshold": 0.6}
+    store.set_policy(bt.RetentionPolicy.from_dict(d), actor="dpo")
+    with pytest.raises(bt.PolicyViolation, match="max_retention"):
+        store.enroll(gallery.templates[0], subject_id="S-1", purposes=["rare", "short"],
+                     actor="svc")  # rare's default 7d > short's max 1h: no clamping
+    assert store.stats()["records"] == 0
+
+
+def test_ttl_rules(store: bt.TemplateStore, gallery: Gallery) -> None:
+    t = gallery.templates[0]
+    with pytest.raises(bt.PolicyViolation, match="max_retention"):
+        store.enroll(t, subject_id="S", purposes=["border-verification"],
+                     ttl=timedelta(hours=13), actor="svc")
+    with pytest.raises(bt.PolicyViolation, match="max_retention"):  # smallest max wins
+        store.enroll(t, subject_id="S", purposes=["watchlist", "rare"],
+                     ttl=timedelta(days=31), source="case-file", actor="svc")
+    with pytest.raises(bt.PolicyViolation, match="ttl"):
+        store.enroll(t, subject_id="S", purposes=["watchlist"], source="case-file",
+                     actor="svc")
+    assert store.stats()["records"] == 0
+    store.enroll(t, subject_id="S", purposes=["border-verification"],
+                 ttl=timedelta(hours=12), actor="svc")  # exactly the maximum is fine
+    assert store.stats()["records"] == 1
+
+
+def test_source_allow_list(store: bt.TemplateStore, gallery: Gallery) -> None:
+    t = gallery.templates[0]
+    for source in ("egate-7", None, "Enrolment-desk"):
+        with pytest.raises(bt.PolicyViolation, match="source"):
+            store.enroll(t, subject_id="S", purposes=["watchlist"], ttl=timedelta(days=1),
+                         source=source, actor="svc")
+    assert store.stats()["records"] == 0
+    store.enroll(t, subject_id="S", purposes=["watchlist"], ttl=timedelta(days=1),
+                 source="case-file-118", actor="svc")
+    assert store.stats()["records"] == 1
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+def check_result_types(res: bt.SearchResult) -> None:
+    assert type(res.decision) is bool
+    assert type(res.audit_seq) is int
+    assert type(res.threshold) is float
+    for c in res.candidates:
+        assert type(c.score) is float
+        assert type(c.above_threshold) is bool
+        assert type(c.rank) is int
+        assert -1.0 <= c.score <= 1.0
+
+
+def test_identification_is_open_set(store: bt.TemplateStore, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    for i in (0, 7, 49):
+        res = store.search(probe(gallery, i), purpose="watchlist", k=10, actor="analyst",
+                           reason="case 1")
+        check_result_types(res)
+        assert res.mode == "identification" and res.threshold == 0.55
+        assert res.candidates, "a mated probe is found"
+        assert res.candidates[0].subject_id == f"P-{i:06d}"
+        scores = [c.score for c in res.candidates]
+        assert scores == sorted(scores, reverse=True)
+        assert all(s >= res.threshold for s in scores)
+        assert all(c.above_threshold for c in res.candidates)
+        assert [c.rank for c in res.candidates] == list(range(1, len(scores) + 1))
+        subjects = [c.subject_id for c in res.candidates]
+        assert len(subjects) == len(set(subjects)), "one candidate per subject"
+        assert res.decision is True
+
+
+def test_best_record_per_subject(store: bt.TemplateStore, gallery: Gallery) -> None:
+    ids = enrol_gallery(store, gallery)
+    p = probe(gallery, 3)
+    res = store.search(p, purpose="watchlist", k=20, actor="a", mode="investigation")
+    top = res.candidates[0]
+    assert top.subject_id == "P-000003"
+    own = [ids[j] for j, s in enumerate(gallery.subject_ids) if s == "P-000003"]
+    rows = {ids[j]: gallery.templates[j] for j in range(len(ids))}
+    best = max(own, key=lambda r: float(np.dot(rows[r], p)))
+    assert top.record_id == best
+    assert top.score == pytest.approx(float(np.dot(rows[best], p)), abs=1e-4)
+
+
+def test_stranger_gets_no_candidates(store: bt.TemplateStore, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    res = store.search(stranger(), purpose="watchlist", k=10, actor="analyst")
+    check_result_types(res)
+    assert res.candidates == []
+    assert res.decision is False
+
+
+def test_investigation_marks_weak_candidates(store: bt.TemplateStore,
+                                            gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    res = store.search(stranger(), purpose="watchlist", k=5, actor="analyst",
+                       mode="investigation")
+    check_result_types(res)
+    assert res.mode == "investigation"
+    assert len(res.candidates) == 5
+    assert all(c.above_threshold is False for c in res.candidates)
+    assert res.decision is False
+    assert len({c.subject_id for c in res.candidates}) == 5
+    scores = [c.score for c in res.candidates]
+    assert scores == sorted(scores, reverse=True)
+    assert [c.rank for c in res.candidates] == [1, 2, 3, 4, 5]
+
+    mated = store.search(probe(gallery, 9), purpose="watchlist", k=5, actor="analyst",
+                         mode="investigation")
+    assert mated.candidates[0].subject_id == "P-000009"
+    assert mated.candidates[0].above_threshold is True
+    assert [c.above_threshold for c in mated.candidates[1:]] == [False] * 4
+    assert mated.decision is True
+
+
+def test_k_is_capped_by_max_candidates(store: bt.TemplateStore, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)  # 50 subjects; watchlist max_candidates = 20
+    res = store.search(stranger(), purpose="watchlist", k=1000, actor="a",
+                       mode="investigation")
+    assert len(res.candidates) == 20
+
+
+def test_search_sees_only_its_purpose(store: bt.TemplateStore, gallery: Gallery) -> None:
+    store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"], actor="svc")
+    res = store.search(probe(gallery, 0), purpose="watchlist", k=5, actor="a",
+                       mode="investigation")
+    assert res.candidates == []
+    res = store.search(probe(gallery, 0), purpose="rare", k=5, actor="a")
+    assert [c.subject_id for c in res.candidates] == ["P-000000"]
+
+
+def test_mode_not_allowed(store: bt.TemplateStore, gallery: Gallery) -> None:
+    store.enroll(gallery.templates[0], subject_id="T-1", purposes=["border-verification"],
+                 actor="svc")
+    for mode in ("identification", "investigation"):
+        with pytest.raises(bt.PolicyViolation):
+            store.search(probe(gallery, 0), purpose="border-verification", k=1, actor="a",
+                         mode=mode)
+    enrol_gallery(store, gallery)
+    with pytest.raises(bt.PolicyViolation):  # watchlist has no verification mode
+        store.verify(probe(gallery, 0), subject_id="P-000000", purpose="watchlist",
+                     actor="a")
+
+
+# --- verification -----------------------------------------------------------------------
+
+
+def test_verify(store: bt.TemplateStore, gallery: Gallery) -> None:
+    rids = store.enroll_many(gallery.templates[:4], subject_ids=gallery.subject_ids[:4],
+                             purposes=["border-verification"], actor="svc")
+    v = store.verify(probe(gallery, 1), subject_id="P-000001",
+                     purpose="border-verification", actor="egate-7")
+    assert v.match is True
+    assert type(v.match) is bool and type(v.score) is float and type(v.audit_seq) is int
+    assert v.score >= 0.6 and v.threshold == 0.6
+    assert v.record_id in rids[2:4]
+    no = store.verify(stranger(), subject_id="P-000001", purpose="border-verification",
+                      actor="egate-7")
+    assert no.match is False and type(no.match) is bool and no.score < 0.6
+    no = store.verify(probe(gallery, 0), subject_id="P-000001",
+                      purpose="border-verification", actor="egate-7")
+    assert no.match is False
+    with pytest.raises(bt.RecordNotFound):
+        store.verify(probe(gallery, 1), subject_id="P-999999",
+                     purpose="border-verification", actor="egate-7")
+    with pytest.raises(bt.RecordNotFound):  # enrolled, but not for this purpose
+        store.verify(probe(gallery, 1), subject_id="P-000001", purpose="rare",
+                     actor="egate-7")
+
+
+# --- expiry, purge, holds ---------------------------------------------------------------
+
+
+def test_expired_record_is_never_returned_before_purge(store: bt.TemplateStore, clock: Any,
+                                                       gallery: Gallery) -> None:
+    store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"],
+                 ttl=timedelta(hours=1), actor="svc")
+    store.enroll(gallery.templates[2], subject_id="P-000001", purposes=["rare"], actor="svc")
+    p = probe(gallery, 0)
+    assert search_ids(store, p, "rare") == ["P-000000", "P-000001"]
+    clock.advance(hours=1)  # expiry is "at or before now"
+    assert store.stats()["records"] == 2  # not purged yet
+    assert search_ids(store, p, "rare") == ["P-000001"]
+    assert store.search(p, purpose="rare", k=5, actor="a").candidates == []
+    with pytest.raises(bt.RecordNotFound):
+        store.verify(p, subject_id="P-000000", purpose="rare", actor="a")
+    assert store.export_subject("P-000000", actor="dpo") == []
+    assert len(store.export_subject("P-000001", actor="dpo")) == 1
+    store.rebuild_index()
+    assert search_ids(store, p, "rare") == ["P-000001"]
+
+
+def test_purge_expired_report(store: bt.TemplateStore, clock: Any, gallery: Gallery) -> None:
+    store.enroll_many(gallery.templates[:3], subject_ids=["A", "B", "C"], purposes=["rare"],
+                      ttl=timedelta(hours=1), actor="svc")
+    store.enroll_many(gallery.templates[3:5], subject_ids=["D", "E"], purposes=["rare"],
+                      actor="svc")
+    assert store.purge_expired().purged == 0
+    clock.advance(hours=2)
+    report = store.purge_expired()
+    assert report.purged == 3 and report.held_retained == 0
+    assert report.subject_keys_destroyed == 3
+    assert report.at == clock.now
+    assert type(report.audit_seq) is int
+    assert store.stats()["records"] == 2 and store.stats()["subjects"] == 2
+    assert store.purge_expired().purged == 0
+    clock.advance(days=3)  # past the epoch: the ratchet moves
+    report = store.purge_expired()
+    assert report.epoch_after > report.epoch_before
+    assert store.stats()["records"] == 2
+
+
+def test_legal_hold(store: bt.TemplateStore, clock: Any, gallery: Gallery) -> None:
+    rid = store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"],
+                       ttl=timedelta(hours=1), actor="svc")
+    store.enroll(gallery.templates[2], subject_id="P-000001", purposes=["rare"],
+                 ttl=timedelta(hours=1), actor="svc")
+    assert store.place_hold("P-000000", actor="legal", reason="case 7") == 1
+    p = probe(gallery, 0)
+    (view,) = store.export_subject("P-000000", actor="legal")
+    assert view.held is True
+    with pytest.raises(bt.PolicyViolation):
+        store.erase_subject("P-000000", actor="dpo", reason="art 17")
+    with pytest.raises(bt.PolicyViolation):
+        store.delete(rid, actor="dpo")
+    assert search_ids(store, p, "rare")[0] == "P-000000"  # live and held: still searchable
+
+    clock.advance(days=3)  # expired, and past its epoch
+    report = store.purge_expired()
+    assert report.purged == 1 and report.held_retained == 1
+    assert store.stats()["records"] == 1
+    (view,) = store.export_subject("P-000000", actor="legal")  # for the proceeding
+    assert view.record_id == rid and view.held is True
+    np.testing.assert_allclose(view.template, gallery.templates[0], atol=1e-6)
+    assert search_ids(store, p, "rare") == []  # expired: never searched
+    with pytest.raises(bt.RecordNotFound):
+        store.verify(p, subject_id="P-000000", purpose="rare", actor="a")
+    with pytest.raises(bt.PolicyViolation):
+        store.erase_subject("P-000000", actor="dpo", reason="art 17")
+
+    assert store.release_hold("P-000000", actor="legal", reason="closed") == 1
+    assert store.export_subject("P-000000", actor="legal") == []  # expired, no longer held
+    report = store.purge_expired()
+    assert report.purged == 1 and report.held_retained == 0
+    assert store.stats()["records"] == 0
+    assert store.stats()["held_subjects"] == 0
+
+
+def test_hold_survives_reopen_and_release_of_live_record(store: bt.TemplateStore,
+                                                         store_dir: Path, keys: Any,
+                                                         clock: Any, gallery: Gallery) -> None:
+    store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"], actor="svc")
+    store.place_hold("P-000000", actor="legal", reason="case 7")
+    store.close()
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert s.stats()["held_subjects"] == 1
+        assert search_ids(s, probe(gallery, 0), "rare") == ["P-000000"]
+        s.release_hold("P-000000", actor="legal", reason="closed")
+        (view,) = s.export_subject("P-000000", actor="dpo")
+        assert view.held is False
+        with pytest.raises(bt.PolicyViolation):
+            s.release_hold("P-000000", actor="legal", reason="twice")
+        assert s.erase_subject("P-000000", actor="dpo").records_erased == 1
+        with pytest.raises(bt.RecordNotFound):
+            s.place_hold("nobody", actor="legal", reason="x")
+
+
+# --- erasure, export, delete ------------------------------------------------------------
+
+
+def test_erase_subject(store: bt.TemplateStore, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    p = probe(gallery, 5)
+    assert "P-000005" in search_ids(store, p)
+    receipt = store.erase_subject("P-000005", actor="dpo", reason="GDPR Art. 17 request 55")
+    assert receipt.records_erased == 2 and receipt.key_destroyed is True
+    assert type(receipt.audit_seq) is int
+    assert "P-000005" not in search_ids(store, p)
+    assert store.export_subject("P-000005", actor="dpo") == []
+    with pytest.raises(bt.RecordNotFound):
+        store.verify(p, subject_id="P-000005", purpose="rare", actor="a")
+    assert store.stats()["records"] == 98
+    again = store.erase_subject("P-000005", actor="dpo", reason="repeat")
+    assert again.records_erased == 0 and again.key_destroyed is False
+    assert again.subject_ref == receipt.subject_ref
+    unknown = store.erase_subject("P-999999", actor="dpo")
+    assert unknown.records_erased == 0
+    store.rebuild_index()
+    assert "P-000005" not in search_ids(store, p)
+
+
+def test_export_subject(store: bt.TemplateStore, clock: Any, gallery: Gallery) -> None:
+    assert store.export_subject("P-000000", actor="dpo") == []
+    rid = store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["watchlist"],
+                       ttl=timedelta(days=30), source="case-file-1",
+                       metadata={"case": "118", "n": 3}, actor="svc")
+    (view,) = store.export_subject("P-000000", actor="dpo", reason="Art. 15")
+    assert view.record_id == rid and view.subject_id == "P-000000"
+    assert view.purposes == ("watchlist",)
+    assert view.source == "case-file-1"
+    assert dict(view.metadata) == {"case": "118", "n": 3}
+    assert view.created_at == clock.now
+    assert view.expires_at == clock.now + timedelta(days=30)
+    assert view.template.dtype == np.float32 and view.template.shape == (DIM,)
+    np.testing.assert_array_equal(view.template, gallery.templates[0])
+    assert store.export_subject("P-000001", actor="dpo") == []
+
+
+def test_delete(store: bt.TemplateStore, gallery: Gallery) -> None:
+    ids = enrol_gallery(store, gallery)
+    p = probe(gallery, 4)
+    own = [ids[j] for j, s in enumerate(gallery.subject_ids) if s == "P-000004"]
+    first = store.search(p, purpose="watchlist", k=5, actor="a").candidates[0]
+    assert first.subject_id == "P-000004"
+    store.delete(first.record_id, actor="dpo", reason="wrong capture")
+    res = store.search(p, purpose="watchlist", k=20, actor="a", mode="investigation")
+    assert first.record_id not in [c.record_id for c in res.candidates]
+    (other,) = (r for r in own if r != first.record_id)
+    assert res.candidates[0].record_id == other
+    store.delete(other, actor="dpo")
+    res = store.search(p, purpose="watchlist", k=20, actor="a", mode="investigation")
+    assert not {c.record_id for c in res.candidates} & set(own)
+    assert store.export_subject("P-000004", actor="dpo") == []
+    with pytest.raises(bt.RecordNotFound):
+        store.delete(other, actor="dpo")
+    with pytest.raises(bt.RecordNotFound):
+        store.delete("00" * 16, actor="dpo")
+    store.rebuild_index()
+    res = store.search(p, purpose="watchlist", k=20, actor="a", mode="investigation")
+    assert not {c.record_id for c in res.candidates} & set(own)
+
+
+# --- policy changes -----------------------------------------------------------------------
+
+
+def test_set_policy(store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any,
+                    policy: bt.RetentionPolicy, gallery: Gallery) -> None:
+    d = policy.to_dict()
+    d["purposes"]["access-control"] = {"max_retention": "90d", "default_retention": "30d",
+                                       "modes": ["verification"], "match_threshold": 0.7}
+    new = bt.RetentionPolicy.from_dict(d)
+    store.set_policy(new, actor="dpo", reason="new site")
+    assert store.policy == new
+    store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["access-control"],
+                 actor="svc")
+    store.close()
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert s.policy == new
+        assert "access-control" in s.policy.purposes
+        v = s.verify(probe(gallery, 0), subject_id="P-000000", purpose="access-control",
+                     actor="door-3")
+        assert v.match is True and v.threshold == 0.7
+
+        d["epoch"] = "2d"
+        with pytest.raises(bt.PolicyViolation, match="epoch"):
+            s.set_policy(bt.RetentionPolicy.from_dict(d), actor="dpo")
+        assert s.policy == new
+
+
+# --- human review ---------------------------------------------------------------------------
+
+
+def test_confirm_match(store: bt.TemplateStore, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    res = store.search(probe(gallery, 2), purpose="watchlist", k=5, actor="analyst")
+    top = res.candidates[0].record_id
+    one = store.confirm_match(res.audit_seq, top, reviewer="officer-2")
+    assert one.two_person_confirmed is False and one.reviewers == ("officer-2",)
+    same = store.confirm_match(res.audit_seq, top, reviewer="officer-2")
+    assert same.two_person_confirmed is False and same.reviewers == ("officer-2",)
+    two = store.confirm_match(res.audit_seq, top, reviewer="officer-9")
+    assert two.two_person_confirmed is True
+    assert set(two.reviewers) == {"officer-2", "officer-9"}
+    assert two.search_seq == res.audit_seq and two.record_id == top
+    assert type(two.audit_seq) is int
+    other = next(r for r in enrol_gallery(store, make_gallery(1, 1, DIM, seed=99, prefix="Q-"))
+                 if r not in {c.record_id for c in res.candidates})
+    with pytest.raises(bt.PolicyViolation):
+        store.confirm_match(res.audit_seq, other, reviewer="officer-2")
+    with pytest.raises(bt.RecordNotFound):  # an audit entry that is not a search
+        store.confirm_match(two.audit_seq, top, reviewer="officer-2")
+
+
+# --- maintenance ---------------------------------------------------------------------------
+
+
+def test_rebuild_index(store: bt.TemplateStore, clock: Any, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    store.enroll(gallery.templates[0], subject_id="X", purposes=["rare"],
+                 ttl=timedelta(hours=1), actor="svc")
+    assert store.rebuild_index() == 101
+    clock.advance(hours=2)
+    assert store.rebuild_index() == 100  # the expired record is not indexed
+    res = store.search(probe(gallery, 11), purpose="watchlist", k=5, actor="a")
+    assert res.candidates[0].subject_id == "P-000011"
+
+
+def test_stats_counts_and_no_subject_ids(store: bt.TemplateStore, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    store.place_hold("P-000001", actor="legal", reason="case")
+    stats = store.stats()
+    assert stats["records"] == 100 and stats["subjects"] == 50
+    assert stats["dim"] == DIM and stats["model"] == "test-model-v1"
+    assert stats["held_subjects"] == 1
+    assert stats["epoch_seconds"] == 86400
+    assert stats["shredded_rows"] == 0 and stats["integrity_failures"] == 0
+    text = repr(stats)
+    assert "P-0000" not in text
+
+
+def test_subject_ids_and_probes_are_not_on_disk_in_clear(store: bt.TemplateStore,
+                                                         store_dir: Path,
+                                                         gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    p = probe(gallery, 3)
+    store.search(p, purpose="watchlist", k=5, actor="a")
+    store.export_subject("P-000003", actor="dpo")
+    store.close()
+    blob = b"".join(f.read_bytes() for f in store_dir.iterdir() if f.is_file())
+    assert b"P-000003" not in blob and b"P-0000" not in blob
+    assert p.astype("<f4").tobytes()[:16] not in blob
+    assert gallery.templates[0].astype("<f4").tobytes()[:16] not in blob
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+def test_audit_verify_after_workload(store: bt.TemplateStore, store_dir: Path, clock: Any,
+                                     gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    store.search(probe(gallery, 1), purpose="watchlist", k=5, actor="a")
+    store.export_subject("P-000001", actor="dpo")
+    store.erase_subject("P-000002", actor="dpo")
+    clock.advance(days=40)
+    store.purge_expired()
+    report = store.audit.verify()
+    assert report.ok is True and report.problems == ()
+    assert type(report.entries) is int
+    assert report.entries == audit_rows(store_dir)
+    cp = store.audit.checkpoint()
+    assert cp.seq == report.entries
+    assert store.audit.verify(checkpoint=cp).ok is True
+    store.search(stranger(), purpose="watchlist", k=5, actor="a")  # the trail goes on
+    assert store.audit.verify(checkpoint=cp).ok is True
+
+
+def test_every_call_adds_an_audit_entry(store: bt.TemplateStore, clock: Any,
+                                        policy: bt.RetentionPolicy, gallery: Gallery) -> None:
+    g = gallery
+    with adds_one_entry(store):
+        rid = store.enroll(g.templates[0], subject_id="P-000000", actor="svc", **WATCH)
+    with adds_one_entry(store):
+        store.enroll_many(g.templates[2:20], subject_ids=g.subject_ids[2:20], actor="svc",
+                          **WATCH)
+    store.enroll(g.templates[1], subject_id="P-000000", purposes=["rare"], actor="svc")
+    with adds_one_entry(store):
+        res = store.search(probe(g, 0), purpose="watchlist", k=5, actor="a")
+    with adds_one_entry(store):
+        store.verify(probe(g, 0), subject_id="P-000000", purpose="rare", actor="a")
+    with adds_one_entry(store):
+        store.export_subject("P-000000", actor="dpo")
+    with adds_one_entry(store):
+        store.confirm_match(res.audit_seq, res.candidates[0].record_id, reviewer="o-1")
+    with adds_one_entry(store):
+        store.place_hold("P-000000", actor="legal", reason="case")
+    with adds_one_entry(store):
+        store.release_hold("P-000000", actor="legal", reason="closed")
+    with adds_one_entry(store):
+        store.delete(rid, actor="dpo")
+    with adds_one_entry(store):
+        store.erase_subject("P-000002", actor="dpo")
+    with adds_one_entry(store):
+        store.erase_subject("P-000002", actor="dpo")  # idempotent, still audited
+    clock.advance(days=8)
+    with adds_one_entry(store):
+        store.purge_expired()
+    with adds_one_entry(store):
+        store.set_policy(policy, actor="dpo", reason="same again")
+
+
+def test_refused_calls_are_audited(store: bt.TemplateStore, gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)
+    cases = [
+        lambda: store.search(probe(gallery, 0), purpose="border-verification", k=5,
+                             actor="nosy"),
+        lambda: store.search(probe(gallery, 0), purpose="no-such-purpose", k=5, actor="nosy"),
+        lambda: store.verify(probe(gallery, 0), subject_id="P-000000", purpose="watchlist",
+                             actor="nosy"),
+        lambda: store.enroll(gallery.templates[0], subject_id="X", purposes=["watchlist"],
+                             ttl=timedelta(days=1), source="egate", actor="nosy"),
+        lambda: store.search(np.zeros(DIM), purpose="watchlist", k=5, actor="nosy"),
+    ]
+    for call in cases:
+        before = entries(store)
+        with pytest.raises(bt.BiotemplateError):
+            call()
+        assert entries(store) == before + 1
+        last = store.audit.get(before + 1)
+        assert last.outcome == "refused" and last.actor == "nosy"
+
+
+# --- backups: an old copy of records.db yields nothing expired or erased (DESIGN §3) -----
+
+
+def test_restored_backup_yields_nothing_erased_or_expired(store: bt.TemplateStore,
+                                                         store_dir: Path, keys: Any,
+                                                         clock: Any, tmp_path: Path,
+                                                         gallery: Gallery) -> None:
+    enrol_gallery(store, gallery)  # watchlist, 30 days
+    border = make_gallery(5, 1, DIM, seed=8, prefix="T-")
+    store.enroll_many(border.templates, subject_ids=border.subject_ids,
+                      purposes=["border-verification"], actor="egate")  # 12 hours
+    before_erasure = backup_records(store_dir, tmp_path / "before-erasure.db")
+    store.erase_subject("P-000005", actor="dpo", reason="Art. 17")
+    before_expiry = backup_records(store_dir, tmp_path / "before-expiry.db")
+    clock.advance(days=2)  # border records expired and their epoch is past
+    report = store.purge_expired()
+    assert report.purged == 5
+    store.close()
+
+    for copy, rows in ((before_erasure, 105), (before_expiry, 103)):
+        restore_records(store_dir, copy)
+        with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
+            stats = old.stats()
+            assert stats["records"] == rows
+            assert stats["shredded_rows"] == rows - 98
+            assert stats["integrity_failures"] == 0
+            assert old.export_subject("P-000005", actor="forensics") == []
+            assert "P-000005" not in search_ids(old, probe(gallery, 5))
+            for t in border.subject_ids:
+                assert old.export_subject(t, actor="forensics") == []
+            with pytest.raises(bt.RecordNotFound):
+                old.verify(border.templates[0], subject_id="T-000000",
+                           purpose="border-verification", actor="forensics")
+            assert len(old.export_subject("P-000006", actor="forensics")) == 2
+            res = old.search(probe(gallery, 6), purpose="watchlist", k=5, actor="forensics")
+            assert res.candidates[0].subject_id == "P-000006"
+            assert old.audit.verify().ok
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def test_wrong_master_key(store: bt.TemplateStore, store_dir: Path, tmp_path: Path) -> None:
+    store.close()
+    other = bt.FileKeyProvider.generate(tmp_path / "other.key")
+    with pytest.raises(bt.KeyUnavailable) as err:
+        bt.TemplateStore.open(store_dir, key_provider=other)
+    assert not isinstance(err.value, bt.IntegrityError)
+
+
+def test_key_file_mode(tmp_path: Path, store: bt.TemplateStore, store_dir: Path,
+                       keys: bt.FileKeyProvider) -> None:
+    assert (keys.path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(bt.KeyFileExists):
+        bt.FileKeyProvider.generate(keys.path)
+    assert isinstance(bt.KeyFileExists("x"), FileExistsError)
+    store.close()
+    before = keys.path.read_bytes()
+    os.chmod(keys.path, 0o644)
+    with pytest.raises(bt.KeyUnavailable, match="chmod"):
+        keys.master_key()
+    with pytest.raises(bt.KeyUnavailable):
+        bt.TemplateStore.open(store_dir, key_provider=keys)
+    assert keys.path.read_bytes() == before  # nothing rewrote the key
+    os.chmod(keys.path, 0o600)
+    bt.TemplateStore.open(store_dir, key_provider=keys).close()
+    with pytest.raises(bt.KeyUnavailable):
+        bt.FileKeyProvider(tmp_path / "absent.key").master_key()
+
+
+def test_env_key_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          policy: bt.RetentionPolicy, clock: Any, gallery: Gallery) -> None:
+    raw = os.urandom(32)
+    monkeypatch.setenv("BT_TEST_KEY", raw.hex())
+    provider = bt.EnvKeyProvider("BT_TEST_KEY")
+    with bt.TemplateStore.create(tmp_path / "s", dim=DIM, model="m", policy=policy,
+                                 key_provider=provider, clock=clock) as s:
+        s.enroll(gallery.templates[0], subject_id="S", purposes=["rare"], actor="svc")
+    monkeypatch.setenv("BT_TEST_KEY", base64.b64encode(raw).decode())
+    with bt.TemplateStore.open(tmp_path / "s", key_provider=provider, clock=clock) as s:
+        assert len(s.export_subject("S", actor="dpo")) == 1
+    monkeypatch.setenv("BT_TEST_KEY", os.urandom(32).hex())
+    with pytest.raises(bt.KeyUnavailable):
+        bt.TemplateStore.open(tmp_path / "s", key_provider=provider, clock=clock)
+    monkeypatch.delenv("BT_TEST_KEY")
+    with pytest.raises(bt.KeyUnavailable):
+        provider.master_key()
+    with pytest.raises(bt.KeyUnavailable):
+        bt.TemplateStore.open(tmp_path / "s", key_provider=provider, clock=clock)
+    monkeypatch.setenv("BT_TEST_KEY", "not a key")
+    with pytest.raises(bt.KeyUnavailable):
+        provider.master_key()
+
+
+def test_passphrase_key_provider(tmp_path: Path, policy: bt.RetentionPolicy, clock: Any,
+                                 gallery: Gallery) -> None:
+    limits = {"ops_limit": nacl.pwhash.argon2id.OPSLIMIT_MIN,
+              "mem_limit": nacl.pwhash.argon2id.MEMLIMIT_MIN}
+    salt = tmp_path / "salt"
+    good = bt.PassphraseKeyProvider("correct horse battery staple", salt_file=salt, **limits)
+    with bt.TemplateStore.create(tmp_path / "s", dim=DIM, model="m", policy=policy,
+                                 key_provider=good, clock=clock) as s:
+        s.enroll(gallery.templates[0], subject_id="S", purposes=["rare"], actor="svc")
+    assert salt.exists()
+    again = bt.PassphraseKeyProvider("correct horse battery staple", salt_file=salt, **limits)
+    with bt.TemplateStore.open(tmp_path / "s", key_provider=again, clock=clock) as s:
+        assert len(s.export_subject("S", actor="dpo")) == 1
+    wrong = bt.PassphraseKeyProvider("wrong horse", salt_file=salt, **limits)
+    with pytest.raises(bt.KeyUnavailable):
+        bt.TemplateStore.open(tmp_path / "s", key_provider=wrong, clock=clock)
+    assert "correct horse" not in repr(good)
