@@ -462,6 +462,60 @@ class TemplateIndex:
             return {"dim": self._dim, "records": len(self._label_of),
                     "params": asdict(self._params), "purposes": per_purpose}
 
+    # -- snapshots (the caller seals the state; nothing here touches disk) ---------------
+
+    def export_state(self) -> dict[str, Any]:
+        """The whole index as plain values and numpy arrays, for a sealed snapshot.
+
+        Expired (hidden) vectors are overwritten first and removed vectors already were,
+        so the state holds no template of a record that is not live.
+        """
+        with self._lock.write():
+            with _translated("compact before a snapshot"):
+                for sub in self._subs.values():
+                    self._overwrite(sub, list(sub.hidden))
+            records = [[self._record_of[lb], lb, self._subject[lb], self._expiry[lb],
+                        list(self._purposes_of[lb])] for lb in self._record_of]
+            subs = {p: {"hnsw": sub.index.__getstate__()[0],
+                        "live": np.fromiter(sub.live, np.uint64, len(sub.live))}
+                    for p, sub in self._subs.items()}
+            return {"v": 1, "dim": self._dim, "next_label": self._next_label,
+                    "records": records, "subs": subs}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Replace the index with an exported state. Call only with authenticated data.
+
+        Raises:
+            BiotemplateError: the state does not fit this index (dimension, shape).
+        """
+        try:
+            if state["v"] != 1 or state["dim"] != self._dim:
+                raise ValueError("dimension")
+            subs: dict[str, _Sub] = {}
+            for purpose, sub_state in state["subs"].items():
+                index = hnswlib.Index.__new__(hnswlib.Index)
+                index.__setstate__((sub_state["hnsw"],))
+                index.set_ef(self._params.ef_search)
+                live = {int(x) for x in np.asarray(sub_state["live"], dtype=np.uint64)}
+                subs[str(purpose)] = _Sub(index, live=live)
+            records = [(str(r), int(lb), bytes(ref), int(exp), tuple(map(str, ps)))
+                       for r, lb, ref, exp, ps in state["records"]]
+            next_label = int(state["next_label"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise BiotemplateError("the index snapshot does not fit this store") from exc
+        self.clear()
+        with self._lock.write():
+            self._subs, self._next_label = subs, next_label
+            for rid, label, ref, exp, tags in records:
+                self._label_of[rid], self._record_of[label] = label, rid
+                self._subject[label], self._expiry[label] = ref, exp
+                self._purposes_of[label] = tags
+                self._heap.append((exp, label))
+            heapq.heapify(self._heap)
+            with _translated("load a snapshot"):
+                for sub in subs.values():
+                    self._refresh_mirror(sub)
+
     # -- internals (callers hold the write lock unless noted) ----------------------------
 
     def _unit(self, x: NDArray[np.float32], ndim: int) -> Vectors:

@@ -50,7 +50,8 @@ def _as_float_array(template: object, dim: int) -> NDArray[np.float64]:
 
 def _check_rows(arr: NDArray[np.float64],
                 row_label: Callable[[int], str]) -> NDArray[np.float32]:
-    out: NDArray[np.float32] = arr.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused next
+        out: NDArray[np.float32] = arr.astype(np.float32)
     finite = np.isfinite(out).all(axis=-1)
     if not finite.all():
         raise InvalidTemplate(f"{row_label(int(np.argmin(finite)))}contains NaN or infinity "

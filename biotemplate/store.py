@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 
 from . import records as rec
-from . import sealing
+from . import sealing, snapshot
 from .audit import AuditReport, AuditTrail, Checkpoint
 from .backends.base import Backend, RecordRow
 from .backends.sqlite import SQLiteBackend
@@ -54,7 +54,8 @@ from .results import (
 )
 
 Clock = Callable[[], datetime]
-RECORDS, AUDIT, KEYRING = "records.db", "audit.db", "keyring"
+RECORDS, AUDIT, KEYRING, SNAPSHOT = "records.db", "audit.db", "keyring", "index.snapshot"
+Progress = Callable[[int, int], None]
 SEARCH_MODES = ("identification", "investigation")
 
 
@@ -98,7 +99,8 @@ class TemplateStore:
 
     def __init__(self, *, path: Path, backend: Backend, keyring: Keyring,
                  master_key: SecretKey, policy: RetentionPolicy, dim: int, model: str,
-                 audit: AuditTrail, clock: Clock, index_params: IndexParams | None) -> None:
+                 audit: AuditTrail, clock: Clock, index_params: IndexParams | None,
+                 snapshot_on_close: bool = True) -> None:
         self._path, self._db, self._keyring, self._kek = path, backend, keyring, master_key
         self._policy, self.dim, self.model, self._clock = policy, dim, model, clock
         self._codec = RecordCodec(keyring, model=model, dim=dim)
@@ -108,8 +110,9 @@ class TemplateStore:
         self._trail = audit
         self._high_water = keyring.high_water_us
         self._integrity_failures: set[str] = set()
-        self._shredded_rows = 0
+        self._shredded: set[str] = set()  # rows whose key is gone (from old copies)
         self._closed = False
+        self._snapshot_on_close = snapshot_on_close
         self.audit = AuditView(audit, sealing.signer_from_seed(keyring.audit_seed)[1])
 
     def __repr__(self) -> str:
@@ -123,7 +126,8 @@ class TemplateStore:
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, dim: int, model: str,
                policy: RetentionPolicy, key_provider: KeyProvider, clock: Clock | None = None,
-               index_params: IndexParams | None = None) -> TemplateStore:
+               index_params: IndexParams | None = None,
+               snapshot_on_close: bool = True) -> TemplateStore:
         """Create a new store in ``path`` (a folder; created if missing, must hold no store).
 
         Raises:
@@ -165,13 +169,17 @@ class TemplateStore:
                     Path(str(p) + suffix).unlink(missing_ok=True)
             raise
         return cls(path=folder, backend=db, keyring=keyring, master_key=kek, policy=policy,
-                   dim=dim, model=model, audit=audit, clock=clock, index_params=index_params)
+                   dim=dim, model=model, audit=audit, clock=clock, index_params=index_params,
+                   snapshot_on_close=snapshot_on_close)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, key_provider: KeyProvider,
              clock: Clock | None = None, index_params: IndexParams | None = None,
+             snapshot_on_close: bool = True, progress: Progress | None = None,
              ) -> TemplateStore:
-        """Open an existing store; the index is rebuilt from the sealed rows.
+        """Open an existing store. The index comes from the sealed snapshot when one is
+        valid for the current epoch and erasure generation (rows changed since are
+        re-read), else it is rebuilt from the sealed rows.
 
         Raises:
             StoreNotFound: no store in ``path``.
@@ -198,12 +206,14 @@ class TemplateStore:
             raise
         store = cls(path=folder, backend=db, keyring=keyring, master_key=kek, policy=policy,
                     dim=int(config["dim"]), model=str(config["model"]), audit=audit,
-                    clock=clock, index_params=index_params)
+                    clock=clock, index_params=index_params, snapshot_on_close=snapshot_on_close)
         last = audit.last()
         if last is not None:  # the clock never runs back past what the audit has seen
             store._high_water = max(store._high_water, _to_us(last.ts_end))
-        store._load_index()
-        store._trail.append("open", actor=None, records=len(store._index),
+        source = "snapshot" if store._load_snapshot() else "rebuild"
+        if source == "rebuild":
+            store._load_index(progress)
+        store._trail.append("open", actor=None, records=len(store._index), index=source,
                             integrity_failures=len(store._integrity_failures))
         return store
 
@@ -212,6 +222,11 @@ class TemplateStore:
         with self._lock:
             if self._closed:
                 return
+            if self._snapshot_on_close:
+                try:
+                    self.snapshot()
+                except BiotemplateError:
+                    pass  # a snapshot is an optimisation: the next open rebuilds instead
             try:
                 self._trail.append("close", actor=None)
             finally:
@@ -258,38 +273,107 @@ class TemplateStore:
                                error=type(exc).__name__, **_safe(fields))
             raise
 
-    def _load_index(self) -> None:
+    def _load_index(self, progress: Progress | None = None) -> None:
         now_us = self._now_us()
         self._index.clear()
         self._subjects.clear()
         self._integrity_failures.clear()
-        self._shredded_rows = 0
+        self._shredded.clear()
+        total, done = self._db.count(), 0
         for batch in self._db.scan():
-            keep: list[tuple[RecordRow, rec.Plain]] = []
-            for row in batch:
-                try:
-                    plain = self._codec.open(row)
-                except Shredded:
-                    self._shredded_rows += 1
-                    continue
-                except IntegrityError:
-                    self._integrity_failures.add(row.record_id)
-                    continue
-                if row.expiry_us > now_us:
-                    keep.append((row, plain))
-            self._index_rows(keep)
+            self._index_rows(self._open_rows(batch, now_us))
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        self._report_integrity()
+
+    def _open_rows(self, rows: Sequence[RecordRow],
+                   now_us: int) -> list[tuple[RecordRow, rec.Plain]]:
+        """Decrypt rows for the index: shredded rows are counted and skipped, tampered
+        ones are excluded and reported, expired ones are left out."""
+        keep: list[tuple[RecordRow, rec.Plain]] = []
+        for row in rows:
+            try:
+                plain = self._codec.open(row)
+            except Shredded:
+                self._shredded.add(row.record_id)
+                continue
+            except IntegrityError:
+                self._integrity_failures.add(row.record_id)
+                continue
+            if row.expiry_us > now_us:
+                keep.append((row, plain))
+        return keep
+
+    def _report_integrity(self) -> None:
         if self._integrity_failures:
             self._trail.append("integrity", actor=None, outcome="error",
                                count=len(self._integrity_failures),
                                record_ids=sorted(self._integrity_failures)[:100])
 
-    def _index_rows(self, items: Sequence[tuple[RecordRow, rec.Plain]]) -> None:
+    def _load_snapshot(self) -> bool:
+        """Load the sealed snapshot, then re-read every row whose fingerprint changed
+        since (new, resealed, edited offline) and drop rows that are gone. False (and the
+        caller rebuilds) when there is no usable snapshot."""
+        path = self._path / SNAPSHOT
+        if not path.exists():
+            return False
+        try:
+            _, state = snapshot.read(path, self._keyring)
+            subjects = {str(k): str(v) for k, v in state.pop("subjects").items()}
+            seen = {str(k): bytes(v) for k, v in state.pop("rows").items()}
+            failures = {str(x) for x in state.pop("integrity_failures")}
+            shredded = {str(x) for x in state.pop("shredded")}
+            self._index.import_state(state)
+        except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError):
+            self._index.clear()
+            path.unlink(missing_ok=True)
+            self._trail.append("snapshot", actor=None, outcome="error", action="rejected")
+            return False
+        self._subjects, self._integrity_failures, self._shredded = subjects, failures, shredded
+        current: dict[str, bytes] = {}
+        for batch in self._db.scan_headers():
+            for row in batch:
+                current[row.record_id] = snapshot.fingerprint(row)
+        changed = [rid for rid, fp in current.items() if seen.get(rid) != fp]
+        self._forget([rid for rid in seen if rid not in current] + changed)
+        rows = [r for r in (self._db.get(rid) for rid in changed) if r is not None]
+        for stale in (self._integrity_failures, self._shredded):
+            stale.intersection_update(current)
+            stale.difference_update(changed)
+        self._index_rows(self._open_rows(rows, self._now_us()))
+        self._report_integrity()
+        return True
+
+    def snapshot(self) -> int:
+        """Write a sealed index snapshot now (also done on close); returns the change
+        sequence number it covers. Expired vectors are overwritten before it is taken."""
+        self._alive()
+        with self._lock:
+            seq = self._db.last_change()
+            state = self._index.export_state()
+            state["subjects"] = dict(self._subjects)
+            state["integrity_failures"] = sorted(self._integrity_failures)
+            state["shredded"] = sorted(self._shredded)
+            state["rows"] = {row.record_id: snapshot.fingerprint(row)
+                             for batch in self._db.scan_headers() for row in batch}
+            size = snapshot.write(self._path / SNAPSHOT, self._keyring, state, seq)
+            self._trail.append("snapshot", actor=None, seq=seq, records=len(self._index),
+                               bytes=size)
+            return seq
+
+    def _drop_snapshot(self) -> None:
+        """After an erasure or a ratchet step the snapshot's key is gone: remove the file."""
+        (self._path / SNAPSHOT).unlink(missing_ok=True)
+
+    def _index_rows(self, items: Sequence[tuple[RecordRow, rec.Plain]],
+                    progress: Progress | None = None) -> None:
         if not items:
             return
         vectors = rec.normalised(np.stack([p.template for _, p in items]))
         self._index.add([r.record_id for r, _ in items], [r.subject_ref for r, _ in items],
                         [r.purposes for r, _ in items], [r.expiry_us for r, _ in items],
-                        vectors)
+                        vectors, progress=progress)
         for r, p in items:
             self._subjects[r.record_id] = p.subject_id
 
@@ -301,6 +385,8 @@ class TemplateStore:
         self._index.remove(record_ids)
         for rid in record_ids:
             self._subjects.pop(rid, None)
+            self._shredded.discard(rid)
+            self._integrity_failures.discard(rid)
 
     def _readable(self, row: RecordRow, now_us: int, *, for_export: bool) -> rec.Plain | None:
         """Open a row if policy lets this call see it; shredded rows read as absent."""
@@ -332,7 +418,7 @@ class TemplateStore:
     def enroll_many(self, templates: object, *, subject_ids: Sequence[str],
                     purposes: Sequence[str], ttl: timedelta | None = None,
                     source: str | None = None, metadata: dict[str, Any] | None = None,
-                    actor: str) -> list[str]:
+                    actor: str, progress: Progress | None = None) -> list[str]:
         """Enrol a batch in one transaction: all rows or none.
 
         Raises:
@@ -347,11 +433,12 @@ class TemplateStore:
             if len(subject_ids) != len(vecs):
                 raise InvalidInput(f"{len(subject_ids)} subject_ids for {len(vecs)} templates")
             return self._enroll(vecs, list(subject_ids), purposes, ttl, source, metadata,
-                                str(actor), f)
+                                str(actor), f, progress)
 
     def _enroll(self, vecs: np.ndarray[Any, Any], subject_ids: list[str],
                 purposes: Sequence[str], ttl: timedelta | None, source: str | None,
-                metadata: dict[str, Any] | None, actor: str, fields: dict[str, Any]) -> list[str]:
+                metadata: dict[str, Any] | None, actor: str, fields: dict[str, Any],
+                progress: Progress | None = None) -> list[str]:
         for sid in subject_ids:
             rec.check_text(sid, "subject_id", limit=rec.MAX_SUBJECT_ID)
         ttl = self._policy.resolve_ttl(purposes, ttl)
@@ -391,7 +478,7 @@ class TemplateStore:
             live = [(r, rec.Plain(template=v, subject_id=s, metadata={}, source=None,
                                   created_us=now_us))
                     for r, v, s in zip(rows, vecs, subject_ids, strict=True)]
-            self._index_rows(live)
+            self._index_rows(live, progress)
             return ids
 
     # --- search and verification ---------------------------------------------------------
@@ -583,6 +670,7 @@ class TemplateStore:
                 self._keyring.holds.pop(ref, None)
                 self._keyring.erasures += 1
                 self._save_keyring()
+                self._drop_snapshot()
                 self._db.checkpoint()
                 self._forget(ids)
                 return ErasureReceipt(subject_ref=ref.hex(), records_erased=n,
@@ -606,7 +694,8 @@ class TemplateStore:
                 n = self._db.delete(sorted(doomed_ids))
                 seq = self._trail.append("purge", actor=None, count=n, held_retained=len(held),
                                          epoch_before=before, epoch_after=max(before, target))
-            self._keyring.advance(target)
+            if self._keyring.advance(target):
+                self._drop_snapshot()
             live_refs = self._db.subject_refs()
             gone = [r for r in self._keyring.subjects if r not in live_refs]
             for r in gone:  # orphan keys (last record purged, or an interrupted enrol)
@@ -744,11 +833,12 @@ class TemplateStore:
     def policy(self) -> RetentionPolicy:
         return self._policy
 
-    def rebuild_index(self) -> int:
-        """Rebuild the in-memory index from the sealed rows only; returns records indexed."""
+    def rebuild_index(self, progress: Progress | None = None) -> int:
+        """Rebuild the in-memory index from the sealed rows only; returns records indexed.
+        ``progress(done, total)`` is called per batch of rows."""
         self._alive()
         with self._lock:
-            self._load_index()
+            self._load_index(progress)
             self._trail.append("rebuild", actor=None, records=len(self._index))
             return len(self._index)
 
@@ -762,7 +852,7 @@ class TemplateStore:
             "epoch": self._keyring.ratchet_epoch,
             "epoch_seconds": self._keyring.epoch_us // 1_000_000,
             "erasure_generation": self._keyring.erasures,
-            "shredded_rows": self._shredded_rows,
+            "shredded_rows": len(self._shredded),
             "integrity_failures": len(self._integrity_failures),
             "index": self._index.stats(),
         }

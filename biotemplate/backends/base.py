@@ -29,7 +29,7 @@ class RecordRow:
         model: the template model id (one per store, bound per record).
         held: True when sealed under the subject's legal-hold key instead of the epoch key.
         blob: version byte, nonce and AEAD ciphertext (see ``sealing``).
-        seq: the change sequence number assigned by the backend on insert/update (0 before).
+        seq: the row's sequence number, assigned by the backend on insert (0 before).
     """
 
     record_id: str
@@ -81,6 +81,16 @@ class Backend(Protocol):
     def scan(self, batch_size: int = 4096) -> Iterator[list[RecordRow]]:
         """Every row, in batches, in ``seq`` order."""
         ...
+
+    def scan_headers(self, batch_size: int = 16384) -> Iterator[list[RecordRow]]:
+        """Every row with ``blob`` cut to its last 16 bytes (the AEAD tag), in seq order."""
+        ...
+
+    def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
+        """(seq, record id, op) of every change after ``seq``; op is add, reseal or del."""
+        ...
+
+    def last_change(self) -> int: ...
 
     def subject_refs(self) -> set[bytes]: ...
 

@@ -326,11 +326,27 @@ class SQLiteBackend:
         return int(self._query("last_change", "SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
 
     def _select(
-        self, what: str, where: str, args: tuple[object, ...], tail: str = ""
+        self, what: str, where: str, args: tuple[object, ...], tail: str = "",
+        columns: str = _COLUMNS,
     ) -> list[RecordRow]:
         # Only fixed fragments from this module are formatted in; values are always bound.
-        sql = f"SELECT {_COLUMNS} FROM records WHERE {where} ORDER BY seq{tail}"  # noqa: S608
+        sql = f"SELECT {columns} FROM records WHERE {where} ORDER BY seq{tail}"  # noqa: S608
         return [_row(r) for r in self._query(what, sql, args)]
+
+    def scan_headers(self, batch_size: int = 16384) -> Iterator[list[RecordRow]]:
+        """Every row with ``blob`` cut to its last 16 bytes (the AEAD tag), in seq order.
+
+        Cheap enough to run on every open: it lets a loaded index snapshot check that no
+        row changed behind its back without decrypting anything.
+        """
+        columns = _COLUMNS.replace("blob", "substr(blob, -16)")
+        batch = self._select("scan", "seq > ?", (0, batch_size), " LIMIT ?", columns)
+        while batch:
+            yield batch
+            if len(batch) < batch_size:
+                return
+            batch = self._select("scan", "seq > ?", (batch[-1].seq, batch_size), " LIMIT ?",
+                                 columns)
 
     def get(self, record_id: str) -> RecordRow | None:
         """One row by id, or None."""

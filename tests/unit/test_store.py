@@ -29,6 +29,17 @@ WATCH = {"purposes": ["watchlist"], "ttl": timedelta(days=30), "source": "enrolm
 # --- helpers --------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["exact", "hnsw"])
+def sstore(request: pytest.FixtureRequest, store_dir: Path, policy: bt.RetentionPolicy,
+           keys: Any, clock: Any) -> Iterator[bt.TemplateStore]:
+    """A store searched exactly (the default at this size) or through the HNSW graph."""
+    params = bt.IndexParams(exact_cutoff=0) if request.param == "hnsw" else None
+    s = bt.TemplateStore.create(store_dir, dim=DIM, model="test-model-v1", policy=policy,
+                                key_provider=keys, clock=clock, index_params=params)
+    yield s
+    s.close()
+
+
 def enrol_gallery(store: bt.TemplateStore, gallery: Gallery) -> list[str]:
     return store.enroll_many(gallery.templates, subject_ids=gallery.subject_ids,
                              actor="svc-enrol", **WATCH)
@@ -212,7 +223,8 @@ def check_result_types(res: bt.SearchResult) -> None:
         assert -1.0 <= c.score <= 1.0
 
 
-def test_identification_is_open_set(store: bt.TemplateStore, gallery: Gallery) -> None:
+def test_identification_is_open_set(sstore: bt.TemplateStore, gallery: Gallery) -> None:
+    store = sstore
     enrol_gallery(store, gallery)
     for i in (0, 7, 49):
         res = store.search(probe(gallery, i), purpose="watchlist", k=10, actor="analyst",
@@ -231,7 +243,8 @@ def test_identification_is_open_set(store: bt.TemplateStore, gallery: Gallery) -
         assert res.decision is True
 
 
-def test_best_record_per_subject(store: bt.TemplateStore, gallery: Gallery) -> None:
+def test_best_record_per_subject(sstore: bt.TemplateStore, gallery: Gallery) -> None:
+    store = sstore
     ids = enrol_gallery(store, gallery)
     p = probe(gallery, 3)
     res = store.search(p, purpose="watchlist", k=20, actor="a", mode="investigation")
@@ -244,7 +257,8 @@ def test_best_record_per_subject(store: bt.TemplateStore, gallery: Gallery) -> N
     assert top.score == pytest.approx(float(np.dot(rows[best], p)), abs=1e-4)
 
 
-def test_stranger_gets_no_candidates(store: bt.TemplateStore, gallery: Gallery) -> None:
+def test_stranger_gets_no_candidates(sstore: bt.TemplateStore, gallery: Gallery) -> None:
+    store = sstore
     enrol_gallery(store, gallery)
     res = store.search(stranger(), purpose="watchlist", k=10, actor="analyst")
     check_result_types(res)
@@ -252,8 +266,9 @@ def test_stranger_gets_no_candidates(store: bt.TemplateStore, gallery: Gallery) 
     assert res.decision is False
 
 
-def test_investigation_marks_weak_candidates(store: bt.TemplateStore,
+def test_investigation_marks_weak_candidates(sstore: bt.TemplateStore,
                                             gallery: Gallery) -> None:
+    store = sstore
     enrol_gallery(store, gallery)
     res = store.search(stranger(), purpose="watchlist", k=5, actor="analyst",
                        mode="investigation")
@@ -275,7 +290,8 @@ def test_investigation_marks_weak_candidates(store: bt.TemplateStore,
     assert mated.decision is True
 
 
-def test_k_is_capped_by_max_candidates(store: bt.TemplateStore, gallery: Gallery) -> None:
+def test_k_is_capped_by_max_candidates(sstore: bt.TemplateStore, gallery: Gallery) -> None:
+    store = sstore
     enrol_gallery(store, gallery)  # 50 subjects; watchlist max_candidates = 20
     res = store.search(stranger(), purpose="watchlist", k=1000, actor="a",
                        mode="investigation")
@@ -333,8 +349,22 @@ def test_verify(store: bt.TemplateStore, gallery: Gallery) -> None:
 # --- expiry, purge, holds ---------------------------------------------------------------
 
 
-def test_expired_record_is_never_returned_before_purge(store: bt.TemplateStore, clock: Any,
+def test_clock_set_back_does_not_unexpire(store: bt.TemplateStore, clock: Any,
+                                          gallery: Gallery) -> None:
+    store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"],
+                 ttl=timedelta(hours=1), actor="svc")
+    clock.advance(hours=2)
+    assert store.export_subject("P-000000", actor="dpo") == []
+    clock.advance(hours=-2)  # someone sets the clock back
+    assert store.export_subject("P-000000", actor="dpo") == []
+    assert search_ids(store, probe(gallery, 0), "rare") == []
+    with pytest.raises(bt.RecordNotFound):
+        store.verify(probe(gallery, 0), subject_id="P-000000", purpose="rare", actor="a")
+
+
+def test_expired_record_is_never_returned_before_purge(sstore: bt.TemplateStore, clock: Any,
                                                        gallery: Gallery) -> None:
+    store = sstore
     store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"],
                  ttl=timedelta(hours=1), actor="svc")
     store.enroll(gallery.templates[2], subject_id="P-000001", purposes=["rare"], actor="svc")
@@ -372,7 +402,8 @@ def test_purge_expired_report(store: bt.TemplateStore, clock: Any, gallery: Gall
     assert store.stats()["records"] == 2
 
 
-def test_legal_hold(store: bt.TemplateStore, clock: Any, gallery: Gallery) -> None:
+def test_legal_hold(sstore: bt.TemplateStore, clock: Any, gallery: Gallery) -> None:
+    store = sstore
     rid = store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"],
                        ttl=timedelta(hours=1), actor="svc")
     store.enroll(gallery.templates[2], subject_id="P-000001", purposes=["rare"],
@@ -430,7 +461,8 @@ def test_hold_survives_reopen_and_release_of_live_record(store: bt.TemplateStore
 # --- erasure, export, delete ------------------------------------------------------------
 
 
-def test_erase_subject(store: bt.TemplateStore, gallery: Gallery) -> None:
+def test_erase_subject(sstore: bt.TemplateStore, gallery: Gallery) -> None:
+    store = sstore
     enrol_gallery(store, gallery)
     p = probe(gallery, 5)
     assert "P-000005" in search_ids(store, p)
@@ -468,7 +500,8 @@ def test_export_subject(store: bt.TemplateStore, clock: Any, gallery: Gallery) -
     assert store.export_subject("P-000001", actor="dpo") == []
 
 
-def test_delete(store: bt.TemplateStore, gallery: Gallery) -> None:
+def test_delete(sstore: bt.TemplateStore, gallery: Gallery) -> None:
+    store = sstore
     ids = enrol_gallery(store, gallery)
     p = probe(gallery, 4)
     own = [ids[j] for j, s in enumerate(gallery.subject_ids) if s == "P-000004"]
@@ -640,6 +673,17 @@ def test_every_call_adds_an_audit_entry(store: bt.TemplateStore, clock: Any,
         store.set_policy(policy, actor="dpo", reason="same again")
 
 
+def test_audit_times_come_from_the_injected_clock(store: bt.TemplateStore, clock: Any,
+                                                  gallery: Gallery) -> None:
+    clock.advance(days=400)  # far from the wall clock: any real-time read would show
+    store.enroll(gallery.templates[0], subject_id="P-000000", purposes=["rare"], actor="svc")
+    res = store.search(probe(gallery, 0), purpose="rare", k=5, actor="a")
+    v = store.verify(probe(gallery, 0), subject_id="P-000000", purpose="rare", actor="a")
+    for seq in (res.audit_seq, v.audit_seq, entries(store)):
+        e = store.audit.get(seq)
+        assert e.ts_start == clock.now and e.ts_end == clock.now, e.event
+
+
 def test_refused_calls_are_audited(store: bt.TemplateStore, gallery: Gallery) -> None:
     enrol_gallery(store, gallery)
     cases = [
@@ -664,40 +708,80 @@ def test_refused_calls_are_audited(store: bt.TemplateStore, gallery: Gallery) ->
 # --- backups: an old copy of records.db yields nothing expired or erased (DESIGN §3) -----
 
 
-def test_restored_backup_yields_nothing_erased_or_expired(store: bt.TemplateStore,
-                                                         store_dir: Path, keys: Any,
-                                                         clock: Any, tmp_path: Path,
-                                                         gallery: Gallery) -> None:
-    enrol_gallery(store, gallery)  # watchlist, 30 days
+def _erase_and_expire_with_backups(store: bt.TemplateStore, store_dir: Path, clock: Any,
+                                   tmp_path: Path, gallery: Gallery) -> dict[str, Path]:
+    """Enrol, back up, erase P-000005, back up, expire the border records and purge."""
+    enrol_gallery(store, gallery)  # watchlist, 30 days: 100 rows
     border = make_gallery(5, 1, DIM, seed=8, prefix="T-")
     store.enroll_many(border.templates, subject_ids=border.subject_ids,
                       purposes=["border-verification"], actor="egate")  # 12 hours
-    before_erasure = backup_records(store_dir, tmp_path / "before-erasure.db")
+    copies = {"before-erasure": backup_records(store_dir, tmp_path / "before-erasure.db")}
     store.erase_subject("P-000005", actor="dpo", reason="Art. 17")
-    before_expiry = backup_records(store_dir, tmp_path / "before-expiry.db")
+    copies["before-expiry"] = backup_records(store_dir, tmp_path / "before-expiry.db")
     clock.advance(days=2)  # border records expired and their epoch is past
-    report = store.purge_expired()
-    assert report.purged == 5
+    assert store.purge_expired().purged == 5
     store.close()
+    return copies
 
-    for copy, rows in ((before_erasure, 105), (before_expiry, 103)):
-        restore_records(store_dir, copy)
+
+# rows in the copy; of them dead: 2 of the erased subject (before erasure only) + 5 expired
+ROWS = {"before-erasure": 105, "before-expiry": 103}
+
+
+def _check_old_copy(old: bt.TemplateStore, gallery: Gallery, rows: int) -> None:
+    stats = old.stats()
+    assert stats["records"] == rows
+    assert stats["shredded_rows"] == rows - 98, "counts the dead rows of this copy"
+    assert stats["integrity_failures"] == 0
+    assert old.export_subject("P-000005", actor="forensics") == []
+    assert "P-000005" not in search_ids(old, probe(gallery, 5))
+    for t in (f"T-{i:06d}" for i in range(5)):
+        assert old.export_subject(t, actor="forensics") == []
+    with pytest.raises(bt.RecordNotFound):
+        old.verify(make_gallery(5, 1, DIM, seed=8).templates[0], subject_id="T-000000",
+                   purpose="border-verification", actor="forensics")
+    assert len(old.export_subject("P-000006", actor="forensics")) == 2
+    res = old.search(probe(gallery, 6), purpose="watchlist", k=5, actor="forensics")
+    assert res.candidates[0].subject_id == "P-000006"
+    assert old.audit.verify().ok
+
+
+@pytest.mark.parametrize("which", sorted(ROWS))
+def test_restored_backup_yields_nothing_erased_or_expired(store: bt.TemplateStore,
+                                                         store_dir: Path, keys: Any,
+                                                         clock: Any, tmp_path: Path,
+                                                         gallery: Gallery, which: str) -> None:
+    copies = _erase_and_expire_with_backups(store, store_dir, clock, tmp_path, gallery)
+    restore_records(store_dir, copies[which])
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
+        _check_old_copy(old, gallery, ROWS[which])
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
+        _check_old_copy(old, gallery, ROWS[which])  # and again, from its own snapshot
+
+
+def test_restoring_one_backup_after_another(store: bt.TemplateStore, store_dir: Path,
+                                            keys: Any, clock: Any, tmp_path: Path,
+                                            gallery: Gallery) -> None:
+    """An operator looks at one copy, closes, then restores another: the second open must
+    describe the second copy (not what an index snapshot remembers of the first)."""
+    copies = _erase_and_expire_with_backups(store, store_dir, clock, tmp_path, gallery)
+    for which in ("before-erasure", "before-expiry"):
+        restore_records(store_dir, copies[which])
         with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
-            stats = old.stats()
-            assert stats["records"] == rows
-            assert stats["shredded_rows"] == rows - 98
-            assert stats["integrity_failures"] == 0
-            assert old.export_subject("P-000005", actor="forensics") == []
-            assert "P-000005" not in search_ids(old, probe(gallery, 5))
-            for t in border.subject_ids:
-                assert old.export_subject(t, actor="forensics") == []
-            with pytest.raises(bt.RecordNotFound):
-                old.verify(border.templates[0], subject_id="T-000000",
-                           purpose="border-verification", actor="forensics")
-            assert len(old.export_subject("P-000006", actor="forensics")) == 2
-            res = old.search(probe(gallery, 6), purpose="watchlist", k=5, actor="forensics")
-            assert res.candidates[0].subject_id == "P-000006"
-            assert old.audit.verify().ok
+            _check_old_copy(old, gallery, ROWS[which])
+
+
+def test_shredded_rows_follow_a_purge(store: bt.TemplateStore, store_dir: Path, keys: Any,
+                                      clock: Any, tmp_path: Path, gallery: Gallery) -> None:
+    """stats()["shredded_rows"] counts dead rows still in records.db: once a purge has
+    deleted the expired ones, only the erased subject's 2 rows are left."""
+    copies = _erase_and_expire_with_backups(store, store_dir, clock, tmp_path, gallery)
+    restore_records(store_dir, copies["before-erasure"])
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
+        assert old.stats()["shredded_rows"] == 7
+        assert old.purge_expired().purged == 5
+        assert old.stats()["records"] == 100
+        assert old.stats()["shredded_rows"] == 2
 
 
 # --- keys ------------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Sealed index snapshots: open a large store without re-decrypting every record.
+
+A snapshot is the exported index state (hnswlib's graph and vectors, label tables, the
+record id -> subject id map), sealed like everything else: nothing of it reaches disk in
+plaintext, and nothing of the file reaches hnswlib's loader before it is authenticated.
+
+File layout (``index.snapshot``)::
+
+    "BTSN" | header length (4 bytes, big-endian) | header | sealed body
+    header = msgpack({"v": 1, "seq": change seq covered, "epoch": e, "erasures": g})
+    body   = seal(snapshot key, msgpack(state), ad = "BTSN" | store id | header)
+    snapshot key = HKDF(K_epoch(e), "snapshot/" + g)
+
+The key dies with its epoch (purge advances the ratchet) and with the next erasure (the
+erasure generation changes), so a snapshot holding an erased or expired template cannot be
+loaded afterwards. Any failure to load simply means: rebuild from the sealed records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from . import sealing
+from .errors import IntegrityError
+from .keys import Keyring
+
+MAGIC = b"BTSN"
+_LEN = struct.Struct(">I")
+
+
+def _pack_default(obj: object) -> Any:
+    if isinstance(obj, np.ndarray):
+        return {"__nd__": [obj.dtype.str, list(obj.shape), np.ascontiguousarray(obj).tobytes()]}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot snapshot a {type(obj).__name__}")
+
+
+def _unpack_hook(obj: dict[Any, Any]) -> Any:
+    nd = obj.get("__nd__")
+    if nd is not None:
+        dtype, shape, data = nd
+        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    return obj
+
+
+def _key(keyring: Keyring, epoch: int, erasures: int) -> bytes:
+    return sealing.snapshot_key(keyring.epoch_key(epoch), erasures)
+
+
+def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
+    """Seal ``state`` and replace the snapshot file atomically. Returns bytes written."""
+    header = msgpack.packb({"v": 1, "seq": seq, "epoch": keyring.ratchet_epoch,
+                            "erasures": keyring.erasures}, use_bin_type=True)
+    body = msgpack.packb(state, use_bin_type=True, default=_pack_default)
+    aad = MAGIC + keyring.store_id + header
+    sealed = sealing.seal(_key(keyring, keyring.ratchet_epoch, keyring.erasures), body, aad)
+    del body
+    fd, tmp = tempfile.mkstemp(prefix=".snapshot.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            for part in (MAGIC, _LEN.pack(len(header)), header, sealed):
+                fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(sealed) + len(header) + 8
+
+
+def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
+    """Return (seq covered, state). Raises IntegrityError when missing, stale or forged."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise IntegrityError("no snapshot") from None
+    try:
+        if data[:4] != MAGIC:
+            raise ValueError
+        (n,) = _LEN.unpack_from(data, 4)
+        header_bytes = data[8 : 8 + n]
+        header = msgpack.unpackb(header_bytes, raw=False, max_map_len=16)
+        seq, epoch, erasures = int(header["seq"]), int(header["epoch"]), int(header["erasures"])
+    except (ValueError, KeyError, TypeError, struct.error, msgpack.ExtraData):
+        raise IntegrityError("snapshot header is corrupt") from None
+    if epoch != keyring.ratchet_epoch or erasures != keyring.erasures:
+        raise IntegrityError("snapshot is stale (epoch or erasure since)")
+    aad = MAGIC + keyring.store_id + header_bytes
+    body = sealing.open_sealed(_key(keyring, epoch, erasures), data[8 + n :], aad)
+    del data
+    try:
+        state = msgpack.unpackb(body, raw=False, object_hook=_unpack_hook,
+                                strict_map_key=False)
+    except (ValueError, TypeError, msgpack.ExtraData):
+        raise IntegrityError("snapshot body is corrupt") from None
+    if not isinstance(state, dict):
+        raise IntegrityError("snapshot body is corrupt")
+    return seq, state
+
+
+def fingerprint(row: Any) -> bytes:
+    """A row's header fields and AEAD tag, hashed: equal fingerprints mean the row is the
+    one the snapshot saw (a changed header or a resealed blob changes it)."""
+    fields = [row.record_id, row.subject_ref, row.epoch, row.expiry_us, list(row.purposes),
+              row.model, row.held, bytes(row.blob[-16:])]
+    return hashlib.blake2b(msgpack.packb(fields, use_bin_type=True), digest_size=16).digest()
