@@ -1,0 +1,125 @@
+"""The in-memory index: rebuilt from the sealed rows, or loaded from a sealed snapshot.
+
+Rows whose key is gone (an old database copy restored) read as absent and are counted;
+rows that fail authentication are excluded and reported, never served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import records as rec
+from . import snapshot
+from ._core import (
+    SNAPSHOT,
+    Progress,
+    StoreCore,
+)
+from .backends.base import RecordRow
+from .codec import Shredded
+from .errors import (
+    BiotemplateError,
+    IntegrityError,
+)
+
+
+class Indexing(StoreCore):
+    """Index loading, snapshots and rebuilds."""
+
+    def _load_index(self, progress: Progress | None = None) -> None:
+        now_us = self._now_us()
+        self._index.clear()
+        self._subjects.clear()
+        self._integrity_failures.clear()
+        self._shredded.clear()
+        total, done = self._db.count(), 0
+        for batch in self._db.scan():
+            self._index_rows(self._open_rows(batch, now_us))
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        self._report_integrity()
+
+    def _open_rows(self, rows: Sequence[RecordRow],
+                   now_us: int) -> list[tuple[RecordRow, rec.Plain]]:
+        """Decrypt rows for the index: shredded rows are counted and skipped, tampered
+        ones are excluded and reported, expired ones are left out."""
+        keep: list[tuple[RecordRow, rec.Plain]] = []
+        for row in rows:
+            try:
+                plain = self._codec.open(row)
+            except Shredded:
+                self._shredded.add(row.record_id)
+                continue
+            except IntegrityError:
+                self._integrity_failures.add(row.record_id)
+                continue
+            if row.expiry_us > now_us:
+                keep.append((row, plain))
+        return keep
+
+    def _report_integrity(self) -> None:
+        if self._integrity_failures:
+            self._trail.append("integrity", actor=None, outcome="error",
+                               count=len(self._integrity_failures),
+                               record_ids=sorted(self._integrity_failures)[:100])
+
+    def _load_snapshot(self) -> bool:
+        """Load the sealed snapshot, then re-read every row whose fingerprint changed
+        since (new, resealed, edited offline) and drop rows that are gone. False (and the
+        caller rebuilds) when there is no usable snapshot."""
+        path = self._path / SNAPSHOT
+        if not path.exists():
+            return False
+        try:
+            _, state = snapshot.read(path, self._keyring)
+            subjects = {str(k): str(v) for k, v in state.pop("subjects").items()}
+            seen = {str(k): bytes(v) for k, v in state.pop("rows").items()}
+            failures = {str(x) for x in state.pop("integrity_failures")}
+            shredded = {str(x) for x in state.pop("shredded")}
+            self._index.import_state(state)
+        except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError):
+            self._index.clear()
+            path.unlink(missing_ok=True)
+            self._trail.append("snapshot", actor=None, outcome="error", action="rejected")
+            return False
+        self._subjects, self._integrity_failures, self._shredded = subjects, failures, shredded
+        current: dict[str, bytes] = {}
+        for batch in self._db.scan_headers():
+            for row in batch:
+                current[row.record_id] = snapshot.fingerprint(row)
+        changed = [rid for rid, fp in current.items() if seen.get(rid) != fp]
+        self._forget([rid for rid in seen if rid not in current] + changed)
+        rows = [r for r in (self._db.get(rid) for rid in changed) if r is not None]
+        for stale in (self._integrity_failures, self._shredded):
+            stale.intersection_update(current)
+            stale.difference_update(changed)
+        self._index_rows(self._open_rows(rows, self._now_us()))
+        self._report_integrity()
+        return True
+
+    def snapshot(self) -> int:
+        """Write a sealed index snapshot now (also done on close); returns the change
+        sequence number it covers. Expired vectors are overwritten before it is taken."""
+        self._alive()
+        with self._lock:
+            seq = self._db.last_change()
+            state = self._index.export_state()
+            state["subjects"] = dict(self._subjects)
+            state["integrity_failures"] = sorted(self._integrity_failures)
+            state["shredded"] = sorted(self._shredded)
+            state["rows"] = {row.record_id: snapshot.fingerprint(row)
+                             for batch in self._db.scan_headers() for row in batch}
+            size = snapshot.write(self._path / SNAPSHOT, self._keyring, state, seq)
+            self._trail.append("snapshot", actor=None, seq=seq, records=len(self._index),
+                               bytes=size)
+            return seq
+
+    def rebuild_index(self, progress: Progress | None = None) -> int:
+        """Rebuild the in-memory index from the sealed rows only; returns records indexed.
+        ``progress(done, total)`` is called per batch of rows."""
+        self._alive()
+        with self._lock:
+            self._load_index(progress)
+            self._trail.append("rebuild", actor=None, records=len(self._index))
+            return len(self._index)
