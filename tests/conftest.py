@@ -62,8 +62,9 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def policy() -> bt.RetentionPolicy:
+    """Immutable, so one instance serves every test (and module-scoped fixtures)."""
     return bt.RetentionPolicy.from_dict(POLICY)
 
 

@@ -26,9 +26,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    rule,
+)
 
 import biotemplate as bt
 
@@ -159,19 +166,34 @@ class StoreMachine(RuleBasedStateMachine):
 
     # --- rules -----------------------------------------------------------------------
 
+    @initialize(target=records, batch=st.lists(
+        st.tuples(st.sampled_from([("a",), ("b",), ("a", "b")]), st.integers(60, 2 * 24 * 60),
+                  st.integers(0, 2**32 - 1)),
+        min_size=len(SUBJECTS), max_size=len(SUBJECTS)))
+    def populate(self, batch: list[tuple[tuple[str, ...], int, int]]) -> Any:
+        """Start from one record per subject, so holds, purges and searches have work."""
+        rids = [self._enroll(subject, purposes, ttl, seed)
+                for subject, (purposes, ttl, seed) in zip(SUBJECTS, batch, strict=True)]
+        return multiple(*[r for r in rids if r is not None])
+
     @rule(target=records, subject=st.sampled_from(SUBJECTS),
           purposes=st.sampled_from([("a",), ("b",), ("a", "b")]),
           ttl_minutes=st.one_of(st.none(), st.integers(60, 2 * 24 * 60)),
           seed=st.integers(0, 2**32 - 1))
     def enroll(self, subject: str, purposes: tuple[str, ...], ttl_minutes: int | None,
                seed: int) -> Any:
+        rid = self._enroll(subject, purposes, ttl_minutes, seed)
+        return multiple() if rid is None else rid
+
+    def _enroll(self, subject: str, purposes: tuple[str, ...], ttl_minutes: int | None,
+                seed: int) -> str | None:
         template = subject_template(subject, seed)
         ttl = None if ttl_minutes is None else timedelta(minutes=ttl_minutes)
         if ttl is None and "a" not in purposes:  # "b" has no default retention
             with pytest.raises(bt.PolicyViolation):
                 self.store.enroll(template, subject_id=subject, purposes=list(purposes),
                                   ttl=ttl, actor=ACTOR)
-            return multiple()
+            return None
         rid = self.store.enroll(template, subject_id=subject, purposes=list(purposes), ttl=ttl,
                                 actor=ACTOR, source="prop")
         assert rid not in self.templates
@@ -223,6 +245,10 @@ class StoreMachine(RuleBasedStateMachine):
             del self.rows[rid]
         for rid in kept:  # held expired records survive the purge, still exportable
             assert rid in self.rows
+        if kept:
+            event("purge retained held expired records")
+        if doomed:
+            event("purge shredded records")
 
     @rule(subject=st.sampled_from(SUBJECTS))
     def place_hold(self, subject: str) -> None:
@@ -255,6 +281,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert top.record_id == rid
             assert top.score == pytest.approx(1.0, abs=1e-5)
             assert top.above_threshold and res.decision
+            event("search: live record ranked first")
 
     @rule(seed=st.integers(0, 2**32 - 1), purpose=st.sampled_from(PURPOSES))
     def search_random_probe(self, seed: int, purpose: str) -> None:
@@ -289,6 +316,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert v.subject_id == subject
                 assert v.purposes == tuple(sorted(row.purposes))
                 np.testing.assert_array_equal(v.template, row.template)
+                if v.expires_at <= now:
+                    event("export: held expired record returned")
 
     @invariant()
     def counts_match_model(self) -> None:

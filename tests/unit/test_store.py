@@ -784,6 +784,40 @@ def test_shredded_rows_follow_a_purge(store: bt.TemplateStore, store_dir: Path, 
         assert old.stats()["shredded_rows"] == 2
 
 
+@pytest.mark.parametrize("how", ["erase", "delete-last-record", "expire-and-purge"])
+def test_old_folder_copy_does_not_resurrect_a_shredded_subject(
+        store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, tmp_path: Path,
+        gallery: Gallery, how: str) -> None:
+    """A copy of the whole folder (records.db through the backup API, and index.snapshot)
+    taken before a subject's key is destroyed must not bring the subject back once it is
+    restored beside the current keyring: the snapshot has to die with the key (§3, §4)."""
+    enrol_gallery(store, gallery)
+    rid = store.enroll(gallery.templates[10], subject_id="X-1", purposes=["watchlist", "rare"],
+                       ttl=timedelta(hours=1), source="case-file", actor="svc")
+    store.close()  # writes index.snapshot
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert "X-1" in search_ids(s, gallery.templates[10])
+        backup_records(store_dir, tmp_path / "old.db")
+        if (store_dir / "index.snapshot").exists():
+            shutil.copy(store_dir / "index.snapshot", tmp_path / "old.snapshot")
+        if how == "erase":
+            s.erase_subject("X-1", actor="dpo")
+        elif how == "delete-last-record":
+            s.delete(rid, actor="dpo", reason="wrong person")
+        else:
+            clock.advance(days=2)
+            s.purge_expired()
+        assert s.stats()["subjects"] == 50  # X-1's key is gone
+    restore_records(store_dir, tmp_path / "old.db")
+    if (tmp_path / "old.snapshot").exists():
+        shutil.copy(tmp_path / "old.snapshot", store_dir / "index.snapshot")
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
+        assert old.export_subject("X-1", actor="forensics") == []
+        assert "X-1" not in search_ids(old, gallery.templates[10])
+        assert "X-1" not in search_ids(old, gallery.templates[10], "rare")
+        assert old.stats()["shredded_rows"] >= 1
+
+
 # --- keys ------------------------------------------------------------------------------------
 
 
