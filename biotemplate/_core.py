@@ -112,7 +112,8 @@ class StoreCore:
         self._codec = RecordCodec(keyring, model=model, dim=dim)
         self._index = TemplateIndex(dim, index_params)
         self._subjects: dict[str, str] = {}  # record id -> subject id, in memory only
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # serialises mutations (keyring, rows)
+        self._time_lock = threading.Lock()
         self._trail = audit
         self._high_water = keyring.high_water_us
         self._integrity_failures: set[str] = set()
@@ -124,7 +125,7 @@ class StoreCore:
     def _now_us(self) -> int:
         """The store's time: the injected clock, never allowed to run backwards."""
         now = _to_us(_checked_time(self._clock()))
-        with self._lock:
+        with self._time_lock:  # not the store lock: searches must not wait for a batch
             self._high_water = max(self._high_water, now)
             return self._high_water
 

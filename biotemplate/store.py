@@ -327,6 +327,10 @@ class TemplateStore(Matching, Retention, Indexing):
     def stats(self) -> dict[str, Any]:
         """Counts and sizes for operators. No keys, templates or subject ids."""
         self._alive()
+        with self._lock:  # a consistent picture, not one taken mid-mutation
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         return {
             "dim": self.dim, "model": self.model, "records": self._db.count(),
             "indexed": len(self._index), "subjects": len(self._keyring.subjects),
@@ -338,7 +342,6 @@ class TemplateStore(Matching, Retention, Indexing):
             "integrity_failures": len(self._integrity_failures),
             "index": self._index.stats(),
         }
-
 
 
 def _seal_meta(keyring: Keyring, name: str, value: Any) -> bytes:
