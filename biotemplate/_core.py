@@ -59,6 +59,33 @@ def _checked_time(t: object) -> datetime:
     return t
 
 
+class StoreClock:
+    """The store's time: the injected clock, never allowed to run backwards.
+
+    Expiry checks and audit timestamps both read it, so a clock set back can neither
+    un-expire a record nor write an audit entry that predates the one before it. The
+    high-water mark is persisted (keyring, audit trail) and restored on open.
+    """
+
+    def __init__(self, clock: Clock, high_water_us: int = 0) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()  # not the store lock: searches must not wait on it
+        self.high_water_us = high_water_us
+
+    def raise_to(self, t_us: int) -> None:
+        with self._lock:
+            self.high_water_us = max(self.high_water_us, t_us)
+
+    def now_us(self) -> int:
+        now = _to_us(_checked_time(self._clock()))
+        with self._lock:
+            self.high_water_us = max(self.high_water_us, now)
+            return self.high_water_us
+
+    def __call__(self) -> datetime:
+        return _from_us(self.now_us())
+
+
 def _checked_clock(clock: Clock | None) -> Clock:
     if clock is None:
         return _utc_now
@@ -105,7 +132,7 @@ class StoreCore:
 
     def __init__(self, *, path: Path, backend: Backend, keyring: Keyring,
                  master_key: SecretKey, policy: RetentionPolicy, dim: int, model: str,
-                 audit: AuditTrail, clock: Clock, index_params: IndexParams | None,
+                 audit: AuditTrail, clock: StoreClock, index_params: IndexParams | None,
                  snapshot_on_close: bool = True) -> None:
         self._path, self._db, self._keyring, self._kek = path, backend, keyring, master_key
         self._policy, self.dim, self.model, self._clock = policy, dim, model, clock
@@ -113,9 +140,7 @@ class StoreCore:
         self._index = TemplateIndex(dim, index_params)
         self._subjects: dict[str, str] = {}  # record id -> subject id, in memory only
         self._lock = threading.RLock()  # serialises mutations (keyring, rows)
-        self._time_lock = threading.Lock()
         self._trail = audit
-        self._high_water = keyring.high_water_us
         self._integrity_failures: set[str] = set()
         self._shredded: set[str] = set()  # rows whose key is gone (from old copies)
         self._closed = False
@@ -123,11 +148,8 @@ class StoreCore:
         self.audit = AuditView(audit, sealing.signer_from_seed(keyring.audit_seed)[1])
 
     def _now_us(self) -> int:
-        """The store's time: the injected clock, never allowed to run backwards."""
-        now = _to_us(_checked_time(self._clock()))
-        with self._time_lock:  # not the store lock: searches must not wait for a batch
-            self._high_water = max(self._high_water, now)
-            return self._high_water
+        """The store's time (see :class:`StoreClock`)."""
+        return self._clock.now_us()
 
     def _alive(self) -> None:
         if self._closed:
@@ -153,7 +175,8 @@ class StoreCore:
             raise
 
     def _save_keyring(self) -> None:
-        self._keyring.high_water_us = max(self._keyring.high_water_us, self._high_water)
+        self._keyring.high_water_us = max(self._keyring.high_water_us,
+                                          self._clock.high_water_us)
         self._keyring.save(self._path / KEYRING, self._kek)
 
     def _forget(self, record_ids: Sequence[str]) -> None:

@@ -151,15 +151,14 @@ class Matching(StoreCore):
             PolicyViolation: ``record_id`` was not a candidate of that search.
         """
         with self._audited("confirm", reviewer, who="reviewer", search_seq=audit_seq,
-                           record_id=record_id):
+                           record_id=rec.loggable_record_id(record_id)):
             if isinstance(audit_seq, bool) or not isinstance(audit_seq, int):
                 raise InvalidInput("audit_seq must be the int from SearchResult.audit_seq")
             entry = self._trail.get(audit_seq)
             if entry.event != "search" or entry.outcome != "ok":
                 raise RecordNotFound(f"audit entry {audit_seq} is not a completed search")
             if record_id not in entry.fields.get("record_ids", []):
-                raise PolicyViolation(f"record {record_id!r} was not a candidate of "
-                                      f"search {audit_seq}")
+                raise PolicyViolation(f"that record was not a candidate of search {audit_seq}")
             with self._lock:
                 before = {e.actor for e in self._trail.find("confirm", audit_seq)
                           if e.outcome == "ok" and e.fields.get("record_id") == record_id}

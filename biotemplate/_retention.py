@@ -33,7 +33,8 @@ class Retention(StoreCore):
         Raises:
             RecordNotFound: no such record. PolicyViolation: its subject is under legal hold.
         """
-        with self._audited("delete", actor, record_id=record_id, reason=reason) as f:
+        with self._audited("delete", actor, record_id=rec.loggable_record_id(record_id),
+                           reason=reason) as f:
             rec.check_text(reason, "reason", optional=True)
             with self._lock:
                 row = self._db.get(record_id) if isinstance(record_id, str) else None

@@ -203,7 +203,10 @@ class AuditTrail:
             raise StoreExists(f"{path} already exists")
         trail = None
         try:
-            trail = cls(_connect(path, "rwc"), path, store_id, signer, verifier, clock)
+            # Create the file ourselves with mode 0600 (SQLite would use the umask); its
+            # -wal and -shm files inherit the database file's permissions.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            trail = cls(_connect(path, "rw"), path, store_id, signer, verifier, clock)
             if trail._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
                 raise AuditError("the audit database needs WAL mode")
             trail._conn.executescript(_SCHEMA)

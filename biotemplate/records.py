@@ -12,6 +12,7 @@ only here, inside the ciphertext; rows carry a keyed hash of it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -102,6 +103,17 @@ def check_text(value: object, name: str, *, optional: bool = False,
     if len(value) > limit:
         raise InvalidInput(f"{name} is longer than {limit} characters")
     return value
+
+
+_RECORD_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def loggable_record_id(value: object) -> str:
+    """A record id as it may appear in the audit or an error: a well-formed id verbatim,
+    anything else never (a caller may pass a subject id where a record id belongs)."""
+    if isinstance(value, str) and _RECORD_ID.fullmatch(value):
+        return value
+    return "<malformed>"
 
 
 def check_metadata(metadata: object) -> dict[str, Any]:

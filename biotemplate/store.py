@@ -31,6 +31,7 @@ from ._core import (
     RECORDS,
     Clock,
     Progress,
+    StoreClock,
     _checked_clock,
     _from_us,
     _to_us,
@@ -85,12 +86,13 @@ class TemplateStore(Matching, Retention, Indexing):
         rec.check_text(model, "model", limit=128)
         if not isinstance(policy, RetentionPolicy):
             raise InvalidInput("policy must be a RetentionPolicy (use from_toml/from_dict)")
-        clock = _checked_clock(clock)
+        store_clock = StoreClock(_checked_clock(clock))
         if any((folder / name).exists() for name in (RECORDS, AUDIT, KEYRING)):
             raise StoreExists(f"{folder} already holds a store (or part of one)")
         kek = key_provider.master_key()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        now_us = _to_us(clock())
+        folder.chmod(0o700)  # also when it existed: the folder holds the store's files only
+        now_us = store_clock.now_us()
         keyring = Keyring.new(os.urandom(sealing.STORE_ID_SIZE),
                               policy.epoch // timedelta(microseconds=1), now_us)
         created: list[Path] = []
@@ -105,7 +107,7 @@ class TemplateStore(Matching, Retention, Indexing):
                 db.put_meta("store_id", keyring.store_id)
                 db.put_meta("config", _seal_meta(keyring, "config", config))
                 db.put_meta("policy", _seal_meta(keyring, "policy", policy.to_dict()))
-            audit = _open_audit(folder, keyring, clock, create=True)
+            audit = _open_audit(folder, keyring, store_clock, create=True)
             created.append(folder / AUDIT)
         except BaseException:
             for p in created:  # no half-made store left behind to block a retry
@@ -113,7 +115,8 @@ class TemplateStore(Matching, Retention, Indexing):
                     Path(str(p) + suffix).unlink(missing_ok=True)
             raise
         return cls(path=folder, backend=db, keyring=keyring, master_key=kek, policy=policy,
-                   dim=dim, model=model, audit=audit, clock=clock, index_params=index_params,
+                   dim=dim, model=model, audit=audit, clock=store_clock,
+                   index_params=index_params,
                    snapshot_on_close=snapshot_on_close)
 
     @classmethod
@@ -134,9 +137,10 @@ class TemplateStore(Matching, Retention, Indexing):
         folder = Path(path)
         if not (folder / RECORDS).exists() or not (folder / KEYRING).exists():
             raise StoreNotFound(f"{folder} holds no biotemplate store")
-        clock = _checked_clock(clock)
+        user_clock = _checked_clock(clock)
         kek = key_provider.master_key()
         keyring = Keyring.load(folder / KEYRING, kek)
+        store_clock = StoreClock(user_clock, keyring.high_water_us)
         db = SQLiteBackend.open(folder / RECORDS)
         try:
             if db.get_meta("store_id") != keyring.store_id:
@@ -144,16 +148,17 @@ class TemplateStore(Matching, Retention, Indexing):
             config = _open_meta(keyring, "config", db.get_meta("config"))
             policy = RetentionPolicy.from_dict(_open_meta(keyring, "policy",
                                                           db.get_meta("policy")))
-            audit = _open_audit(folder, keyring, clock, create=False)
+            audit = _open_audit(folder, keyring, store_clock, create=False)
+            last = audit.last()
         except BaseException:
             db.close()
             raise
+        if last is not None:  # the clock never runs back past what the audit has seen
+            store_clock.raise_to(_to_us(last.ts_end))
         store = cls(path=folder, backend=db, keyring=keyring, master_key=kek, policy=policy,
                     dim=int(config["dim"]), model=str(config["model"]), audit=audit,
-                    clock=clock, index_params=index_params, snapshot_on_close=snapshot_on_close)
-        last = audit.last()
-        if last is not None:  # the clock never runs back past what the audit has seen
-            store._high_water = max(store._high_water, _to_us(last.ts_end))
+                    clock=store_clock, index_params=index_params,
+                    snapshot_on_close=snapshot_on_close)
         source = "snapshot" if store._load_snapshot() else "rebuild"
         if source == "rebuild":
             store._load_index(progress)
