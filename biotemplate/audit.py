@@ -297,10 +297,10 @@ class AuditTrail:
                 if self._full is not full:  # may not change inside a transaction
                     self._conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
                     self._full = full
-                self._conn.execute("BEGIN IMMEDIATE")
+                # One autocommitted statement is its own atomic transaction: no
+                # BEGIN/COMMIT round trips on the search path.
                 self._conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
                                    (seq, ref, body, digest, sig))
-                self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     if self._conn.in_transaction:
