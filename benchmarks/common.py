@@ -131,6 +131,14 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall s, CPU s of this process, result). CPU time (user+sys, all threads) is far
+    less sensitive than wall time to the other jobs sharing the machine."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
 def percentiles_us(samples: Iterable[float]) -> dict[str, float]:
     a = np.asarray(list(samples)) * 1e6
     return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)),

@@ -30,9 +30,10 @@ def compare(n: int) -> str:
         rows = []
         for s in res["systems"]:
             if "error" in s:
-                rows.append([s["system"], "failed: " + s["error"]] + ["-"] * 8)
+                rows.append([s["system"], "failed: " + s["error"]] + ["-"] * 9)
                 continue
-            rows.append([s["system"], f(s["build_s"], ".1f"), f(s["single"]["p50_us"], ".0f"),
+            rows.append([s["system"], f(s["build_s"], ".1f"), f(s.get("build_cpu_s"), ".1f"),
+                         f(s["single"]["p50_us"], ".0f"),
                          f(s["single"]["p99_us"], ".0f"), f(s["batch_qps"], ".0f"),
                          f(s["recall_at_10"], ".4f"), f(s["rank1"], ".4f"),
                          f(s["extra_fnir_rank1"] * 100, "+.2f"), f(s["peak_rss_mb"], ".0f"),
@@ -40,8 +41,9 @@ def compare(n: int) -> str:
         parts.append(f"**d = {res['dim']}, N = {res['n']:,}** (M={res['M']}, "
                      f"ef_construction={res['ef_construction']}, ef={res['ef_search']}, "
                      f"k={res['k']}, {res['nq']} mated probes, {res['single']} timed singly)\n\n"
-                     + md(rows, ["system", "build / enrol s", "single p50 us", "single p99 us",
-                                 "batch QPS", "recall@10", "rank-1", "extra FNIR (pt)",
+                     + md(rows, ["system", "build / enrol s", "build CPU s", "single p50 us",
+                                 "single p99 us", "batch QPS", "recall@10", "rank-1",
+                                 "extra FNIR (pt)",
                                  "peak RSS MB", "RSS growth MB"]))
         sweep_rows = []
         for s in res["systems"]:

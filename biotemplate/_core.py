@@ -10,6 +10,7 @@ audited, then raised) and the bookkeeping of records leaving the index.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -188,7 +189,7 @@ class StoreCore:
 
     def _readable(self, row: RecordRow, now_us: int, *, for_export: bool) -> rec.Plain | None:
         """Open a row if policy lets this call see it; shredded rows read as absent."""
-        held = row.held and self._keyring.held(row.subject_ref)
+        held = self._keyring.held(row.subject_ref)
         if row.expiry_us <= now_us and not (for_export and held):
             return None
         try:
@@ -214,7 +215,8 @@ class StoreCore:
 
     def _drop_snapshot(self) -> None:
         """After an erasure or a ratchet step the snapshot's key is gone: remove the file."""
-        (self._path / SNAPSHOT).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # its key is gone either way
+            (self._path / SNAPSHOT).unlink(missing_ok=True)
 
     def _shred_subjects(self, refs: Iterable[bytes]) -> int:
         """Destroy subject keys (and their hold keys); the caller saves the keyring.

@@ -6,6 +6,7 @@ rows that fail authentication are excluded and reported, never served.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from . import records as rec
@@ -65,8 +66,9 @@ class Indexing(StoreCore):
                                record_ids=sorted(self._integrity_failures)[:100])
 
     def _load_snapshot(self) -> bool:
-        """Load the sealed snapshot, then re-read every row whose fingerprint changed
-        since (new, resealed, edited offline) and drop rows that are gone. False (and the
+        """Load the sealed snapshot, then re-read every row whose fingerprint (clear header
+        and AEAD tag) changed since: new, resealed, or edited offline in a way that touches
+        them (see SECURITY.md); rows that are gone are dropped. False (and the
         caller rebuilds) when there is no usable snapshot."""
         path = self._path / SNAPSHOT
         if not path.exists():
@@ -78,9 +80,11 @@ class Indexing(StoreCore):
             failures = {str(x) for x in state.pop("integrity_failures")}
             shredded = {str(x) for x in state.pop("shredded")}
             self._index.import_state(state)
-        except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError):
+        except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError,
+                OverflowError):
             self._index.clear()
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             self._trail.append("snapshot", actor=None, outcome="error", action="rejected")
             return False
         self._subjects, self._integrity_failures, self._shredded = subjects, failures, shredded
@@ -104,6 +108,7 @@ class Indexing(StoreCore):
         self._alive()
         with self._lock:
             seq = self._db.last_change()
+            self._index.hide_expired(self._now_us())  # so export_state overwrites them
             state = self._index.export_state()
             state["subjects"] = dict(self._subjects)
             state["integrity_failures"] = sorted(self._integrity_failures)

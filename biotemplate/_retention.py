@@ -13,7 +13,9 @@ from ._core import (
     StoreCore,
     _from_us,
 )
+from .backends.base import RecordRow
 from .errors import (
+    BiotemplateError,
     PolicyViolation,
     RecordNotFound,
 )
@@ -90,9 +92,12 @@ class Retention(StoreCore):
             held = [r for r in expired if self._keyring.held(r.subject_ref)]
             target = epoch_of(now_us, self._keyring.epoch_us)
             doomed_ids = {r.record_id for r in doomed}
-            doomed_ids |= {r.record_id for r in self._db.below_epoch(target)}
+            doomed_ids |= {r.record_id for r in self._db.below_epoch(target)
+                           if not self._keyring.held(r.subject_ref)}
+            strays = self._unsealed_for_hold()
             before = self._keyring.ratchet_epoch
             with self._db.transaction():
+                self._db.update(strays)
                 n = self._db.delete(sorted(doomed_ids))
                 seq = self._trail.append("purge", actor=None, count=n, held_retained=len(held),
                                          epoch_before=before, epoch_after=max(before, target))
@@ -111,6 +116,21 @@ class Retention(StoreCore):
                                epoch_after=self._keyring.ratchet_epoch,
                                subject_keys_destroyed=gone, at=_from_us(now_us),
                                audit_seq=seq)
+
+    def _unsealed_for_hold(self) -> list[RecordRow]:
+        """Rows of held subjects still under an epoch key (an interrupted place_hold, or a
+        pre-hold row put back), resealed under the hold key before a ratchet step can
+        shred them: a legal hold must not depend on every earlier call having finished."""
+        out = []
+        for ref, (_, active) in self._keyring.holds.items():
+            if active:
+                for row in self._db.by_subject(ref):
+                    if not row.held and row.epoch >= self._keyring.ratchet_epoch:
+                        try:
+                            out.append(self._codec.reseal(row, held=True))
+                        except BiotemplateError:
+                            self._integrity_failures.add(row.record_id)  # forged: left out
+        return out
 
     def place_hold(self, subject_id: str, *, actor: str, reason: str) -> int:
         """Put a subject under legal hold: its records survive purges (resealed under a

@@ -33,6 +33,10 @@ class RecordCodec:
             rid = bytes.fromhex(row.record_id)
         except ValueError:
             raise IntegrityError("sealed data failed authentication") from None
+        # fromhex forgives case and spaces; an id must have exactly one spelling, and the
+        # epoch is a function of the expiry: refuse any other combination outright.
+        if rid.hex() != row.record_id or row.epoch != row.expiry_us // self.keyring.epoch_us:
+            raise IntegrityError("sealed data failed authentication")
         return sealing.record_aad(store_id=self.keyring.store_id, model=row.model,
                                   record_id=rid, subject_ref=row.subject_ref,
                                   purposes=row.purposes, expiry_us=row.expiry_us,

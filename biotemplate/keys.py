@@ -206,6 +206,9 @@ class Keyring:
     holds: dict[bytes, tuple[bytes, bool]] = field(default_factory=dict)
     erasures: int = 0
     high_water_us: int = 0
+    # Digests of the policy versions the store accepts (one; two while set_policy runs):
+    # a sealed policy put back from an older database copy is refused on open.
+    policies: list[bytes] = field(default_factory=list)
     _epoch_cache: dict[int, bytes] = field(default_factory=dict)
     _state_cache: dict[int, bytes] = field(default_factory=dict)
 
@@ -278,6 +281,8 @@ class Keyring:
             "holds": {ref: [key, active] for ref, (key, active) in self.holds.items()},
             "erasures": self.erasures, "high_water_us": self.high_water_us,
         }
+        if self.policies:  # optional in v1: absent in keyrings written before it existed
+            data["policies"] = self.policies
         return bytes(msgpack.packb(data, use_bin_type=True))
 
     def to_bytes(self, master_key: SecretKey) -> bytes:
@@ -297,7 +302,8 @@ class Keyring:
                 meta_key=bytes(d["meta"]), audit_seed=bytes(d["audit"]),
                 subjects={bytes(k): bytes(v) for k, v in d["subjects"].items()},
                 holds={bytes(k): (bytes(v[0]), bool(v[1])) for k, v in d["holds"].items()},
-                erasures=int(d["erasures"]), high_water_us=int(d["high_water_us"]))
+                erasures=int(d["erasures"]), high_water_us=int(d["high_water_us"]),
+                policies=[bytes(x) for x in d.get("policies", [])])
         except (ValueError, KeyError, TypeError, msgpack.ExtraData):
             raise IntegrityError("keyring content is malformed") from None
 

@@ -102,6 +102,11 @@ def keyed_hash(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
+def digest(data: bytes) -> bytes:
+    """SHA-256, for identities that are not secrets (which policy is current)."""
+    return hashlib.sha256(data).digest()
+
+
 # --- epoch ratchet --------------------------------------------------------------------
 # S_{e+1} = HKDF(S_e, "ratchet"); K_epoch(e) = HKDF(S_e, "epoch"). HKDF is one-way, so
 # whoever holds S_e can derive every later epoch key but none of the earlier ones: purge

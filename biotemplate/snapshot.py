@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 
 from . import sealing
-from .errors import IntegrityError
+from .errors import IntegrityError, StorageError
 from .keys import Keyring
 
 MAGIC = b"BTSN"
@@ -64,8 +64,9 @@ def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
     aad = MAGIC + keyring.store_id + header
     sealed = sealing.seal(_key(keyring, keyring.ratchet_epoch, keyring.erasures), body, aad)
     del body
-    fd, tmp = tempfile.mkstemp(prefix=".snapshot.", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".snapshot.", dir=path.parent)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
             for part in (MAGIC, _LEN.pack(len(header)), header, sealed):
@@ -73,8 +74,11 @@ def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StorageError("the index snapshot could not be written") from exc
         raise
     return len(sealed) + len(header) + 8
 
@@ -91,7 +95,9 @@ def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
         (n,) = _LEN.unpack_from(data, 4)
         header_bytes = data[8 : 8 + n]
         header = msgpack.unpackb(header_bytes, raw=False, max_map_len=16)
-        seq, epoch, erasures = int(header["seq"]), int(header["epoch"]), int(header["erasures"])
+        seq, epoch, erasures = (header["seq"], header["epoch"], header["erasures"])
+        if not all(type(v) is int for v in (seq, epoch, erasures)):
+            raise TypeError
     except (ValueError, KeyError, TypeError, struct.error, msgpack.ExtraData):
         raise IntegrityError("snapshot header is corrupt") from None
     if epoch != keyring.ratchet_epoch or erasures != keyring.erasures:

@@ -51,7 +51,7 @@ from .errors import (
     StoreNotFound,
 )
 from .index import IndexParams
-from .keys import KeyProvider, Keyring
+from .keys import KeyProvider, Keyring, SecretKey
 from .policy import RetentionPolicy, format_duration
 
 
@@ -95,6 +95,7 @@ class TemplateStore(Matching, Retention, Indexing):
         now_us = store_clock.now_us()
         keyring = Keyring.new(os.urandom(sealing.STORE_ID_SIZE),
                               policy.epoch // timedelta(microseconds=1), now_us)
+        keyring.policies = [_policy_digest(policy)]
         created: list[Path] = []
         try:
             keyring.save(folder / KEYRING, kek)
@@ -148,6 +149,7 @@ class TemplateStore(Matching, Retention, Indexing):
             config = _open_meta(keyring, "config", db.get_meta("config"))
             policy = RetentionPolicy.from_dict(_open_meta(keyring, "policy",
                                                           db.get_meta("policy")))
+            _check_policy_is_current(folder, keyring, kek, policy)
             audit = _open_audit(folder, keyring, store_clock, create=False)
             last = audit.last()
         except BaseException:
@@ -319,11 +321,25 @@ class TemplateStore(Matching, Retention, Indexing):
             for name, info in live.items():
                 if name not in policy.purposes and info.get("live", 0) > 0:
                     raise PolicyViolation(f"purpose {name!r} still has live records")
-            with self._lock, self._db.transaction():
-                self._db.put_meta("policy", _seal_meta(self._keyring, "policy",
-                                                       policy.to_dict()))
-                self._trail.append("policy", actor=str(actor), policy=policy.to_dict(), **f)
+            with self._lock:
+                current = _policy_digest(self._policy)
+                # Accept both versions while the change is in flight, so a crash on either
+                # side of the commit leaves a store that opens; then only the new one.
+                self._keyring.policies = [current, _policy_digest(policy)]
+                self._save_keyring()
+                try:
+                    with self._db.transaction():
+                        self._db.put_meta("policy", _seal_meta(self._keyring, "policy",
+                                                               policy.to_dict()))
+                        self._trail.append("policy", actor=str(actor),
+                                           policy=policy.to_dict(), **f)
+                except BaseException:
+                    self._keyring.policies = [current]
+                    self._save_keyring()
+                    raise
                 self._policy = policy
+                self._keyring.policies = [_policy_digest(policy)]
+                self._save_keyring()
 
     @property
     def policy(self) -> RetentionPolicy:
@@ -375,3 +391,21 @@ def _listish(purposes: object) -> list[str]:
     if isinstance(purposes, list | tuple):
         return [p for p in purposes if isinstance(p, str)][:16]
     return []
+
+
+def _policy_digest(policy: RetentionPolicy) -> bytes:
+    return sealing.digest(msgpack.packb(policy.to_dict(), use_bin_type=True))
+
+
+def _check_policy_is_current(folder: Path, keyring: Keyring, kek: SecretKey,
+                             policy: RetentionPolicy) -> None:
+    """Refuse a sealed policy replayed from an older database copy (it authenticates,
+    but it is not the one the keyring says is current)."""
+    if not keyring.policies:
+        return  # a keyring from before policies were tracked
+    found = _policy_digest(policy)
+    if found not in keyring.policies:
+        raise IntegrityError("the stored policy is not the current one (an old copy?)")
+    if len(keyring.policies) > 1:  # a set_policy was interrupted: settle on what committed
+        keyring.policies = [found]
+        keyring.save(folder / KEYRING, kek)

@@ -151,6 +151,7 @@ class Model:
     erased: set[str] = field(default_factory=set)  # acknowledged: no rows, no key
     erased_rows: set[str] = field(default_factory=set)  # in flight, committed: no rows
     purge_now: int = 0  # newest 'now' of any purge that began: older expiries may be gone
+    threshold: float = 0.0  # match threshold of wk.TUNED in the last acknowledged policy
     stats: Counter[str] = field(default_factory=Counter)
 
     def dead(self, subject: str) -> bool:
@@ -209,6 +210,8 @@ def apply_output(model: Model, lines: list[list[str]], where: str) -> Run:
             run.acked_seqs.append((int(parts[4]), "purge"))
         elif op == "search":
             run.acked_seqs.append((int(parts[2]), "search"))
+        elif op == "set_policy":
+            model.threshold = float(parts[2])
     run.inflight = pending
     return run
 
@@ -369,6 +372,16 @@ def verify_after_crash(store_dir: Path, keys: bt.FileKeyProvider, model: Model, 
     try:
         stats = store.stats()
         assert stats["epoch"] == ring.ratchet_epoch
+        # The policy is the last acknowledged one, or the one of the change in flight.
+        threshold = store.policy.purposes[wk.TUNED].match_threshold
+        allowed_policies = {model.threshold}
+        if run.inflight and run.inflight[1] == "set_policy":
+            allowed_policies.add(float(run.inflight[3]))
+        assert threshold in allowed_policies, f"{where}: policy {threshold} {allowed_policies}"
+        if threshold != model.threshold:
+            model.stats["inflight_policy_change_kept"] += 1
+        model.threshold = threshold
+        assert len(Keyring.load(store_dir / "keyring", kek).policies) <= 1  # settled on open
         assert stats["shredded_rows"] == 0, f"{where}: rows whose key is gone: {stats}"
         assert stats["integrity_failures"] == 0, f"{where}: {stats}"
         report = store.audit.verify()
@@ -410,7 +423,8 @@ def crash_loop(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPol
     bt.TemplateStore.create(store_dir, dim=wk.DIM, model=MODEL, policy=policy,
                             key_provider=keys, clock=lambda: START).close()
     ring = Keyring.load(store_dir / "keyring", keys.master_key())
-    model = Model(epoch=ring.ratchet_epoch, max_now=_us(START))
+    model = Model(epoch=ring.ratchet_epoch, max_now=_us(START),
+                  threshold=policy.purposes[wk.TUNED].match_threshold)
     rng = random.Random(seed)
     t0 = time.monotonic()
     for it in range(iterations):
@@ -469,7 +483,8 @@ def test_crash_loop_many(tmp_path: Path, keys: bt.FileKeyProvider,
 
 
 def seam_crash(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy,
-               seam_op: str, seam: str = "keyring") -> tuple[Path, Model, Run, list[list[str]]]:
+               seam_op: str, seam: str = "keyring",
+               skip: int = 0) -> tuple[Path, Model, Run, list[list[str]]]:
     """Create a store, let a child enrol two batches, then die in the keyring save (or
     the snapshot write) of ``seam_op`` right before the rename."""
     store_dir, work = tmp_path / "store", tmp_path / "work"
@@ -477,11 +492,13 @@ def seam_crash(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPol
     bt.TemplateStore.create(store_dir, dim=wk.DIM, model=MODEL, policy=policy,
                             key_provider=keys, clock=lambda: START).close()
     ring = Keyring.load(store_dir / "keyring", keys.master_key())
-    model = Model(epoch=ring.ratchet_epoch, max_now=_us(START))
+    model = Model(epoch=ring.ratchet_epoch, max_now=_us(START),
+                  threshold=policy.purposes[wk.TUNED].match_threshold)
     ttl = DAY_S // 2 if seam_op == "purge" else 10 * DAY_S  # purge shreds the setup batches
     plan = {"mode": "seam", "prefix": "seam", "seed": SEED, "step_s": 600, "ttls_s": [ttl],
             "setup": ["enroll_many", "enroll_many"], "seam_op": seam_op,
             "advance_s": 2 * DAY_S if seam_op == "purge" else 0, "seam": seam,
+            "seam_skip": skip,
             "keyring": str(store_dir / "keyring")}
     child = spawn(store_dir, keys.path, model.max_now + 60 * 10**6, plan, work,
                   f"{seam}-{seam_op}")
@@ -491,15 +508,19 @@ def seam_crash(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPol
         f"the seam did not kill the worker ({child.proc.returncode}):\n{child.stderr()}")
     assert ["RENAME-SEAM"] in lines, child.text()
     run = apply_output(model, lines, f"seam {seam_op}")
-    assert run.inflight is not None and run.inflight[1] == seam_op
+    assert run.inflight is not None and run.inflight[1] == seam_op, lines[-3:]
     assert run.acks["enroll_many"] == 2
     return store_dir, model, run, lines
 
 
-@pytest.mark.parametrize("seam_op", ["purge", "erase", "enroll_many"])
+@pytest.mark.parametrize(("seam_op", "skip"), [
+    ("purge", 0), ("erase", 0), ("enroll_many", 0),
+    pytest.param("set_policy", 0, id="set_policy-before-commit"),
+    pytest.param("set_policy", 1, id="set_policy-after-commit"),
+])
 def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
-                               policy: bt.RetentionPolicy, seam_op: str) -> None:
-    store_dir, model, run, lines = seam_crash(tmp_path, keys, policy, seam_op)
+                               policy: bt.RetentionPolicy, seam_op: str, skip: int) -> None:
+    store_dir, model, run, lines = seam_crash(tmp_path, keys, policy, seam_op, skip=skip)
     kek = keys.master_key()
     digest = next(p[1] for p in lines if p[0] == "KEYRING")
     # The old keyring is intact, byte for byte; the new one exists only as a temp file.
@@ -519,6 +540,10 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
         ref = old.subject_ref(subject)
         assert ref in old.subjects and ref not in new.subjects
         assert new.erasures == old.erasures + 1
+    elif seam_op == "set_policy":
+        # Before the commit the keyring gains the new policy's digest beside the old one;
+        # after it, it keeps only the new one.
+        assert (len(old.policies), len(new.policies)) == ((1, 2) if skip == 0 else (2, 1))
     else:
         batch = model.batches[run.inflight[3]]  # type: ignore[index]
         refs = {old.subject_ref(s) for s in batch.subjects}
@@ -539,6 +564,13 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
             report = store.purge_expired()
             assert report.epoch_after == int(run.inflight[3])  # type: ignore[index]
             assert report.subject_keys_destroyed == 2 * wk.BATCH
+        elif seam_op == "set_policy":
+            # Killed before the commit: the old policy; after it: the new one. Either way
+            # the store opens and the keyring settles on the policy that is stored.
+            wanted = model.threshold if skip == 0 else float(run.inflight[3])  # type: ignore[index]
+            assert store.policy.purposes[wk.TUNED].match_threshold == wanted
+            assert len(Keyring.load(store_dir / "keyring", kek).policies) == 1
+            assert stats["records"] == 2 * wk.BATCH
         elif seam_op == "erase":
             subject = run.inflight[3]  # type: ignore[index]
             assert old.subject_ref(subject) not in rows  # the delete committed

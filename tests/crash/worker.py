@@ -15,12 +15,14 @@ moves forward by ``plan["step_s"]`` seconds before every operation (so epochs pa
     BEGIN purge <now_us> <target_epoch>      ACK purge <epoch_after> <purged> <audit_seq>
     BEGIN snapshot <now_us>                  ACK snapshot <seq>
     BEGIN search <now_us>                    ACK search <audit_seq> <candidates>
-    KEYRING <sha256 of the keyring file>     (seam mode, just before the armed call)
+    BEGIN set_policy <now_us> <threshold>    ACK set_policy <threshold>
+    KEYRING <sha256 of the keyring file>     (seam mode, just before the save that dies)
 
 An ACK line is only written after the call returned. In ``seam`` mode the worker runs
 ``plan["setup"]`` normally, then arms ``Keyring.save``'s ``before_rename`` seam with a
-SIGKILL of itself and runs ``plan["seam_op"]``: it dies inside the keyring save, after the
-temp file is written and fsynced, before the rename. With ``plan["seam"] == "snapshot"``
+SIGKILL of itself and runs ``plan["seam_op"]``: it dies inside the keyring save (after
+``plan["seam_skip"]`` saves let through), after the temp file is written and fsynced,
+before the rename. With ``plan["seam"] == "snapshot"``
 it dies the same way inside ``snapshot.write`` (``os.replace`` of a ``.snapshot.*`` temp).
 
 The module is also imported by the parent (``batch_templates``, ``subject_ids``), so it
@@ -47,9 +49,11 @@ BATCH = 50
 PURPOSE = "watchlist"
 SOURCE = "case-file-crash"
 ACTOR = "crash-worker"
-OPS = ("enroll_many", "search", "purge", "erase", "snapshot")
+OPS = ("enroll_many", "search", "purge", "erase", "snapshot", "set_policy")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-WEIGHTS = {"enroll_many": 4, "search": 4, "purge": 2, "erase": 2, "snapshot": 1}
+WEIGHTS = {"enroll_many": 4, "search": 4, "purge": 2, "erase": 2, "snapshot": 1,
+           "set_policy": 1}
+TUNED = "rare"  # set_policy flips this purpose's match threshold between two values
 
 
 def subject_ids(batch_id: str, n: int = BATCH) -> list[str]:
@@ -156,6 +160,16 @@ class Worker:
                                 mode="investigation")
         say("ACK search", res.audit_seq, len(res.candidates))
 
+    def set_policy(self) -> None:
+        now = self.tick()
+        policy = self.store.policy.to_dict()
+        rule = policy["purposes"][TUNED]
+        rule["match_threshold"] = 0.6 if rule["match_threshold"] == 0.5 else 0.5
+        say("BEGIN set_policy", now, rule["match_threshold"])
+        self.store.set_policy(self.bt.RetentionPolicy.from_dict(policy), actor=ACTOR,
+                              reason="crash suite")
+        say("ACK set_policy", rule["match_threshold"])
+
     # --- modes ---------------------------------------------------------------------------
 
     def loop(self) -> None:
@@ -176,7 +190,7 @@ class Worker:
             getattr(self, op)()
         self.clock.now += timedelta(seconds=self.plan.get("advance_s", 0))
         keyring = Path(self.plan["keyring"])
-        say("KEYRING", hashlib.sha256(keyring.read_bytes()).hexdigest())
+        skip = [self.plan.get("seam_skip", 0)]  # keyring saves let through before dying
 
         def die() -> None:
             say("RENAME-SEAM")
@@ -188,10 +202,16 @@ class Worker:
             original = Keyring.save
 
             def armed(self: Any, path: Path, master_key: Any, before_rename: Any = None) -> None:
+                if skip[0] > 0:
+                    skip[0] -= 1
+                    original(self, path, master_key)
+                    return
+                say("KEYRING", hashlib.sha256(keyring.read_bytes()).hexdigest())
                 original(self, path, master_key, before_rename=die)
 
             Keyring.save = armed  # type: ignore[method-assign]
         else:  # "snapshot": die between the fsynced temp snapshot and its rename
+            say("KEYRING", hashlib.sha256(keyring.read_bytes()).hexdigest())
             replace = os.replace
 
             def dying_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:

@@ -1,13 +1,15 @@
 """Stateful property test: a real TemplateStore driven against a plain-dict model.
 
 Hypothesis interleaves enrolments, deletions, erasures, clock moves, purges, legal holds,
-searches and close/reopen cycles; after every step the store must agree with the model:
+searches, verifications, index rebuilds and close/reopen cycles (from the sealed snapshot
+or by a rebuild); after every step the store must agree with the model:
 
 - search never returns a record that is expired (expiry <= clock), erased, deleted, purged
   or not enrolled for the searched purpose, and every candidate names the right subject;
 - an investigation search returns every subject with a live record for the purpose, each
   with the score of its best live record (the galleries are tiny, so search is exact);
 - searching with a live record's own template ranks its subject first with score ~1.0;
+- verify scores the subject's best live record for the purpose, expired held ones excluded;
 - export_subject returns exactly the model's live records, plus expired ones only while the
   subject is under legal hold (held expired records survive purges);
 - the audit trail verifies.
@@ -286,6 +288,28 @@ class StoreMachine(RuleBasedStateMachine):
             assert top.score == pytest.approx(1.0, abs=1e-5)
             assert top.above_threshold and res.decision
             event("search: live record ranked first")
+
+    @rule(rid=records, subject=st.sampled_from(SUBJECTS), purpose=st.sampled_from(PURPOSES))
+    def verify(self, rid: str, subject: str, purpose: str) -> None:
+        """1:1 against the subject's live records (held expired ones are never verified)."""
+        probe = self.templates[rid]
+        if purpose == "b":  # "b" does not allow verification
+            with pytest.raises(bt.PolicyViolation):
+                self.store.verify(probe, subject_id=subject, purpose=purpose, actor=ACTOR)
+            return
+        scores = {r: float(probe @ self.rows[r].template) for r in self.rows_of(subject)
+                  if self.live(r) and purpose in self.rows[r].purposes}
+        if not scores:
+            with pytest.raises(bt.RecordNotFound):
+                self.store.verify(probe, subject_id=subject, purpose=purpose, actor=ACTOR)
+            return
+        v = self.store.verify(probe, subject_id=subject, purpose=purpose, actor=ACTOR)
+        best = max(scores.values())
+        assert v.record_id in scores
+        assert v.score == pytest.approx(best, abs=1e-4)
+        assert scores[v.record_id] == pytest.approx(best, abs=1e-4)
+        if abs(best - THRESHOLD) > 1e-4:
+            assert v.match == (best >= THRESHOLD)
 
     @rule(seed=st.integers(0, 2**32 - 1), purpose=st.sampled_from(PURPOSES))
     def search_random_probe(self, seed: int, purpose: str) -> None:

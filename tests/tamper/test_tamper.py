@@ -195,7 +195,7 @@ def assert_no_wrong_result(base: Base, store: bt.TemplateStore, res: bt.SearchRe
                            excluded: set[str]) -> None:
     for c in res.candidates:
         assert c.record_id not in excluded, "a tampered record was served"
-        rec = base.rec(c.record_id)  # KeyError/StopIteration: an id that was never enrolled
+        rec = base.rec(c.record_id)  # fails on an id that was never enrolled
         assert c.subject_id == rec.subject
 
 
@@ -376,11 +376,13 @@ HEADER_EDITS: list[tuple[str, int, Callable[[Path, Base, dict[str, Any]], dict[s
     ("record_id_not_hex", 0, lambda w, b, r: {"record_id": "zz" * 16}, "integrity", ("T-0",)),
     ("record_id_reversed", 1, lambda w, b, r: {"record_id": b.recs[1].rid[::-1]},
      "integrity", ("T-0",)),
+    # The epoch is a function of the expiry: any other value is a forgery on its face.
+    ("epoch_below_ratchet", 0, lambda w, b, r: {"epoch": r["epoch"] - 1000}, "integrity",
+     ("T-0",)),
     # Fields that name key material which does not exist: the row reads as shredded
     # (excluded, counted in stats()["shredded_rows"]), exactly like a row from an old copy
     # whose key was destroyed. Documented, not an IntegrityError.
     ("held_0_to_1_without_hold_key", 0, lambda w, b, r: {"held": 1}, "shredded", ()),
-    ("epoch_below_ratchet", 0, lambda w, b, r: {"epoch": r["epoch"] - 1000}, "shredded", ()),
     ("subject_ref_unknown", 0, lambda w, b, r: {"subject_ref": os.urandom(32)}, "shredded",
      ()),
 ]
@@ -525,6 +527,52 @@ def test_replay_after_purge_advanced_the_epoch(base: Base, work: Path, variant: 
         else:
             assert_export_raises(store, "T-1")
         assert store.audit.verify().ok
+
+
+def test_replayed_pre_hold_row_does_not_escape_the_hold(base: Base, work: Path) -> None:
+    """place_hold reseals the subject's rows under its hold key (held=1). Putting back a
+    row's pre-hold version (authentic blob, held=0) must not take the record out of the
+    hold: it must be detected, or the record must still survive purges and stay
+    exportable while the subject is held (DESIGN §2 legal hold; SECURITY.md: a tamperer
+    replaying old blobs does not get a changed result)."""
+    victim = base.recs[0]
+    before = get_row(work, victim.rid)
+    with open_store(base, work) as store:
+        assert store.place_hold("T-0", actor=ACTOR, reason="litigation") == 4
+    assert get_row(work, victim.rid)["held"] == 1
+    set_cols(work, victim.rid, blob=before["blob"], held=0)  # the pre-hold row, replayed
+    clock = Clock(START + timedelta(days=3))  # every T-0 record has expired
+    with open_store(base, work, clock) as store:
+        detected = store.stats()["integrity_failures"] > 0
+        store.purge_expired()
+        try:
+            exported = {v.record_id for v in store.export_subject("T-0", actor=ACTOR)}
+        except bt.IntegrityError:
+            detected = True
+            exported = set()
+    assert detected or victim.rid in exported, (
+        "a replayed pre-hold row was accepted and purged while its subject is under hold")
+
+
+def test_replayed_older_policy_is_detected(base: Base, work: Path) -> None:
+    """The sealed policy row's associated data is only b"meta:policy:" + store id, so an
+    older authentic policy blob can be put back after set_policy. The store must not open
+    silently under the superseded (here: looser) policy."""
+    old_blob = sql(work, "SELECT value FROM meta WHERE key = 'policy'")[0][0]
+    stricter = {**POLICY, "purposes": {**POLICY["purposes"], "b": {
+        **POLICY["purposes"]["b"], "modes": ["identification"], "match_threshold": 0.9}}}
+    with open_store(base, work) as store:
+        store.set_policy(bt.RetentionPolicy.from_dict(stricter), actor=ACTOR,
+                         reason="investigation mode withdrawn for b")
+    sql(work, "UPDATE meta SET value = ? WHERE key = 'policy'", (old_blob,))
+    try:
+        store = open_store(base, work)
+    except bt.IntegrityError:
+        return
+    with store:
+        in_force = store.policy
+    assert in_force == bt.RetentionPolicy.from_dict(stricter), (
+        "an older sealed policy was replayed and is silently in force")
 
 
 # --- keyring -----------------------------------------------------------------------------
