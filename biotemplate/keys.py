@@ -327,6 +327,10 @@ class Keyring:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        # A process killed between mkstemp and rename leaves a temp keyring behind: it holds
+        # key material the new keyring may just have shredded, so it must not outlive it.
+        for stale in path.parent.glob(".keyring.*"):
+            stale.unlink(missing_ok=True)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -141,6 +141,8 @@ class TemplateStore(Matching, Retention, Indexing):
         user_clock = _checked_clock(clock)
         kek = key_provider.master_key()
         keyring = Keyring.load(folder / KEYRING, kek)
+        for stale in (*folder.glob(".keyring.*"), *folder.glob(".snapshot.*")):
+            stale.unlink(missing_ok=True)  # left by a killed process; may hold shredded keys
         store_clock = StoreClock(user_clock, keyring.high_water_us)
         db = SQLiteBackend.open(folder / RECORDS)
         try:
