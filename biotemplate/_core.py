@@ -57,7 +57,13 @@ def _from_us(us: int) -> datetime:
 def _checked_time(t: object) -> datetime:
     if not isinstance(t, datetime) or t.tzinfo is None or t.utcoffset() is None:
         raise InvalidInput("the clock must return an aware datetime (UTC)")
+    if not _EARLIEST <= t <= _LATEST:  # expiries are computed from it: keep them in range
+        raise InvalidInput("the clock returned a time outside 1970-2999")
     return t
+
+
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(2999, 12, 31, tzinfo=UTC)
 
 
 class StoreClock:

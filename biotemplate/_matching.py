@@ -154,6 +154,8 @@ class Matching(StoreCore):
                            record_id=rec.loggable_record_id(record_id)):
             if isinstance(audit_seq, bool) or not isinstance(audit_seq, int):
                 raise InvalidInput("audit_seq must be the int from SearchResult.audit_seq")
+            if not 1 <= audit_seq < 1 << 63:
+                raise RecordNotFound(f"no audit entry {audit_seq}")
             entry = self._trail.get(audit_seq)
             if entry.event != "search" or entry.outcome != "ok":
                 raise RecordNotFound(f"audit entry {audit_seq} is not a completed search")

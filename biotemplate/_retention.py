@@ -39,7 +39,8 @@ class Retention(StoreCore):
                            reason=reason) as f:
             rec.check_text(reason, "reason", optional=True)
             with self._lock:
-                row = self._db.get(record_id) if isinstance(record_id, str) else None
+                well_formed = rec.loggable_record_id(record_id) == record_id
+                row = self._db.get(str(record_id)) if well_formed else None
                 if row is None:
                     raise RecordNotFound("no record with that id")
                 if self._keyring.held(row.subject_ref):

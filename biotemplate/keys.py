@@ -172,7 +172,8 @@ class PassphraseKeyProvider(_NoPickle):
         try:
             data = msgpack.unpackb(self.salt_file.read_bytes(), raw=False)
             return bytes(data["salt"]), int(data["ops"]), int(data["mem"])
-        except (ValueError, KeyError, TypeError, msgpack.ExtraData):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                msgpack.ExtraData):
             raise KeyUnavailable(f"salt file {self.salt_file} is corrupt") from None
 
     def master_key(self) -> SecretKey:
@@ -304,7 +305,8 @@ class Keyring:
                 holds={bytes(k): (bytes(v[0]), bool(v[1])) for k, v in d["holds"].items()},
                 erasures=int(d["erasures"]), high_water_us=int(d["high_water_us"]),
                 policies=[bytes(x) for x in d.get("policies", [])])
-        except (ValueError, KeyError, TypeError, msgpack.ExtraData):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                msgpack.ExtraData):
             raise IntegrityError("keyring content is malformed") from None
 
     def save(self, path: Path, master_key: SecretKey,

@@ -88,7 +88,7 @@ def as_templates(templates: object, dim: int) -> NDArray[np.float32]:
 
 def normalised(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
     """L2-normalise rows (cosine similarity = inner product of unit vectors)."""
-    v = np.asarray(vectors, dtype=np.float32)
+    v = np.asarray(vectors, dtype=np.float64)  # float32 squares overflow near 1e19
     out: NDArray[np.float32] = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
     return out
 
@@ -102,6 +102,10 @@ def check_text(value: object, name: str, *, optional: bool = False,
         raise InvalidInput(f"{name} must be a non-empty string")
     if len(value) > limit:
         raise InvalidInput(f"{name} is longer than {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name} must be valid Unicode (no lone surrogates)") from None
     return value
 
 
@@ -160,7 +164,8 @@ def decode_plain(raw: bytes, dim: int) -> Plain:
             raise ValueError
         return Plain(template=t.astype(np.float32), subject_id=str(d["s"]),
                      metadata=d["m"], source=d["src"], created_us=int(d["c"]))
-    except (ValueError, KeyError, TypeError, msgpack.ExtraData):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            msgpack.ExtraData):
         raise IntegrityError("record content is malformed") from None
 
 

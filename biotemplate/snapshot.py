@@ -48,6 +48,8 @@ def _unpack_hook(obj: dict[Any, Any]) -> Any:
     nd = obj.get("__nd__")
     if nd is not None:
         dtype, shape, data = nd
+        if not isinstance(dtype, str) or not isinstance(data, bytes):
+            raise TypeError("malformed array")
         return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
     return obj
 
@@ -108,7 +110,8 @@ def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
     try:
         state = msgpack.unpackb(body, raw=False, object_hook=_unpack_hook,
                                 strict_map_key=False)
-    except (ValueError, TypeError, msgpack.ExtraData):
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+            msgpack.ExtraData):
         raise IntegrityError("snapshot body is corrupt") from None
     if not isinstance(state, dict):
         raise IntegrityError("snapshot body is corrupt")
