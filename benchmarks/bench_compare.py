@@ -220,7 +220,9 @@ def sweep_point(sysm: System, data: Any, ef: int, repeats: int, *,
         t, res = timed(lambda: sysm.query_batch(data.q))
         ts.append(t)
     assert res is not None
-    return {"ef": ef, "qps": len(data.q) / median(ts), "recall_at_10": recall_at_k(res, data.gt)}
+    first = np.array([r[0] if r else -1 for r in res])
+    return {"ef": ef, "qps": len(data.q) / median(ts), "recall_at_10": recall_at_k(res, data.gt),
+            "rank1": float((first == data.q_ident).mean())}
 
 
 class Bio(System):

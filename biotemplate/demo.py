@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import biotemplate as bt
-from biotemplate.synthetic import make_gallery, probes, strangers
+from biotemplate.synthetic import make_gallery, non_mated, probes
 
 POLICY = {
     "epoch": "1h",
@@ -98,13 +98,13 @@ def main(workdir: Path) -> None:
         print(f"   decision={res.decision}")
 
     with step("1:N identification of a stranger (not in the gallery)"):
-        res2 = store.search(strangers(1, dim)[0], purpose="watchlist", k=5,
+        res2 = store.search(non_mated(gallery, 1)[0], purpose="watchlist", k=5,
                             actor="analyst-17", reason="case 118")
         print(f"   candidates={len(res2.candidates)} decision={res2.decision}"
               "  <- open-set: no candidate is a normal answer")
 
     with step("investigation list for the stranger (weak candidates marked)"):
-        inv = store.search(strangers(1, dim)[0], purpose="watchlist", k=5,
+        inv = store.search(non_mated(gallery, 1, seed=4)[0], purpose="watchlist", k=5,
                            actor="analyst-17", reason="case 118", mode="investigation")
         for c in inv.candidates:
             mark = "" if c.above_threshold else "  [below threshold: weak]"

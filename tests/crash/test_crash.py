@@ -609,10 +609,10 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
 def test_stale_keyring_temp_does_not_outlive_shredding(
         tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy) -> None:
     """A crash inside ``Keyring.save`` leaves ``.keyring.XXXX`` (a complete keyring, sealed
-    under the KEK) in the store folder. Nothing removes it: after a later erasure and a
-    ratchet step it still holds the erased subject's key and the shredded ratchet state, so
-    the folder + KEK resurrect erased/expired records from any old records.db copy - an
-    unmanaged keyring backup the SECURITY.md §4/§6 backup advice cannot cover."""
+    under the KEK) in the store folder. After a later erasure and a ratchet step it would
+    still hold the erased subject's key and the shredded ratchet state - an unmanaged
+    keyring backup, so folder + KEK would resurrect erased/expired records from an old
+    records.db copy. It must not outlive the reopen and the shredding that follow."""
     store_dir, model, _, _ = seam_crash(tmp_path, keys, policy, "enroll_many")
     kek = keys.master_key()
     victim = next(b for b in model.batches.values() if b.acked).subjects[0]
@@ -639,15 +639,31 @@ def test_stale_keyring_temp_does_not_outlive_shredding(
                        "after reopen + erase + purge: " + "; ".join(stale))
 
 
-def test_stale_snapshot_temp_does_not_outlive_erasure(
-        tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy) -> None:
-    """A crash inside ``snapshot.write`` leaves ``.snapshot.XXXX``: the sealed index with
-    every live template and the record -> subject id map. Nothing removes it, and its key
-    is HKDF(K_epoch(e), "snapshot/" + generation) with a public generation counter, so the
-    *current* keyring still opens it after an erasure in the same epoch: the erased
-    subject's template and id survive ``erase_subject`` (receipt: key_destroyed=True)."""
+def _erased_from_snapshot(data: bytes, ring: Keyring, victim: str) -> str | None:
+    """Open a snapshot file the way anyone holding it, the *current* keyring and the KEK
+    can; a description if the erased ``victim`` is inside, else None."""
+    try:
+        (n,) = snapshot._LEN.unpack_from(data, 4)
+        header = msgpack.unpackb(data[8:8 + n])
+        key = sealing.snapshot_key(ring.epoch_key(header["epoch"]), header["erasures"])
+        body = sealing.open_sealed(key, data[8 + n:],
+                                   snapshot.MAGIC + ring.store_id + data[8:8 + n])
+    except (bt.BiotemplateError, ValueError, KeyError, TypeError):
+        return None
+    if victim.encode() not in body:
+        return None
+    return f"generation {header['erasures']}, keyring at {ring.erasures}"
+
+
+def _snapshot_crash_then_erase(tmp_path: Path, keys: bt.FileKeyProvider,
+                               policy: bt.RetentionPolicy) -> tuple[Path, bytes, Keyring, str]:
+    """Die inside snapshot.write (temp fsynced, not renamed), keep a copy of the temp file
+    (what a folder backup taken before the next open holds), reopen, erase a subject.
+    Returns (store folder, the copy, the keyring after the erasure, the erased subject)."""
     store_dir, model, _, _ = seam_crash(tmp_path, keys, policy, "snapshot", seam="snapshot")
-    assert leftovers(store_dir, ".snapshot."), "the seam left no temp snapshot"
+    temps = leftovers(store_dir, ".snapshot.")
+    assert len(temps) == 1, "the seam left no temp snapshot"
+    copy = temps[0].read_bytes()
     victim = next(b for b in model.batches.values() if b.acked).subjects[0]
     reopen = _dt(model.max_now)
     store = bt.TemplateStore.open(store_dir, key_provider=keys, clock=lambda: reopen)
@@ -655,23 +671,32 @@ def test_stale_snapshot_temp_does_not_outlive_erasure(
         assert store.erase_subject(victim, actor="dpo", reason="Art. 17").key_destroyed
     finally:
         store.close()
-    ring = Keyring.load(store_dir / "keyring", keys.master_key())  # after the erasure
-    readable = []
-    for temp in leftovers(store_dir, ".snapshot."):
-        data = temp.read_bytes()
-        try:  # what anyone holding the folder, the current keyring and the KEK can do
-            (n,) = snapshot._LEN.unpack_from(data, 4)
-            header = msgpack.unpackb(data[8:8 + n])
-            key = sealing.snapshot_key(ring.epoch_key(header["epoch"]), header["erasures"])
-            body = sealing.open_sealed(key, data[8 + n:],
-                                       snapshot.MAGIC + ring.store_id + data[8:8 + n])
-        except (bt.BiotemplateError, ValueError, KeyError, TypeError):
-            continue
-        if victim.encode() in body:
-            readable.append(f"{temp.name} (generation {header['erasures']}, keyring at "
-                            f"{ring.erasures})")
+    return store_dir, copy, Keyring.load(store_dir / "keyring", keys.master_key()), victim
+
+
+def test_stale_snapshot_temp_does_not_outlive_erasure(
+        tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy) -> None:
+    """A crash inside ``snapshot.write`` leaves ``.snapshot.XXXX``: the sealed index with
+    every live template and the record -> subject id map. It must be gone once the store
+    has been reopened and the subject erased."""
+    store_dir, _, ring, victim = _snapshot_crash_then_erase(tmp_path, keys, policy)
+    readable = [f"{t.name} ({found})" for t in leftovers(store_dir, ".snapshot.")
+                if (found := _erased_from_snapshot(t.read_bytes(), ring, victim))]
     assert not readable, ("the erased subject's id and template are readable with the "
                           "current keyring from a leftover snapshot temp: " + ", ".join(readable))
+
+
+def test_snapshot_copy_from_before_erasure_is_unreadable(
+        tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy) -> None:
+    """SECURITY.md §4: an erased subject stays readable only from a copy combined with a
+    keyring copy taken *before* the erasure. The snapshot key is HKDF(K_epoch(e),
+    "snapshot/" + generation) with a public generation counter, so the *current* keyring
+    still opens a snapshot copy (here: the temp a crash left, as a backup caught it) of an
+    older generation within the same epoch - the erased template and id come back."""
+    _, copy, ring, victim = _snapshot_crash_then_erase(tmp_path, keys, policy)
+    found = _erased_from_snapshot(copy, ring, victim)
+    assert found is None, ("the erased subject's id and template are readable from a "
+                           f"pre-erasure snapshot copy with the current keyring ({found})")
 
 
 def test_worker_runs_clean_without_kill(tmp_path: Path, keys: bt.FileKeyProvider,
