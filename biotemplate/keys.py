@@ -297,14 +297,14 @@ class Keyring:
             d = msgpack.unpackb(body, raw=False, strict_map_key=False)
             ratchet_epoch, ratchet_state = d["ratchet"]
             return cls(
-                store_id=store_id, epoch_us=int(d["epoch_us"]),
-                ratchet_epoch=int(ratchet_epoch), ratchet_state=bytes(ratchet_state),
-                lookup_key=bytes(d["lookup"]), digest_key=bytes(d["digest"]),
-                meta_key=bytes(d["meta"]), audit_seed=bytes(d["audit"]),
-                subjects={bytes(k): bytes(v) for k, v in d["subjects"].items()},
-                holds={bytes(k): (bytes(v[0]), bool(v[1])) for k, v in d["holds"].items()},
-                erasures=int(d["erasures"]), high_water_us=int(d["high_water_us"]),
-                policies=[bytes(x) for x in d.get("policies", [])])
+                store_id=store_id, epoch_us=_int(d["epoch_us"]),
+                ratchet_epoch=_int(ratchet_epoch), ratchet_state=_key(ratchet_state),
+                lookup_key=_key(d["lookup"]), digest_key=_key(d["digest"]),
+                meta_key=_key(d["meta"]), audit_seed=_key(d["audit"]),
+                subjects={_key(k): _key(v) for k, v in d["subjects"].items()},
+                holds={_key(k): (_key(v[0]), _bool(v[1])) for k, v in d["holds"].items()},
+                erasures=_int(d["erasures"]), high_water_us=_int(d["high_water_us"]),
+                policies=[_key(x) for x in d.get("policies", [])])
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
                 msgpack.ExtraData):
             raise IntegrityError("keyring content is malformed") from None
@@ -346,3 +346,22 @@ class Keyring:
         except FileNotFoundError:
             raise KeyUnavailable(f"keyring {path} is missing") from None
         return cls.from_bytes(data, master_key)
+
+
+def _key(value: object) -> bytes:
+    """A 32-byte key, ref or digest as stored: anything else means a corrupt keyring."""
+    if not isinstance(value, bytes) or len(value) != sealing.KEY_SIZE:
+        raise ValueError("not a 32-byte value")
+    return value
+
+
+def _int(value: object) -> int:
+    if type(value) is not int:
+        raise ValueError("not an int")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if type(value) is not bool:
+        raise ValueError("not a bool")
+    return value

@@ -37,7 +37,18 @@ def _shape_error(dim: int, got: str) -> InvalidTemplate:
     return InvalidTemplate(f"expected a 1-D template of length {dim}, got {got}")
 
 
-def _as_float_array(template: object, dim: int) -> NDArray[np.float64]:
+_CHUNK = 8192  # rows per float64 temporary: validation never doubles a batch in memory
+
+
+def _row_norms(rows: NDArray[np.float32]) -> NDArray[np.float64]:
+    """L2 norms computed in float64 (float32 squares overflow near 1e19), chunk by chunk."""
+    norms = np.empty(rows.shape[0], dtype=np.float64)
+    for i in range(0, rows.shape[0], _CHUNK):
+        norms[i : i + _CHUNK] = np.linalg.norm(rows[i : i + _CHUNK].astype(np.float64), axis=1)
+    return norms
+
+
+def _as_float_array(template: object, dim: int) -> NDArray[Any]:
     if isinstance(template, str | bytes | bytearray | Mapping) or template is None:
         raise _shape_error(dim, type(template).__name__)
     try:
@@ -46,10 +57,10 @@ def _as_float_array(template: object, dim: int) -> NDArray[np.float64]:
         raise _shape_error(dim, "an object that is not an array of numbers") from None
     if arr.dtype.kind not in "iuf":  # bool, complex, object, strings: not a template
         raise InvalidTemplate(f"template values must be real numbers, got dtype {arr.dtype}")
-    return arr.astype(np.float64, copy=False)
+    return arr
 
 
-def _check_rows(arr: NDArray[np.float64],
+def _check_rows(arr: NDArray[Any],
                 row_label: Callable[[int], str]) -> NDArray[np.float32]:
     with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused next
         out: NDArray[np.float32] = arr.astype(np.float32)
@@ -57,7 +68,7 @@ def _check_rows(arr: NDArray[np.float64],
     if not finite.all():
         raise InvalidTemplate(f"{row_label(int(np.argmin(finite)))}contains NaN or infinity "
                               "(or a value too large for float32)")
-    norms = np.linalg.norm(out.astype(np.float64), axis=-1)
+    norms = _row_norms(out)
     if not (norms > 1e-12).all():
         bad = int(np.argmin(norms > 1e-12))
         raise InvalidTemplate(f"{row_label(bad)}is a zero vector (no direction to compare)")
@@ -88,8 +99,12 @@ def as_templates(templates: object, dim: int) -> NDArray[np.float32]:
 
 def normalised(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
     """L2-normalise rows (cosine similarity = inner product of unit vectors)."""
-    v = np.asarray(vectors, dtype=np.float64)  # float32 squares overflow near 1e19
-    out: NDArray[np.float32] = (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+    v = np.asarray(vectors, dtype=np.float32)
+    out = np.empty(v.shape, dtype=np.float32)
+    rows, flat = out.reshape(-1, v.shape[-1]), v.reshape(-1, v.shape[-1])
+    for i in range(0, rows.shape[0], _CHUNK):
+        chunk = flat[i : i + _CHUNK].astype(np.float64)
+        rows[i : i + _CHUNK] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
     return out
 
 
