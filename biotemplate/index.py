@@ -419,9 +419,17 @@ class TemplateIndex:
             if owned:
                 _scrub(vectors)
         out = []
+        fetch = 3 * k + 10  # enough for k subjects unless many records share a subject
         for row in sims:
-            order = np.argsort(-row, kind="stable")
-            out.append(self._collect(labels[order].tolist(), row[order].tolist(), k, now_us))
+            hits: list[Hit] = []
+            if fetch < row.shape[0]:  # sort only the best few, not the whole gallery
+                top = np.argpartition(-row, fetch)[:fetch]
+                top = top[np.argsort(-row[top], kind="stable")]
+                hits = self._collect(labels[top].tolist(), row[top].tolist(), k, now_us)
+            if len(hits) < k:
+                order = np.argsort(-row, kind="stable")
+                hits = self._collect(labels[order].tolist(), row[order].tolist(), k, now_us)
+            out.append(hits)
         return out
 
     def _collect(self, labels: list[int], sims: list[float], k: int, now_us: int) -> list[Hit]:

@@ -671,7 +671,7 @@ def test_fuzz_checkpoint_decoders(data: Any, text: Any) -> None:
     only_biotemplate_errors(lambda: bt.Checkpoint.from_json(text))
 
 
-@twin(15, 300, data=SNAPSHOT_BYTES)
+@twin(15, 150, data=SNAPSHOT_BYTES)
 def test_fuzz_open_with_junk_snapshot(keys: bt.FileKeyProvider, policy: bt.RetentionPolicy,
                                       data: bytes) -> None:
     """index.snapshot is an optimisation: a junk one must never stop the store opening."""
