@@ -236,5 +236,6 @@ class StoreCore:
             self._keyring.holds.pop(ref, None)
         if destroyed:
             self._keyring.erasures += 1
+            self._keyring.snapshot_secret = sealing.random_key()
             self._drop_snapshot()
         return destroyed

@@ -210,6 +210,10 @@ class Keyring:
     # Digests of the policy versions the store accepts (one; two while set_policy runs):
     # a sealed policy put back from an older database copy is refused on open.
     policies: list[bytes] = field(default_factory=list)
+    # Mixed into the snapshot key and replaced whenever a subject key is destroyed: the
+    # erasure generation is only a counter, this makes a snapshot copy from before an
+    # erasure unopenable even with the current keyring.
+    snapshot_secret: bytes | None = None
     _epoch_cache: dict[int, bytes] = field(default_factory=dict)
     _state_cache: dict[int, bytes] = field(default_factory=dict)
 
@@ -226,7 +230,7 @@ class Keyring:
         return cls(store_id=store_id, epoch_us=epoch_us,
                    ratchet_epoch=epoch_of(now_us, epoch_us), ratchet_state=rk(),
                    lookup_key=rk(), digest_key=rk(), meta_key=rk(), audit_seed=rk(),
-                   high_water_us=now_us)
+                   high_water_us=now_us, snapshot_secret=rk())
 
     # --- epochs ---
 
@@ -284,6 +288,8 @@ class Keyring:
         }
         if self.policies:  # optional in v1: absent in keyrings written before it existed
             data["policies"] = self.policies
+        if self.snapshot_secret is not None:  # likewise optional
+            data["snapshot"] = self.snapshot_secret
         return bytes(msgpack.packb(data, use_bin_type=True))
 
     def to_bytes(self, master_key: SecretKey) -> bytes:
@@ -304,7 +310,8 @@ class Keyring:
                 subjects={_key(k): _key(v) for k, v in d["subjects"].items()},
                 holds={_key(k): (_key(v[0]), _bool(v[1])) for k, v in d["holds"].items()},
                 erasures=_int(d["erasures"]), high_water_us=_int(d["high_water_us"]),
-                policies=[_key(x) for x in d.get("policies", [])])
+                policies=[_key(x) for x in d.get("policies", [])],
+                snapshot_secret=None if "snapshot" not in d else _key(d["snapshot"]))
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
                 msgpack.ExtraData):
             raise IntegrityError("keyring content is malformed") from None

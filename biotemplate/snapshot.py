@@ -9,11 +9,13 @@ File layout (``index.snapshot``)::
     "BTSN" | header length (4 bytes, big-endian) | header | sealed body
     header = msgpack({"v": 1, "seq": change seq covered, "epoch": e, "erasures": g})
     body   = seal(snapshot key, msgpack(state), ad = "BTSN" | store id | header)
-    snapshot key = HKDF(K_epoch(e), "snapshot/" + g)
+    snapshot key = HKDF(HKDF(K_epoch(e) || snapshot secret, "snap-scope"), "snapshot/" + g)
 
-The key dies with its epoch (purge advances the ratchet) and with the next erasure (the
-erasure generation changes), so a snapshot holding an erased or expired template cannot be
-loaded afterwards. Any failure to load simply means: rebuild from the sealed records.
+The key dies with its epoch (purge advances the ratchet) and with the next destruction of a
+subject key (the keyring's snapshot secret is replaced and the erasure generation g moves),
+so a snapshot holding an erased or expired template cannot be loaded afterwards, not even
+a copy of it, with the current keyring. Any failure to load simply means: rebuild from the
+sealed records.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def _unpack_hook(obj: dict[Any, Any]) -> Any:
 
 
 def _key(keyring: Keyring, epoch: int, erasures: int) -> bytes:
-    return sealing.snapshot_key(keyring.epoch_key(epoch), erasures)
+    scope = keyring.epoch_key(epoch)
+    if keyring.snapshot_secret is not None:  # replaced at every key destruction
+        scope = sealing.hkdf(scope + keyring.snapshot_secret, info=b"biotemplate/v1/snap-scope")
+    return sealing.snapshot_key(scope, erasures)
 
 
 def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:

@@ -541,9 +541,9 @@ def _msgpack_values(ints: st.SearchStrategy[int]) -> st.SearchStrategy[Any]:
 
 
 MSGPACK_VALUES = _msgpack_values(st.integers(-(2**63), 2**64 - 1))
-# Keyring bodies: Keyring.from_bytes turns an int n in a key field into bytes(n), n zero
-# bytes (see test_decoder_edge_case[keyring-body-int-in-key-field]); 64-bit ints there
-# exhausted the machine's memory (the slow run was OOM-killed at 22 GB). Bounded here.
+# Keyring bodies get bounded ints: Keyring.from_bytes once turned an int n in a key field
+# into bytes(n), n zero bytes, and a 64-bit n there OOM-killed a slow run at 22 GB. The
+# edge case test_decoder_edge_case[keyring-body-int-in-key-field] guards that regression.
 SMALL_MSGPACK_VALUES = _msgpack_values(st.integers(-(2**20), 2**20))
 
 
