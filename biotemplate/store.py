@@ -39,7 +39,7 @@ from ._core import (
 from ._indexing import Indexing
 from ._matching import Matching
 from ._retention import Retention
-from .audit import AuditTrail
+from .audit import AuditEntry, AuditTrail
 from .backends.base import RecordRow
 from .backends.sqlite import SQLiteBackend
 from .errors import (
@@ -166,9 +166,29 @@ class TemplateStore(Matching, Retention, Indexing):
         source = "snapshot" if store._load_snapshot() else "rebuild"
         if source == "rebuild":
             store._load_index(progress)
+        if last is not None and not store._committed(last):
+            store._trail.append("rollback", actor=None, ref_seq=last.seq, of=last.event)
         store._trail.append("open", actor=None, records=len(store._index), index=source,
                             integrity_failures=len(store._integrity_failures))
         return store
+
+    def _committed(self, entry: AuditEntry) -> bool:
+        """Did the mutation this last audit entry announced reach the records database?
+
+        The audit entry is written before the records commit (fail closed), so a process
+        killed between the two leaves an "ok" entry for a change that rolled back; the next
+        open notices and says so in the trail, so the audit never overstates an erasure.
+        """
+        if entry.outcome != "ok":
+            return True
+        f = entry.fields
+        if entry.event == "enroll" and f.get("record_ids"):
+            return self._db.get(str(f["record_ids"][0])) is not None
+        if entry.event == "delete" and isinstance(f.get("record_id"), str):
+            return self._db.get(f["record_id"]) is None
+        if entry.event == "erase" and isinstance(f.get("subject_ref"), str):
+            return not self._db.by_subject(bytes.fromhex(f["subject_ref"]))
+        return True
 
     def close(self) -> None:
         """Audit the close, make the audit durable, release files. Safe to call twice."""
