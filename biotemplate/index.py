@@ -500,9 +500,11 @@ class TemplateIndex:
             if state["v"] != 1 or state["dim"] != self._dim:
                 raise ValueError("dimension")
             subs: dict[str, _Sub] = {}
-            for purpose, sub_state in state["subs"].items():
+            pending = state["subs"]
+            for purpose in list(pending):
+                sub_state = pending.pop(purpose)  # let each state go once hnswlib has it
                 index = hnswlib.Index.__new__(hnswlib.Index)
-                index.__setstate__((sub_state["hnsw"],))
+                index.__setstate__((sub_state.pop("hnsw"),))
                 index.set_ef(self._params.ef_search)
                 live = {int(x) for x in np.asarray(sub_state["live"], dtype=np.uint64)}
                 subs[str(purpose)] = _Sub(index, live=live)

@@ -118,6 +118,7 @@ def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
             msgpack.ExtraData):
         raise IntegrityError("snapshot body is corrupt") from None
+    del body  # the arrays in ``state`` hold their own copies: free the plaintext now
     if not isinstance(state, dict):
         raise IntegrityError("snapshot body is corrupt")
     return seq, state
