@@ -147,6 +147,22 @@ def profile_calls(fn: Callable[[], Any], top: int = 18) -> str:
     return "\n".join(lines[:top + 8])
 
 
+RANK1_EFS = (32, 64, 128, 256)
+
+
+def raw_rank1_sweep(index: Any, q: np.ndarray, truth: Callable[[np.ndarray], np.ndarray],
+                    efs: tuple[int, ...] = RANK1_EFS) -> list[dict[str, float]]:
+    """Rank-1 of mated probes on a raw hnswlib index at each ef (``truth`` maps the top-1
+    labels to a hit mask); restores ef=EF_SEARCH afterwards."""
+    out = []
+    for ef in efs:
+        index.set_ef(ef)
+        t, top = timed(lambda: index.knn_query(q, k=1)[0][:, 0])
+        out.append({"ef": ef, "rank1": float(truth(top).mean()), "qps": len(q) / t})
+    index.set_ef(EF_SEARCH)
+    return out
+
+
 def naive_filter(index: Any, q: np.ndarray, allowed: set[int], threads: int) -> list[list[int]]:
     """hnswlib's ``filter=`` on the one unfiltered index; rows it cannot fill are []."""
     def keep(label: int) -> bool:
@@ -252,6 +268,10 @@ def part1(args: argparse.Namespace, root: Path, res: dict[str, Any]) -> None:
 
     filtered(args, a, raw, store, subject_ids, row, res)
     store.close()
+    res["A_rank1_per_ef_raw"] = raw_rank1_sweep(raw, a.q, lambda top: top == a.q_ident)
+    log("  rank-1 per ef (A, raw): " + ", ".join(
+        f"ef={p['ef']}: {p['rank1']:.4f}" for p in res["A_rank1_per_ef_raw"])
+        + f"  (exact {a.exact_rank1.mean():.4f})")
 
 
 def filtered(args: argparse.Namespace, a: Any, raw: Any, store: bt.TemplateStore,
@@ -349,6 +369,7 @@ def part2(args: argparse.Namespace, root: Path, res: dict[str, Any]) -> None:
     raw_t, raw_c, raw = raw_build_cpu(b.x)
     found = raw.knn_query(b.q, k=K)[0]
     raw_rank1 = float((found[:, 0] // SAMPLES_B == b.q_ident).mean())
+    raw_sweep = raw_rank1_sweep(raw, b.q, lambda top: top // SAMPLES_B == b.q_ident)
     del raw
     gc.collect()
     log(f"  raw add_items {raw_t:.1f} s; enroll_many (B)")
@@ -384,6 +405,32 @@ def part2(args: argparse.Namespace, root: Path, res: dict[str, Any]) -> None:
     close_t, _ = timed(store.close)
     snap = root / "B" / "index.snapshot"
     snap_mb = snap.stat().st_size / 2**20 if snap.exists() else None
+    # rank-1 per ef: raw (above) and the store re-opened from its snapshot with ef_search=ef
+    # (the store asks hnswlib for 3k+10 labels, so it searches with ef = max(ef, 40))
+    store_sweep = []
+    for ef in RANK1_EFS:
+        if ef == EF_SEARCH:
+            store_sweep.append({"ef": ef, "rank1": bio_rank1})
+            continue
+        s = open_store(root, "B", ef)
+        t, out_ef = timed(lambda s=s: s.search_many(b.q, purpose="bench", k=K, actor=ACTOR,
+                                                    mode=INV))
+        s.close()
+        hit = [bool(r.candidates) and ident[row[r.candidates[0].record_id]] == i
+               for r, i in zip(out_ef, b.q_ident, strict=True)]
+        store_sweep.append({"ef": ef, "rank1": float(np.mean(hit)), "qps": len(b.q) / t})
+    exact_b = float(b.exact_rank1.mean())
+
+    def smallest(sweep: list[dict[str, float]]) -> int | None:
+        ok = [p["ef"] for p in sweep if p["rank1"] >= exact_b - 0.001]
+        return min(ok) if ok else None
+
+    res["B_rank1_per_ef"] = {"exact": exact_b, "raw": raw_sweep, "store": store_sweep,
+                             "smallest_ef_within_0.1pt_raw": smallest(raw_sweep),
+                             "smallest_ef_within_0.1pt_store": smallest(store_sweep)}
+    log("  rank-1 per ef (B): raw " + ", ".join(f"{p['ef']}: {p['rank1']:.4f}"
+                                                for p in raw_sweep)
+        + "; store " + ", ".join(f"{p['ef']}: {p['rank1']:.4f}" for p in store_sweep))
     opens = []
     for _ in range(args.rounds):
         t, s = timed(lambda: open_store(root, "B"))
@@ -478,6 +525,19 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
         d = r["store"] - r["exact"]
         add("rank-1 mated (store vs exact)", "within 0.1 pt",
             f"{r['store']:.4f} vs {r['exact']:.4f} ({d * 100:+.2f} pt)", abs(d) <= 0.001)
+    if "B_rank1_per_ef" in res:
+        r = res["B_rank1_per_ef"]
+        add("  rank-1 per ef (B), raw / store", "(report)",
+            "; ".join(f"ef={p['ef']}: {p['rank1']:.4f}/{q['rank1']:.4f}"
+                      for p, q in zip(r["raw"], r["store"], strict=True)), None)
+        add("  smallest ef within 0.1 pt of exact (B), raw / store", "(report)",
+            f"{r['smallest_ef_within_0.1pt_raw']} / {r['smallest_ef_within_0.1pt_store']}",
+            None)
+    if "A_rank1_per_ef_raw" in res:
+        ex = res["A_batch"]["rank1_exact"]
+        add("  rank-1 per ef (A, 1 sample/id), raw", f"(exact {ex:.4f})",
+            "; ".join(f"ef={p['ef']}: {p['rank1']:.4f}" for p in res["A_rank1_per_ef_raw"]),
+            None)
     if "A_single" in res:
         s = res["A_single"]["ratio_investigation_vs_raw_k10"]["ratio_median"]
         add("store.search p50 / knn_query(k=10) p50", "<= 1.2x", f"{s:.2f}x", s <= 1.2)

@@ -1,6 +1,8 @@
 """Shared helpers for the biotemplate benchmarks: data sets, ground truth, timing, output.
 
-Data sets (face-like, from ``biotemplate.synthetic``; cached as .npy under benchmarks/data/):
+Data sets (face-like, from ``biotemplate.synthetic`` with ``make_gallery``'s defaults: identity
+directions in a random 100-dimensional subspace, genuine cosine ~0.7; cached as .npz under
+benchmarks/data/, file names carry DATA_VERSION):
 
 - "A" (recall): ``n`` identities x 1 sample, so one record is one subject and the store's
   one-candidate-per-subject rule cannot change a top-10. Queries are fresh mated probes
@@ -27,6 +29,11 @@ from typing import Any
 import numpy as np
 
 from biotemplate.synthetic import make_gallery, probes
+
+# Part of every cache file name: bump it whenever biotemplate.synthetic changes what it
+# generates, so stale vectors are never reused. "v2i100": identities in a random
+# 100-dimensional subspace (make_gallery's default intrinsic=100; impostor cosine ~0 +- 0.1).
+DATA_VERSION = "v2i100"
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -72,7 +79,7 @@ def exact_topk(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 256) -> np.nda
 
 
 def _cached(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    path = DATA / f"{name}.npz"
+    path = DATA / f"{name}_{DATA_VERSION}.npz"
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
