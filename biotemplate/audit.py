@@ -418,6 +418,32 @@ class AuditTrail:
             self._ensure_open()
             self._sync_files()
 
+    def backup(self, dest: Path) -> None:
+        """Copy the trail to a new 0600 file through SQLite's online backup API.
+
+        Raises:
+            StoreExists: ``dest`` exists. AuditError: the copy failed (nothing left behind).
+        """
+        dest = Path(dest)
+        with self._lock:
+            self._ensure_open()
+            try:
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                raise StoreExists(f"{dest} exists") from None
+            os.close(fd)
+            try:
+                target = _connect(dest, "rw")
+                try:
+                    self._conn.backup(target)
+                finally:
+                    target.close()
+            except BaseException as exc:
+                dest.unlink(missing_ok=True)
+                if isinstance(exc, sqlite3.Error | OSError):
+                    raise AuditError("the audit trail could not be backed up") from exc
+                raise
+
     def close(self) -> None:
         """Sync and close; idempotent. Raises: AuditError: the final fsync failed."""
         with self._lock:

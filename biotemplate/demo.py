@@ -11,7 +11,6 @@ and how long it took.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -128,9 +127,7 @@ def main(workdir: Path) -> None:
               f" subject keys destroyed={report.subject_keys_destroyed}")
 
     with step("erase subject P-000042 (GDPR Art. 17); a backup from before is useless"):
-        backup = workdir / "backup-before-erasure.db"
-        with sqlite3.connect(folder / "records.db") as src, sqlite3.connect(backup) as dst:
-            src.backup(dst)
+        backup = store.backup(workdir / "backup-before-erasure", actor="ops") / "records.db"
         receipt = store.erase_subject("P-000042", actor="dpo-1", reason="request 55")
         print(f"   erased {receipt.records_erased} records, key destroyed={receipt.key_destroyed}")
         store.close()

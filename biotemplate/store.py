@@ -363,6 +363,28 @@ class TemplateStore(Matching, Retention, Indexing):
                 self._keyring.policies = [_policy_digest(policy)]
                 self._save_keyring()
 
+    def backup(self, dest: str | os.PathLike[str], *, actor: str) -> Path:
+        """Copy ``records.db`` and ``audit.db`` into the new folder ``dest`` with SQLite's
+        online backup API (consistent copies of live databases; never copy the files).
+
+        The keyring is deliberately not copied: back it up on its own short schedule
+        (SECURITY.md), since a keyring copy is what could resurrect shredded records.
+
+        Raises:
+            StoreExists: ``dest`` exists.
+        """
+        with self._audited("backup", actor) as f:
+            folder = Path(dest)
+            try:
+                folder.mkdir(mode=0o700, parents=True)
+            except FileExistsError:
+                raise StoreExists(f"{folder} exists; a backup never overwrites") from None
+            with self._lock:
+                self._trail.append("backup", actor=str(actor), **f)
+                self._db.backup(folder / RECORDS)
+                self._trail.backup(folder / AUDIT)
+            return folder
+
     @property
     def policy(self) -> RetentionPolicy:
         return self._policy

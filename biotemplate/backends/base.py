@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 
@@ -95,6 +96,10 @@ class Backend(Protocol):
     def subject_refs(self) -> set[bytes]: ...
 
     def count(self) -> int: ...
+
+    def backup(self, dest: Path) -> None:
+        """A consistent copy of the live database in a new file (never overwritten)."""
+        ...
 
     def checkpoint(self) -> None:
         """Truncate the write-ahead log so deleted bytes do not linger in it."""
