@@ -103,16 +103,24 @@ def _checked_clock(clock: Clock | None) -> Clock:
 
 
 def _safe(fields: dict[str, Any]) -> dict[str, Any]:
-    """Fields of a refused call, trimmed to audit-safe primitives."""
+    """Fields of a refused call, trimmed to audit-safe primitives (a malformed value must
+    not stop the refusal from being audited: the trace is the point)."""
     out: dict[str, Any] = {}
     for key, value in fields.items():
         if isinstance(value, str):
-            out[key] = value[:256]
+            out[key] = _text(value, 256)
         elif isinstance(value, int | float | bool) or value is None:
             out[key] = value
         elif isinstance(value, list):
-            out[key] = [str(v)[:64] for v in value[:16]]
+            out[key] = [_text(str(v), 64) for v in value[:16]]
     return out
+
+
+def _text(value: str, limit: int) -> str:
+    try:
+        return value[:limit].encode("utf-8").decode("utf-8")
+    except UnicodeError:
+        return "<invalid>"
 
 
 class AuditView:
@@ -144,6 +152,7 @@ class StoreCore:
         self._path, self._db, self._keyring, self._kek = path, backend, keyring, master_key
         self._policy, self.dim, self.model, self._clock = policy, dim, model, clock
         self._codec = RecordCodec(keyring, model=model, dim=dim)
+        self._index_params = index_params
         self._index = TemplateIndex(dim, index_params)
         self._subjects: dict[str, str] = {}  # record id -> subject id, in memory only
         self._lock = threading.RLock()  # serialises mutations (keyring, rows)
@@ -204,15 +213,18 @@ class StoreCore:
             return None
 
     def _index_rows(self, items: Sequence[tuple[RecordRow, rec.Plain]],
-                    progress: Progress | None = None) -> None:
+                    progress: Progress | None = None, *, index: TemplateIndex | None = None,
+                    subjects: dict[str, str] | None = None) -> None:
         if not items:
             return
+        index = self._index if index is None else index
+        subjects = self._subjects if subjects is None else subjects
         vectors = rec.normalised(np.stack([p.template for _, p in items]))
-        self._index.add([r.record_id for r, _ in items], [r.subject_ref for r, _ in items],
-                        [r.purposes for r, _ in items], [r.expiry_us for r, _ in items],
-                        vectors, progress=progress)
+        index.add([r.record_id for r, _ in items], [r.subject_ref for r, _ in items],
+                  [r.purposes for r, _ in items], [r.expiry_us for r, _ in items],
+                  vectors, progress=progress)
         for r, p in items:
-            self._subjects[r.record_id] = p.subject_id
+            subjects[r.record_id] = p.subject_id
 
     def _digest(self, vec: np.ndarray[Any, Any]) -> bytes:
         """A keyed digest of the probe: links audit entries of one probe, reveals nothing."""

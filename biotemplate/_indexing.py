@@ -22,27 +22,35 @@ from .errors import (
     BiotemplateError,
     IntegrityError,
 )
+from .index import TemplateIndex
 
 
 class Indexing(StoreCore):
     """Index loading, snapshots and rebuilds."""
 
     def _load_index(self, progress: Progress | None = None) -> None:
+        """Build a new index from the sealed rows, then swap it in: searches running
+        meanwhile keep using the old one instead of seeing an empty or partial index."""
         now_us = self._now_us()
-        self._index.clear()
-        self._subjects.clear()
-        self._integrity_failures.clear()
-        self._shredded.clear()
+        index = TemplateIndex(self.dim, self._index_params)
+        subjects: dict[str, str] = {}
+        shredded: set[str] = set()
+        failures: set[str] = set()
         total, done = self._db.count(), 0
         for batch in self._db.scan():
-            self._index_rows(self._open_rows(batch, now_us))
+            self._index_rows(self._open_rows(batch, now_us, shredded, failures),
+                             index=index, subjects=subjects)
             done += len(batch)
             if progress is not None:
                 progress(done, total)
+        old = self._index
+        self._index, self._subjects = index, subjects
+        self._shredded, self._integrity_failures = shredded, failures
+        old.clear()
         self._report_integrity()
 
-    def _open_rows(self, rows: Sequence[RecordRow],
-                   now_us: int) -> list[tuple[RecordRow, rec.Plain]]:
+    def _open_rows(self, rows: Sequence[RecordRow], now_us: int, shredded: set[str],
+                   failures: set[str]) -> list[tuple[RecordRow, rec.Plain]]:
         """Decrypt rows for the index: shredded rows are counted and skipped, tampered
         ones are excluded and reported, expired ones are left out."""
         keep: list[tuple[RecordRow, rec.Plain]] = []
@@ -50,10 +58,10 @@ class Indexing(StoreCore):
             try:
                 plain = self._codec.open(row)
             except Shredded:
-                self._shredded.add(row.record_id)
+                shredded.add(row.record_id)
                 continue
             except IntegrityError:
-                self._integrity_failures.add(row.record_id)
+                failures.add(row.record_id)
                 continue
             if row.expiry_us > now_us:
                 keep.append((row, plain))
@@ -98,7 +106,8 @@ class Indexing(StoreCore):
         for stale in (self._integrity_failures, self._shredded):
             stale.intersection_update(current)
             stale.difference_update(changed)
-        self._index_rows(self._open_rows(rows, self._now_us()))
+        self._index_rows(self._open_rows(rows, self._now_us(), self._shredded,
+                                         self._integrity_failures))
         self._report_integrity()
         return True
 

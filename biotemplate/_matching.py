@@ -51,9 +51,9 @@ class Matching(StoreCore):
         started = self._clock()
         with self._audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
             rule = self._search_rule(purpose, mode, k, reason)
-            vec = rec.as_template(probe, self.dim)
-            hits = self._index.search(rec.normalised(vec[None, :])[0], purpose,
-                                      min(k, rule.max_candidates), self._now_us())
+            vec = rec.normalised(rec.as_template(probe, self.dim)[None, :])[0]
+            hits = self._index.search(vec, purpose, min(k, rule.max_candidates),
+                                      self._now_us())
             return self._answer(vec, hits, rule, mode, k, str(actor), started, f)
 
     def search_many(self, probes: object, *, purpose: str, k: int = 10, actor: str,
@@ -69,9 +69,9 @@ class Matching(StoreCore):
         started = self._clock()
         with self._audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
             rule = self._search_rule(purpose, mode, k, reason)
-            vecs = rec.as_templates(probes, self.dim)
-            lists = self._index.search_many(rec.normalised(vecs), purpose,
-                                            min(k, rule.max_candidates), self._now_us())
+            vecs = rec.normalised(rec.as_templates(probes, self.dim))
+            lists = self._index.search_many(vecs, purpose, min(k, rule.max_candidates),
+                                            self._now_us())
             return [self._answer(v, hits, rule, mode, k, str(actor), started, f)
                     for v, hits in zip(vecs, lists, strict=True)]
 
@@ -126,8 +126,10 @@ class Matching(StoreCore):
             now_us = self._now_us()
             best: tuple[float, str] | None = None
             for row in self._db.by_subject(self._keyring.subject_ref(subject_id)):
+                if purpose not in row.purposes:
+                    continue  # never decrypt data outside the declared purpose
                 plain = self._readable(row, now_us, for_export=False)
-                if plain is None or purpose not in row.purposes:
+                if plain is None:
                     continue
                 score = float(np.dot(rec.normalised(plain.template[None, :])[0], vec))
                 if best is None or score > best[0]:

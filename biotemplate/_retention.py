@@ -48,11 +48,11 @@ class Retention(StoreCore):
                 with self._db.transaction():
                     self._db.delete([record_id])
                     self._trail.append("delete", actor=str(actor), **f)
-                self._db.checkpoint()
-                self._forget([record_id])
+                self._forget([record_id])  # committed: out of the index before anything else
                 if not self._db.by_subject(row.subject_ref):  # last record: shred the key
                     self._shred_subjects([row.subject_ref])
                     self._save_keyring()
+                self._db.checkpoint()
 
     def erase_subject(self, subject_id: str, *, actor: str,
                       reason: str | None = None) -> ErasureReceipt:
@@ -74,10 +74,10 @@ class Retention(StoreCore):
                 with self._db.transaction():
                     n = self._db.delete(ids)
                     seq = self._trail.append("erase", actor=str(actor), count=n, **f)
+                self._forget(ids)  # committed: out of the index before anything else
                 had_key = self._shred_subjects([ref]) > 0
                 self._save_keyring()
                 self._db.checkpoint()
-                self._forget(ids)
                 return ErasureReceipt(subject_ref=ref.hex(), records_erased=n,
                                       key_destroyed=had_key, at=_from_us(self._now_us()),
                                       audit_seq=seq)
@@ -102,6 +102,7 @@ class Retention(StoreCore):
                 n = self._db.delete(sorted(doomed_ids))
                 seq = self._trail.append("purge", actor=None, count=n, held_retained=len(held),
                                          epoch_before=before, epoch_after=max(before, target))
+            self._forget(sorted(doomed_ids))  # committed: out of the index before anything
             if self._keyring.advance(target):
                 self._drop_snapshot()
             live_refs = self._db.subject_refs()
@@ -112,7 +113,6 @@ class Retention(StoreCore):
                     del self._keyring.holds[r]  # a released hold with nothing left under it
             self._save_keyring()
             self._db.checkpoint()
-            self._forget(sorted(doomed_ids))
             return PurgeReport(purged=n, held_retained=len(held), epoch_before=before,
                                epoch_after=self._keyring.ratchet_epoch,
                                subject_keys_destroyed=gone, at=_from_us(now_us),
@@ -147,6 +147,9 @@ class Retention(StoreCore):
             with self._lock:
                 ref = self._keyring.subject_ref(subject_id)
                 f["subject_ref"] = ref.hex()
+                # Everything still readable is preserved, including records that expired
+                # but were not purged yet: once a legal claim is known, data that still
+                # exists must not be destroyed (the hold itself is audited with its reason).
                 rows = [r for r in self._db.by_subject(ref)
                         if r.held or r.epoch >= self._keyring.ratchet_epoch]
                 if not rows:

@@ -52,9 +52,10 @@ class RecordCodec:
                 raise Shredded("hold key destroyed")
             scope = hold[0]
         else:
-            if row.epoch < self.keyring.ratchet_epoch:
-                raise Shredded("epoch shredded")
-            scope = self.keyring.epoch_key(row.epoch)
+            try:  # a purge may advance the ratchet between any check and this call
+                scope = self.keyring.epoch_key(row.epoch)
+            except KeyUnavailable:
+                raise Shredded("epoch shredded") from None
         return sealing.record_key(scope, subject_key, bytes.fromhex(row.record_id))
 
     def seal(self, *, record_id: str, subject_ref: bytes, purposes: Sequence[str],

@@ -25,6 +25,7 @@ import binascii
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,7 @@ class Keyring:
     # erasure generation is only a counter, this makes a snapshot copy from before an
     # erasure unopenable even with the current keyring.
     snapshot_secret: bytes | None = None
+    _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _epoch_cache: dict[int, bytes] = field(default_factory=dict)
     _state_cache: dict[int, bytes] = field(default_factory=dict)
 
@@ -236,6 +238,10 @@ class Keyring:
 
     def epoch_key(self, epoch: int) -> bytes:
         """K_epoch(e), derived forward from S_e. Raises KeyUnavailable for a shredded epoch."""
+        with self._mutex:  # the ratchet (epoch, state) pair must be read as one
+            return self._epoch_key(epoch)
+
+    def _epoch_key(self, epoch: int) -> bytes:
         if epoch < self.ratchet_epoch:
             raise KeyUnavailable("that epoch has been shredded")
         cached = self._epoch_cache.get(epoch)
@@ -256,6 +262,10 @@ class Keyring:
 
     def advance(self, to_epoch: int) -> bool:
         """Ratchet S_e forward to S_to_epoch, forgetting the old state. True if it moved."""
+        with self._mutex:
+            return self._advance(to_epoch)
+
+    def _advance(self, to_epoch: int) -> bool:
         if to_epoch <= self.ratchet_epoch:
             return False
         state = self.ratchet_state

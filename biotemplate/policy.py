@@ -365,7 +365,9 @@ class RetentionPolicy:
         try:
             return self.purposes[name]
         except (KeyError, TypeError):
-            raise PolicyViolation(f"unknown purpose {name!r}; the policy defines: "
+            shown = repr(name) if isinstance(name, str) and len(name) <= 64 else (
+                f"of type {type(name).__name__}")  # never echo a template passed by mistake
+            raise PolicyViolation(f"unknown purpose {shown}; the policy defines: "
                                   f"{', '.join(sorted(self.purposes))}") from None
 
     def resolve_ttl(self, purposes: Sequence[str], ttl: timedelta | None) -> timedelta:
@@ -405,14 +407,15 @@ class RetentionPolicy:
     def _chosen(self, purposes: Sequence[str]) -> list[Purpose]:
         """Validate the shape of a ``purposes`` argument and look each name up."""
         if isinstance(purposes, str) or not isinstance(purposes, (list, tuple)):
-            hint = (f"e.g. [{purposes!r}], not a bare string" if isinstance(purposes, str)
-                    else f"got {type(purposes).__name__}")
+            hint = (f"e.g. [{purposes[:64]!r}], not a bare string"
+                    if isinstance(purposes, str) else f"got {type(purposes).__name__}")
             raise InvalidInput(f"purposes must be a list of purpose names, {hint}")
         if not purposes:
             raise PolicyViolation("purposes must name at least one purpose; the policy "
                                   f"defines: {', '.join(sorted(self.purposes))}")
         if not all(isinstance(name, str) for name in purposes):
-            raise InvalidInput(f"purposes must be strings, got {list(purposes)!r}")
+            kinds = sorted({type(n).__name__ for n in purposes if not isinstance(n, str)})
+            raise InvalidInput(f"purposes must be strings, got {', '.join(kinds)}")
         repeated = sorted({name for name in purposes if purposes.count(name) > 1})
         if repeated:
             raise InvalidInput(f"purposes lists {', '.join(map(repr, repeated))} more than once")

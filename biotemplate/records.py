@@ -148,6 +148,11 @@ def check_metadata(metadata: object) -> dict[str, Any]:
                            "bytes, lists or mappings of those") from None
     if len(packed) > MAX_METADATA_BYTES:
         raise InvalidInput(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    try:  # what we seal must decode under the limits we read it back with
+        msgpack.unpackb(packed, raw=False, **_UNPACK_LIMITS)
+    except (ValueError, TypeError, msgpack.ExtraData):
+        raise InvalidInput("metadata keys must be strings at every level, "
+                           "with at most 4096 entries per mapping") from None
     if any(isinstance(v, float) and not math.isfinite(v) for v in metadata.values()):
         raise InvalidInput("metadata floats must be finite")
     return dict(metadata)

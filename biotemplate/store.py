@@ -166,29 +166,34 @@ class TemplateStore(Matching, Retention, Indexing):
         source = "snapshot" if store._load_snapshot() else "rebuild"
         if source == "rebuild":
             store._load_index(progress)
-        if last is not None and not store._committed(last):
-            store._trail.append("rollback", actor=None, ref_seq=last.seq, of=last.event)
+        lost = None if last is None else store._uncommitted(last)
+        if lost is not None:
+            store._trail.append("rollback", actor=None, ref_seq=lost.seq, of=lost.event)
         store._trail.append("open", actor=None, records=len(store._index), index=source,
                             integrity_failures=len(store._integrity_failures))
         return store
 
-    def _committed(self, entry: AuditEntry) -> bool:
-        """Did the mutation this last audit entry announced reach the records database?
+    def _uncommitted(self, entry: AuditEntry) -> AuditEntry | None:
+        """The last mutation the trail announced, if it never reached the records database.
 
         The audit entry is written before the records commit (fail closed), so a process
         killed between the two leaves an "ok" entry for a change that rolled back; the next
         open notices and says so in the trail, so the audit never overstates an erasure.
         """
+        for _ in range(256):  # searches may have been audited after it: look past them
+            if entry.event not in _READS or entry.seq <= 1:
+                break
+            entry = self._trail.get(entry.seq - 1)
+        f, done = entry.fields, True
         if entry.outcome != "ok":
-            return True
-        f = entry.fields
-        if entry.event == "enroll" and f.get("record_ids"):
-            return self._db.get(str(f["record_ids"][0])) is not None
-        if entry.event == "delete" and isinstance(f.get("record_id"), str):
-            return self._db.get(f["record_id"]) is None
-        if entry.event == "erase" and isinstance(f.get("subject_ref"), str):
-            return not self._db.by_subject(bytes.fromhex(f["subject_ref"]))
-        return True
+            pass
+        elif entry.event == "enroll" and f.get("record_ids"):
+            done = self._db.get(str(f["record_ids"][0])) is not None
+        elif entry.event == "delete" and isinstance(f.get("record_id"), str):
+            done = self._db.get(f["record_id"]) is None
+        elif entry.event == "erase" and isinstance(f.get("subject_ref"), str):
+            done = not self._db.by_subject(bytes.fromhex(f["subject_ref"]))
+        return None if done else entry
 
     def close(self) -> None:
         """Audit the close, make the audit durable, release files. Safe to call twice."""
@@ -256,13 +261,13 @@ class TemplateStore(Matching, Retention, Indexing):
                 progress: Progress | None = None) -> list[str]:
         for sid in subject_ids:
             rec.check_text(sid, "subject_id", limit=rec.MAX_SUBJECT_ID)
-        ttl = self._policy.resolve_ttl(purposes, ttl)
         src = rec.check_text(source, "source", optional=True)
-        for name in purposes:
-            if not self._policy.purpose(name).source_allowed(src):
-                raise PolicyViolation(f"source {src!r} is not allowed for purpose {name!r}")
         meta = rec.check_metadata(metadata)
-        with self._lock:
+        with self._lock:  # the policy is read under the lock set_policy changes it under
+            ttl = self._policy.resolve_ttl(purposes, ttl)
+            for name in purposes:
+                if not self._policy.purpose(name).source_allowed(src):
+                    raise PolicyViolation(f"this source is not allowed for purpose {name!r}")
             now_us = self._now_us()
             expiry_us = now_us + ttl // timedelta(microseconds=1)
             refs = [self._keyring.subject_ref(s) for s in subject_ids]
@@ -339,11 +344,11 @@ class TemplateStore(Matching, Retention, Indexing):
             if policy.epoch != self._policy.epoch:
                 raise PolicyViolation("the epoch length is fixed when the store is created "
                                       f"({format_duration(self._policy.epoch)})")
-            live = self._index.stats().get("purposes", {})
-            for name, info in live.items():
-                if name not in policy.purposes and info.get("live", 0) > 0:
-                    raise PolicyViolation(f"purpose {name!r} still has live records")
-            with self._lock:
+            with self._lock:  # no enrolment can slip in between the check and the change
+                live = self._index.stats().get("purposes", {})
+                for name, info in live.items():
+                    if name not in policy.purposes and info.get("live", 0) > 0:
+                        raise PolicyViolation(f"purpose {name!r} still has live records")
                 current = _policy_digest(self._policy)
                 # Accept both versions while the change is in flight, so a crash on either
                 # side of the commit leaves a store that opens; then only the new one.
@@ -435,6 +440,10 @@ def _listish(purposes: object) -> list[str]:
     if isinstance(purposes, list | tuple):
         return [p for p in purposes if isinstance(p, str)][:16]
     return []
+
+
+_READS = frozenset({"search", "verify", "export", "confirm", "snapshot", "integrity",
+                    "backup"})
 
 
 def _policy_digest(policy: RetentionPolicy) -> bytes:
