@@ -49,10 +49,11 @@ def compare(n: int) -> str:
         for s in res["systems"]:
             for pt in s.get("sweep") or []:
                 sweep_rows.append([s["system"], str(pt["ef"]), f(pt["qps"], ".0f"),
-                                   f(pt["recall_at_10"], ".4f")])
+                                   f(pt["recall_at_10"], ".4f"), f(pt.get("rank1"), ".4f")])
         if sweep_rows:
             parts.append(f"<details><summary>ef sweep, d={res['dim']}</summary>\n\n"
-                         + md(sweep_rows, ["system", "ef", "batch QPS", "recall@10"])
+                         + md(sweep_rows, ["system", "ef", "batch QPS", "recall@10",
+                                             "rank-1 (exact 1.0)"])
                          + "\n\n</details>")
     return "\n\n".join(parts)
 
