@@ -165,9 +165,16 @@ def _seal_with_nonce(key: bytes, plaintext: bytes, aad: bytes, nonce: bytes) -> 
 
 def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
     """Authenticate and decrypt a sealed blob. Raises IntegrityError on any failure."""
-    if len(blob) < 1 + NONCE_SIZE + TAG_SIZE or blob[0] != VERSION:
+    if len(blob) < 1 + NONCE_SIZE + TAG_SIZE:
         raise IntegrityError("sealed data failed authentication")
-    nonce, ct = blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :]
+    return open_sealed_parts(key, blob[0], blob[1 : 1 + NONCE_SIZE], blob[1 + NONCE_SIZE :], aad)
+
+
+def open_sealed_parts(key: bytes, version: int, nonce: bytes, ct: bytes, aad: bytes) -> bytes:
+    """``open_sealed`` for a blob read in pieces, so a large snapshot is not copied by
+    slicing. Same checks, same single error."""
+    if version != VERSION or len(nonce) != NONCE_SIZE or len(ct) < TAG_SIZE:
+        raise IntegrityError("sealed data failed authentication")
     try:
         return bytes(crypto_aead_xchacha20poly1305_ietf_decrypt(ct, aad, nonce, key))
     except CryptoError:

@@ -92,15 +92,19 @@ def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
 
 def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
     """Return (seq covered, state). Raises IntegrityError when missing, stale or forged."""
-    try:
-        data = path.read_bytes()
+    try:  # read in pieces: a 100k x 512 snapshot is ~230 MB, and slices would copy it
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8 or head[:4] != MAGIC:
+                raise IntegrityError("snapshot header is corrupt")
+            (n,) = _LEN.unpack_from(head, 4)
+            if n > 4096:
+                raise IntegrityError("snapshot header is corrupt")
+            header_bytes = fh.read(n)
+            version, nonce, ct = fh.read(1), fh.read(sealing.NONCE_SIZE), fh.read()
     except OSError:
         raise IntegrityError("no snapshot") from None
     try:
-        if data[:4] != MAGIC:
-            raise ValueError
-        (n,) = _LEN.unpack_from(data, 4)
-        header_bytes = data[8 : 8 + n]
         header = msgpack.unpackb(header_bytes, raw=False, max_map_len=16)
         seq, epoch, erasures = (header["seq"], header["epoch"], header["erasures"])
         if not all(type(v) is int for v in (seq, epoch, erasures)):
@@ -110,8 +114,9 @@ def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
     if epoch != keyring.ratchet_epoch or erasures != keyring.erasures:
         raise IntegrityError("snapshot is stale (epoch or erasure since)")
     aad = MAGIC + keyring.store_id + header_bytes
-    body = sealing.open_sealed(_key(keyring, epoch, erasures), data[8 + n :], aad)
-    del data
+    body = sealing.open_sealed_parts(_key(keyring, epoch, erasures),
+                                     version[0] if version else -1, nonce, ct, aad)
+    del ct
     try:
         state = msgpack.unpackb(body, raw=False, object_hook=_unpack_hook,
                                 strict_map_key=False)

@@ -9,6 +9,7 @@ Which path ``open`` took is read from its audit entry (``index="snapshot"`` or
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import shutil
@@ -552,13 +553,17 @@ def test_a_failed_snapshot_raises_a_storage_error_and_keeps_the_store_usable(
 
 
 class _InMemory:
-    """A path whose bytes are in memory (``snapshot.read`` only calls ``read_bytes``)."""
+    """A path whose bytes are in memory (``snapshot.read`` only opens it for reading)."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
 
     def read_bytes(self) -> bytes:
         return self.data
+
+    def open(self, mode: str = "rb") -> io.BytesIO:
+        assert mode == "rb"
+        return io.BytesIO(self.data)
 
 
 def test_every_header_byte_value_is_rejected_by_the_reader(
