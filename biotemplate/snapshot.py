@@ -8,7 +8,9 @@ File layout (``index.snapshot``)::
 
     "BTSN" | header length (4 bytes, big-endian) | header | sealed body
     header = msgpack({"v": 1, "seq": change seq covered, "epoch": e, "erasures": g})
-    body   = seal(snapshot key, msgpack(state), ad = "BTSN" | store id | header)
+    body   = seal(snapshot key, plain, ad = "BTSN" | store id | header)
+    plain  = meta length (8 bytes) | msgpack(state, arrays as [dtype, shape, offset, size])
+             | the arrays' raw bytes (mapped, not copied, when read back)
     snapshot key = HKDF(HKDF(K_epoch(e) || snapshot secret, "snap-scope"), "snapshot/" + g)
 
 The key dies with its epoch (purge advances the ratchet) and with the next destruction of a
@@ -38,22 +40,54 @@ MAGIC = b"BTSN"
 _LEN = struct.Struct(">I")
 
 
-def _pack_default(obj: object) -> Any:
-    if isinstance(obj, np.ndarray):
-        return {"__nd__": [obj.dtype.str, list(obj.shape), np.ascontiguousarray(obj).tobytes()]}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot snapshot a {type(obj).__name__}")
+_META_LEN = struct.Struct(">Q")
 
 
-def _unpack_hook(obj: dict[Any, Any]) -> Any:
-    nd = obj.get("__nd__")
-    if nd is not None:
-        dtype, shape, data = nd
-        if not isinstance(dtype, str) or not isinstance(data, bytes):
+def _pack_body(state: dict[str, Any]) -> bytes:
+    """msgpack of the state with every array replaced by (dtype, shape, offset, size),
+    followed by the raw array bytes: the reader maps arrays straight out of the decrypted
+    body instead of copying each one out of msgpack."""
+    parts: list[memoryview] = []
+    offset = 0
+
+    def default(obj: object) -> Any:
+        nonlocal offset
+        if isinstance(obj, np.ndarray):
+            raw = memoryview(np.ascontiguousarray(obj).data).cast("B")
+            parts.append(raw)
+            offset += raw.nbytes
+            return {"__nd__": [obj.dtype.str, list(obj.shape), offset - raw.nbytes, raw.nbytes]}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise TypeError(f"cannot snapshot a {type(obj).__name__}")
+
+    meta = msgpack.packb(state, use_bin_type=True, default=default)
+    return b"".join([_META_LEN.pack(len(meta)), meta, *parts])
+
+
+def _unpack_body(body: bytes) -> Any:
+    (m,) = _META_LEN.unpack_from(body, 0)
+    base, size = _META_LEN.size + m, len(body)
+    if base > size:
+        raise ValueError("malformed snapshot body")
+
+    def hook(obj: dict[Any, Any]) -> Any:
+        nd = obj.get("__nd__")
+        if nd is None:
+            return obj
+        dtype, shape, offset, nbytes = nd
+        if not (isinstance(dtype, str) and all(type(v) is int for v in (offset, nbytes))
+                and isinstance(shape, list) and all(type(v) is int for v in shape)):
             raise TypeError("malformed array")
-        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
-    return obj
+        kind = np.dtype(dtype)
+        if (offset < 0 or nbytes < 0 or base + offset + nbytes > size
+                or kind.itemsize == 0 or nbytes != kind.itemsize * int(np.prod(shape))):
+            raise ValueError("malformed array")
+        return np.frombuffer(body, dtype=kind, count=nbytes // kind.itemsize,
+                             offset=base + offset).reshape(shape)
+
+    return msgpack.unpackb(body[_META_LEN.size : base], raw=False, object_hook=hook,
+                           strict_map_key=False)
 
 
 def _key(keyring: Keyring, epoch: int, erasures: int) -> bytes:
@@ -67,7 +101,7 @@ def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
     """Seal ``state`` and replace the snapshot file atomically. Returns bytes written."""
     header = msgpack.packb({"v": 1, "seq": seq, "epoch": keyring.ratchet_epoch,
                             "erasures": keyring.erasures}, use_bin_type=True)
-    body = msgpack.packb(state, use_bin_type=True, default=_pack_default)
+    body = _pack_body(state)
     aad = MAGIC + keyring.store_id + header
     sealed = sealing.seal(_key(keyring, keyring.ratchet_epoch, keyring.erasures), body, aad)
     del body
@@ -118,12 +152,11 @@ def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
                                      version[0] if version else -1, nonce, ct, aad)
     del ct
     try:
-        state = msgpack.unpackb(body, raw=False, object_hook=_unpack_hook,
-                                strict_map_key=False)
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+        state = _unpack_body(body)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, struct.error,
             msgpack.ExtraData):
         raise IntegrityError("snapshot body is corrupt") from None
-    del body  # the arrays in ``state`` hold their own copies: free the plaintext now
+    del body  # the arrays in ``state`` are views of it: it lives until hnswlib copied them
     if not isinstance(state, dict):
         raise IntegrityError("snapshot body is corrupt")
     return seq, state
