@@ -190,6 +190,14 @@ class StoreCore:
                                error=type(exc).__name__, **_safe(fields))
             raise
 
+    def _subject(self, subject_id: object, fields: dict[str, Any]) -> bytes:
+        """Validate a subject id and return its keyed ref, also recorded in the call's
+        audit fields (the audit names subjects only by ref, never in clear)."""
+        rec.check_text(subject_id, "subject_id", limit=rec.MAX_SUBJECT_ID)
+        ref = self._keyring.subject_ref(str(subject_id))
+        fields["subject_ref"] = ref.hex()
+        return ref
+
     def _save_keyring(self) -> None:
         self._keyring.high_water_us = max(self._keyring.high_water_us,
                                           self._clock.high_water_us)

@@ -64,10 +64,8 @@ class Retention(StoreCore):
         """
         with self._audited("erase", actor, reason=reason) as f:
             rec.check_text(reason, "reason", optional=True)
-            rec.check_text(subject_id, "subject_id", limit=rec.MAX_SUBJECT_ID)
+            ref = self._subject(subject_id, f)
             with self._lock:
-                ref = self._keyring.subject_ref(subject_id)
-                f["subject_ref"] = ref.hex()
                 if self._keyring.held(ref):
                     raise PolicyViolation("the subject is under legal hold (GDPR Art. 17(3)(e))")
                 ids = [r.record_id for r in self._db.by_subject(ref)]
@@ -143,10 +141,8 @@ class Retention(StoreCore):
         """
         with self._audited("hold", actor, reason=reason) as f:
             rec.check_text(reason, "reason")
-            rec.check_text(subject_id, "subject_id", limit=rec.MAX_SUBJECT_ID)
+            ref = self._subject(subject_id, f)
             with self._lock:
-                ref = self._keyring.subject_ref(subject_id)
-                f["subject_ref"] = ref.hex()
                 # Everything still readable is preserved, including records that expired
                 # but were not purged yet: once a legal claim is known, data that still
                 # exists must not be destroyed (the hold itself is audited with its reason).
@@ -178,10 +174,8 @@ class Retention(StoreCore):
         """
         with self._audited("release", actor, reason=reason) as f:
             rec.check_text(reason, "reason")
-            rec.check_text(subject_id, "subject_id", limit=rec.MAX_SUBJECT_ID)
+            ref = self._subject(subject_id, f)
             with self._lock:
-                ref = self._keyring.subject_ref(subject_id)
-                f["subject_ref"] = ref.hex()
                 if not self._keyring.held(ref):
                     raise PolicyViolation("the subject is not under legal hold")
                 rows = [r for r in self._db.by_subject(ref) if r.held]

@@ -311,9 +311,8 @@ class TemplateStore(Matching, Retention, Indexing):
         """
         with self._audited("export", actor, reason=reason) as f:
             rec.check_text(reason, "reason", optional=True)
-            rec.check_text(subject_id, "subject_id", limit=rec.MAX_SUBJECT_ID)
+            ref = self._subject(subject_id, f)
             now_us = self._now_us()
-            ref = self._keyring.subject_ref(subject_id)
             views = []
             for row in self._db.by_subject(ref):
                 plain = self._readable(row, now_us, for_export=True)
@@ -325,8 +324,7 @@ class TemplateStore(Matching, Retention, Indexing):
                     expires_at=_from_us(row.expiry_us), created_at=_from_us(plain.created_us),
                     source=plain.source, metadata=dict(plain.metadata),
                     held=row.held and self._keyring.held(ref)))
-            self._trail.append("export", actor=str(actor), count=len(views),
-                               subject_ref=ref.hex(), **f)
+            self._trail.append("export", actor=str(actor), count=len(views), **f)
             return views
 
     def set_policy(self, policy: RetentionPolicy, *, actor: str,
