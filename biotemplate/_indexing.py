@@ -74,20 +74,30 @@ class Indexing(StoreCore):
                                record_ids=sorted(self._integrity_failures)[:100])
 
     def _load_snapshot(self) -> bool:
-        """Load the sealed snapshot, then re-read every row whose fingerprint (clear header
-        and AEAD tag) changed since: new, resealed, or edited offline in a way that touches
-        them (see SECURITY.md); rows that are gone are dropped. False (and the
+        """Load the sealed snapshot, then bring it up to the rows.
+
+        Every change made through the store is logged in the same transaction as the row
+        (the ``changes`` table), so when the last change is still the one the snapshot
+        covers and the row count agrees, no row was written since and nothing is read
+        (an open then costs one decryption, not a pass over every row). Otherwise every
+        row's clear header and AEAD tag is compared with the fingerprint the snapshot
+        took: changed rows are re-read (and excluded if forged), rows that are gone are
+        dropped. What this does not catch at open is in SECURITY.md. False (and the
         caller rebuilds) when there is no usable snapshot."""
         path = self._path / SNAPSHOT
         if not path.exists():
             return False
         try:
-            _, state = snapshot.read(path, self._keyring)
-            subjects = {str(k): str(v) for k, v in state.pop("subjects").items()}
-            seen = {str(k): bytes(v) for k, v in state.pop("rows").items()}
-            failures = {str(x) for x in state.pop("integrity_failures")}
-            shredded = {str(x) for x in state.pop("shredded")}
-            self._index.import_state(state)
+            with snapshot.opened(path, self._keyring) as (seq, state):
+                ids, subject_ids = state.pop("record_ids"), state.pop("subject_ids")
+                if not (len(ids) == len(subject_ids)
+                        and set(map(type, subject_ids)) <= {str}):
+                    raise ValueError("subject map")
+                subjects = dict(zip(ids, subject_ids, strict=True))
+                rows, row_count = bytes(state.pop("rows")), int(state.pop("row_count"))
+                failures = {str(x) for x in state.pop("integrity_failures")}
+                shredded = {str(x) for x in state.pop("shredded")}
+                self._index.import_state(state)
         except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError,
                 OverflowError):
             self._index.clear()
@@ -96,6 +106,13 @@ class Indexing(StoreCore):
             self._trail.append("snapshot", actor=None, outcome="error", action="rejected")
             return False
         self._subjects, self._integrity_failures, self._shredded = subjects, failures, shredded
+        if self._db.last_change() != seq or self._db.count() != row_count:
+            self._reconcile(snapshot.unpack_fingerprints(rows))
+        self._report_integrity()
+        return True
+
+    def _reconcile(self, seen: dict[str, bytes]) -> None:
+        """Bring a loaded snapshot up to the rows: re-read changed ones, forget gone ones."""
         current: dict[str, bytes] = {}
         for batch in self._db.scan_headers():
             for row in batch:
@@ -108,8 +125,6 @@ class Indexing(StoreCore):
             stale.difference_update(changed)
         self._index_rows(self._open_rows(rows, self._now_us(), self._shredded,
                                          self._integrity_failures))
-        self._report_integrity()
-        return True
 
     def snapshot(self) -> int:
         """Write a sealed index snapshot now (also done on close); returns the change
@@ -119,11 +134,14 @@ class Indexing(StoreCore):
             seq = self._db.last_change()
             self._index.hide_expired(self._now_us())  # so export_state overwrites them
             state = self._index.export_state()
-            state["subjects"] = dict(self._subjects)
+            state["record_ids"] = list(self._subjects)
+            state["subject_ids"] = list(self._subjects.values())
             state["integrity_failures"] = sorted(self._integrity_failures)
             state["shredded"] = sorted(self._shredded)
-            state["rows"] = {row.record_id: snapshot.fingerprint(row)
-                             for batch in self._db.scan_headers() for row in batch}
+            fingerprints = {row.record_id: snapshot.fingerprint(row)
+                            for batch in self._db.scan_headers() for row in batch}
+            state["rows"] = snapshot.pack_fingerprints(fingerprints)
+            state["row_count"] = len(fingerprints)
             size = snapshot.write(self._path / SNAPSHOT, self._keyring, state, seq)
             self._trail.append("snapshot", actor=None, seq=seq, records=len(self._index),
                                bytes=size)

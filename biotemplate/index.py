@@ -29,6 +29,7 @@ distance is ``1 - dot``; the score is ``dot`` clipped to [-1, 1].
 from __future__ import annotations
 
 import heapq
+import math
 import operator
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,7 +43,7 @@ from numpy.typing import NDArray
 
 from biotemplate.errors import BiotemplateError, InvalidInput, InvalidTemplate
 
-__all__ = ["Hit", "IndexParams", "TemplateIndex"]
+__all__ = ["Hit", "IndexParams", "TemplateIndex", "auto_ef"]
 
 _CHUNK = 10_000  # rows per add_items call, so `progress` ticks and the GIL is let go
 _MIN_CAPACITY = 1_024
@@ -63,22 +64,38 @@ class IndexParams:
     # Beam width while building: a better graph for a slower add. Fixed once built.
     ef_construction: int = 200
     # Beam width while searching; hnswlib uses max(ef, k), so an over-fetch of k items
-    # is always searched with ef >= k. Measured at d=512, 100k face-like templates, M=16
-    # (benchmarks/RESULTS.md): rank-1 of mated probes is 0.937 at ef=32, 0.9925 at 64,
-    # 0.9995 at 128 and equal to exact search at 256 with one sample per identity; with
-    # several samples per identity ef=64 already equals exact. 128 keeps the index's
-    # extra misses under 0.1 percentage point.
-    ef_search: int = 128
+    # is always searched with ef >= k. None (the default): each sub-index's ef grows with
+    # its live count (see ``auto_ef``), because a fixed ef that finds the mate at 100k
+    # misses it at 1M. An int fixes ef for every sub-index (faster, and your own
+    # measurement of what the index may miss).
+    ef_search: int | None = None
     # Sub-indexes with this many live items or fewer are searched exactly.
     exact_cutoff: int = 2048
     # 0 = hnswlib's default (all cores).
     num_threads: int = 0
 
     def __post_init__(self) -> None:
-        if self.M < 2 or self.ef_construction < 1 or self.ef_search < 1:
+        if self.M < 2 or self.ef_construction < 1 or (self.ef_search is not None
+                                                       and self.ef_search < 1):
             raise InvalidInput("IndexParams: M must be >= 2 and ef values >= 1")
         if self.exact_cutoff < 0 or self.num_threads < 0:
             raise InvalidInput("IndexParams: exact_cutoff and num_threads must be >= 0")
+
+
+# auto_ef, fitted by benchmarks/calibrate_ef.py (RESULTS.md, "Choosing ef"): the smallest
+# ef at which rank-1 of mated probes is within 0.1 point of exact search, for galleries of
+# one sample per identity (the hard case), M=16, face-like data, grows like n^0.9:
+# ~128 at 30k, ~384 at 100k, ~1024 at 300k (d=128). The fit is used for every dimension
+# and with a margin, so it is conservative where fewer is needed (d=512, several samples).
+_EF_FLOOR = 64
+_EF_SCALE = 0.0125
+_EF_POWER = 0.9
+
+
+def auto_ef(live: int) -> int:
+    """The ef the index searches a sub-index of ``live`` records with by default:
+    ``max(64, 0.0125 * live ** 0.9)``, rounded up to a multiple of 32."""
+    return max(_EF_FLOOR, 32 * math.ceil(_EF_SCALE * max(live, 0) ** _EF_POWER / 32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +118,7 @@ class _Sub:
     # get_items costs ~60 ms for 2048 vectors at d=512 and the exact path runs per search.
     mirror_labels: Labels | None = None
     mirror: Vectors | None = None
+    ef: int = 0  # what set_ef was last given
 
 
 class _RWLock:
@@ -469,7 +487,8 @@ class TemplateIndex:
                 slots: int = sub.index.get_current_count()
                 capacity: int = sub.index.get_max_elements()
                 per_purpose[purpose] = {"live": len(sub.live), "hidden": len(sub.hidden),
-                                        "deleted": slots - len(sub.live), "capacity": capacity}
+                                        "deleted": slots - len(sub.live), "capacity": capacity,
+                                        "ef": sub.ef}
             return {"dim": self._dim, "records": len(self._label_of),
                     "params": asdict(self._params), "purposes": per_purpose}
 
@@ -485,45 +504,68 @@ class TemplateIndex:
             with _translated("compact before a snapshot"):
                 for sub in self._subs.values():
                     self._overwrite(sub, list(sub.hidden))
-            records = [[self._record_of[lb], lb, self._subject[lb], self._expiry[lb],
-                        list(self._purposes_of[lb])] for lb in self._record_of]
+            # Columns, not a row per record: a snapshot of 100k records then decodes in a
+            # few C-level passes (msgpack lists, numpy arrays, dict(zip())) on open.
+            labels = list(self._record_of)
+            tag_sets = sorted(set(self._purposes_of.values()))
+            tag_index = {tags: i for i, tags in enumerate(tag_sets)}
+            records = {
+                "ids": [self._record_of[lb] for lb in labels],
+                "labels": np.asarray(labels, dtype=np.uint64),
+                "subjects": [self._subject[lb] for lb in labels],
+                "expiry": np.asarray([self._expiry[lb] for lb in labels], dtype=np.int64),
+                "tag_sets": [list(tags) for tags in tag_sets],
+                "tags": np.asarray([tag_index[self._purposes_of[lb]] for lb in labels],
+                                   dtype=np.uint32),
+            }
             subs = {p: {"hnsw": sub.index.__getstate__()[0],
                         "live": np.fromiter(sub.live, np.uint64, len(sub.live))}
                     for p, sub in self._subs.items()}
-            return {"v": 1, "dim": self._dim, "next_label": self._next_label,
+            return {"v": 2, "dim": self._dim, "next_label": self._next_label,
                     "records": records, "subs": subs}
 
     def import_state(self, state: dict[str, Any]) -> None:
-        """Replace the index with an exported state. Call only with authenticated data.
+        """Replace the index with an exported state. Call only with authenticated data;
+        the shapes are still checked, so a state of another store or version is refused.
 
         Raises:
             BiotemplateError: the state does not fit this index (dimension, shape).
         """
         try:
-            if state["v"] != 1 or state["dim"] != self._dim:
-                raise ValueError("dimension")
+            if state["v"] != 2 or state["dim"] != self._dim:
+                raise ValueError("version or dimension")
+            cols = state["records"]
+            ids, labels = cols["ids"], np.asarray(cols["labels"], dtype=np.uint64).tolist()
+            subject, expiry = cols["subjects"], np.asarray(cols["expiry"], dtype=np.int64).tolist()
+            tag_sets = [tuple(str(t) for t in tags) for tags in cols["tag_sets"]]
+            tag_of = np.asarray(cols["tags"], dtype=np.uint32).tolist()
+            n = len(ids)
+            if (not len(labels) == len(subject) == len(expiry) == len(tag_of) == n
+                    or not set(map(type, ids)) <= {str}
+                    or not set(map(type, subject)) <= {bytes}
+                    or (n and max(tag_of) >= len(tag_sets))):
+                raise ValueError("record columns")
             subs: dict[str, _Sub] = {}
             pending = state["subs"]
             for purpose in list(pending):
                 sub_state = pending.pop(purpose)  # let each state go once hnswlib has it
                 index = hnswlib.Index.__new__(hnswlib.Index)
                 index.__setstate__((sub_state.pop("hnsw"),))
-                index.set_ef(self._params.ef_search)
-                live = {int(x) for x in np.asarray(sub_state["live"], dtype=np.uint64)}
+                live = set(np.asarray(sub_state["live"], dtype=np.uint64).tolist())
                 subs[str(purpose)] = _Sub(index, live=live)
-            records = [(str(r), int(lb), bytes(ref), int(exp), tuple(map(str, ps)))
-                       for r, lb, ref, exp, ps in state["records"]]
             next_label = int(state["next_label"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise BiotemplateError("the index snapshot does not fit this store") from exc
         self.clear()
         with self._lock.write():
             self._subs, self._next_label = subs, next_label
-            for rid, label, ref, exp, tags in records:
-                self._label_of[rid], self._record_of[label] = label, rid
-                self._subject[label], self._expiry[label] = ref, exp
-                self._purposes_of[label] = tags
-                self._heap.append((exp, label))
+            self._label_of = dict(zip(ids, labels, strict=True))
+            self._record_of = dict(zip(labels, ids, strict=True))
+            self._subject = dict(zip(labels, subject, strict=True))
+            self._expiry = dict(zip(labels, expiry, strict=True))
+            self._purposes_of = dict(zip(labels, map(tag_sets.__getitem__, tag_of),
+                                         strict=True))
+            self._heap = list(zip(expiry, labels, strict=True))
             heapq.heapify(self._heap)
             with _translated("load a snapshot"):
                 for sub in subs.values():
@@ -551,8 +593,15 @@ class TemplateIndex:
         index.init_index(max_elements=max(_MIN_CAPACITY, expected), M=self._params.M,
                          ef_construction=self._params.ef_construction,
                          allow_replace_deleted=True)
-        index.set_ef(self._params.ef_search)  # only here: set_ef mutates the index
-        return index
+        return index  # its ef is set by _tune_ef once it holds records
+
+    def _tune_ef(self, sub: _Sub) -> None:
+        """Set the sub-index's search ef for its size. set_ef mutates the index, so this
+        runs under the write lock only, after every change to ``sub.live``."""
+        ef = self._params.ef_search or auto_ef(len(sub.live))
+        if ef != sub.ef:
+            sub.index.set_ef(ef)
+            sub.ef = ef
 
     def _reserve(self, sub: _Sub, extra: int) -> None:
         """Double capacity until ``extra`` more fit (replace_deleted fills dead slots first)."""
@@ -614,7 +663,8 @@ class TemplateIndex:
             fresh.add_items(vectors, live, num_threads=self._threads)
         finally:
             _scrub(vectors)
-        sub.index = fresh
+        sub.index, sub.ef = fresh, 0
+        self._tune_ef(sub)
 
     def _refresh_mirror(self, sub: _Sub, drop: Sequence[int] = (),
                         add: tuple[Labels, Vectors] | None = None) -> None:
@@ -634,3 +684,4 @@ class TemplateIndex:
                 _scrub(kept)
         sub.mirror_labels, sub.mirror = labels, vectors
         _scrub(old)
+        self._tune_ef(sub)  # every change to sub.live ends here

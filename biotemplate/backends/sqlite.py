@@ -57,7 +57,17 @@ _INSERT = (
     "INSERT INTO records (record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_LOG = "INSERT INTO changes (record_id, op) VALUES (?, ?)"
+# Every write to ``records`` is logged by SQLite itself, in the same transaction: the
+# store's own writes and anyone else's made through SQLite (a CLI, a script), so an index
+# snapshot notices any row written after it without reading the rows.
+_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS records_add AFTER INSERT ON records"
+    " BEGIN INSERT INTO changes (record_id, op) VALUES (NEW.record_id, 'add'); END",
+    "CREATE TRIGGER IF NOT EXISTS records_reseal AFTER UPDATE ON records"
+    " BEGIN INSERT INTO changes (record_id, op) VALUES (NEW.record_id, 'reseal'); END",
+    "CREATE TRIGGER IF NOT EXISTS records_del AFTER DELETE ON records"
+    " BEGIN INSERT INTO changes (record_id, op) VALUES (OLD.record_id, 'del'); END",
+)
 _UPSERT_META = (
     "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
@@ -71,6 +81,7 @@ _SCHEMA = (
     "CREATE INDEX records_expiry ON records (expiry_us)",
     "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " record_id TEXT NOT NULL, op TEXT NOT NULL)",
+    *_TRIGGERS,
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 _PRAGMAS = ("synchronous=FULL", "secure_delete=ON", "foreign_keys=ON", "trusted_schema=OFF")
@@ -155,11 +166,11 @@ def _start(path: Path, *, new: bool) -> sqlite3.Connection:
                 if version != SCHEMA_VERSION:
                     raise StorageError("unsupported records database schema version")
             _configure(conn)
-            if new:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            # a file from before the triggers existed gets them here (IF NOT EXISTS)
+            for statement in _SCHEMA if new else _TRIGGERS:
+                conn.execute(statement)
+            conn.execute("COMMIT")
     except BaseException:
         if conn is not None:
             conn.close()
@@ -274,7 +285,7 @@ class SQLiteBackend:
             self._write(_UPSERT_META, [(key, value)])
 
     def insert(self, rows: Sequence[RecordRow]) -> None:
-        """Add rows (``seq`` assigned here), logging one 'add' change each.
+        """Add rows (``seq`` assigned here); the trigger logs one 'add' change each.
 
         Raises:
             InvalidInput: a record id already exists, or a purpose tag holds a comma.
@@ -287,10 +298,9 @@ class SQLiteBackend:
                 if "records.record_id" in str(exc):
                     raise InvalidInput("record id already exists") from None
                 raise
-            self._write(_LOG, [(p[0], "add") for p in params])
 
     def update(self, rows: Sequence[RecordRow]) -> None:
-        """Reseal in place: epoch, held and blob change, ``seq`` stays; logs 'reseal'.
+        """Reseal in place: epoch, held and blob change, ``seq`` stays; logged 'reseal'.
 
         Raises:
             RecordNotFound: a row to reseal does not exist (nothing may vanish silently).
@@ -300,17 +310,14 @@ class SQLiteBackend:
             for r in rows:
                 if self._write(sql, [(r.epoch, int(r.held), r.blob, r.record_id)]) != 1:
                     raise RecordNotFound("cannot reseal a record that does not exist")
-            self._write(_LOG, [(r.record_id, "reseal") for r in rows])
 
     def delete(self, record_ids: Sequence[str]) -> int:
-        """Delete rows by id, logging 'del' for each that existed; returns that count."""
-        deleted: list[tuple[object, ...]] = []
+        """Delete rows by id (logged 'del' by the trigger); returns how many existed."""
+        deleted = 0
         with self._lock, _mapped("delete"):
             for record_id in record_ids:
-                if self._write("DELETE FROM records WHERE record_id = ?", [(record_id,)]):
-                    deleted.append((record_id, "del"))
-            self._write(_LOG, deleted)
-        return len(deleted)
+                deleted += self._write("DELETE FROM records WHERE record_id = ?", [(record_id,)])
+        return deleted
 
     def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
         """``(seq, record_id, op)`` of every change after ``seq``, oldest first.

@@ -222,7 +222,7 @@ def test_compaction_after_removing_more_than_half():
     labels = [index._label_of[r] for r in removed]
     index.remove(removed)
     stats = index.stats()["purposes"]
-    assert stats["p"] == {"live": 900, "hidden": 0, "deleted": 0, "capacity": 1800}
+    assert stats["p"] == {"live": 900, "hidden": 0, "deleted": 0, "capacity": 1800, "ef": 64}
     assert "q" not in stats and index.purposes() == ["p"]  # emptied sub-index is dropped
     assert not set(labels) & set(index._subs["p"].index.get_ids_list())
     for i in (1100, 1500, 1999):
@@ -253,7 +253,7 @@ def test_removing_expired_records_whose_slots_were_reused():
     assert index.stats()["purposes"]["p"]["deleted"] == 0
     assert index.remove([f"r{i}" for i in range(600)]) == 600
     assert index.stats()["purposes"]["p"] == {"live": 1100, "hidden": 0, "deleted": 0,
-                                              "capacity": 1100}
+                                              "capacity": 1100, "ef": 64}
 
 
 def test_progress_is_reported_per_chunk(monkeypatch):
@@ -299,7 +299,8 @@ def test_stats_and_clear():
     index = build(random_unit(rng, 10, 8), purposes=[("a", "b")] * 10)
     stats = index.stats()
     assert stats["params"]["M"] == 16 and stats["dim"] == 8
-    assert stats["purposes"]["a"] == {"live": 10, "hidden": 0, "deleted": 0, "capacity": 1024}
+    assert stats["purposes"]["a"] == {"live": 10, "hidden": 0, "deleted": 0, "capacity": 1024,
+                                      "ef": 64}
     index.clear()
     assert len(index) == 0 and index.purposes() == [] and index.stats()["purposes"] == {}
 
@@ -359,3 +360,59 @@ def test_readers_never_see_a_removed_record_while_a_writer_works():
         t.join(timeout=120)
     assert not errors, errors
     assert searches[0] > 0 and len(index) == 3000 + 25 * 50 - 25 * 80
+
+
+# --- ef: grows with the sub-index unless fixed ------------------------------------------
+
+
+def test_auto_ef_grows_with_the_gallery_and_is_a_multiple_of_32():
+    sizes = [0, 1, 2048, 10_000, 30_000, 100_000, 300_000, 1_000_000, 10_000_000]
+    efs = [index_module.auto_ef(n) for n in sizes]
+    assert efs == sorted(efs) and all(ef % 32 == 0 for ef in efs)
+    assert efs[:4] == [64, 64, 64, 64]
+    # the calibration points it must cover (RESULTS.md, "Choosing ef", d=128, M=16)
+    assert index_module.auto_ef(30_000) >= 128
+    assert index_module.auto_ef(100_000) >= 384
+    assert index_module.auto_ef(300_000) >= 1024
+
+
+def _ef_of(index: TemplateIndex, purpose: str) -> int:
+    return int(index._subs[purpose].index.ef)
+
+
+def test_each_sub_index_searches_with_the_ef_for_its_own_size(monkeypatch):
+    """A sub-index's ef follows its live count through adds, removals and expiry; a
+    fixed ef_search overrides it for every sub-index."""
+    monkeypatch.setattr(index_module, "_EF_SCALE", 2.0)  # ef = 2 * n^0.9: visible at n=150
+    rng = np.random.default_rng(21)
+    index = TemplateIndex(16, IndexParams(exact_cutoff=0))
+    index.add([f"a{i}" for i in range(600)], [b"s"] * 600, [("big",)] * 450 + [("small",)] * 150,
+              [FAR] * 450 + [2_000] * 150, random_unit(rng, 600, 16))
+    big, small = index_module.auto_ef(450), index_module.auto_ef(150)
+    assert big > small > 64
+    assert (_ef_of(index, "big"), _ef_of(index, "small")) == (big, small)
+    assert index.stats()["purposes"]["big"]["ef"] == big
+    index.remove([f"a{i}" for i in range(300)])
+    assert _ef_of(index, "big") == index_module.auto_ef(150)
+    index.hide_expired(2_000)  # every "small" record expires
+    assert _ef_of(index, "small") == 64
+    fixed = TemplateIndex(16, IndexParams(exact_cutoff=0, ef_search=40))
+    fixed.add([f"b{i}" for i in range(600)], [b"s"] * 600, [("big",)] * 600, [FAR] * 600,
+              random_unit(rng, 600, 16))
+    assert _ef_of(fixed, "big") == 40
+
+
+def test_a_loaded_snapshot_gets_the_ef_for_its_size(monkeypatch):
+    monkeypatch.setattr(index_module, "_EF_SCALE", 2.0)
+    rng = np.random.default_rng(22)
+    index = build(random_unit(rng, 500, 16), params=IndexParams(exact_cutoff=0))
+    state = index.export_state()
+    fresh = TemplateIndex(16, IndexParams(exact_cutoff=0))
+    fresh.import_state(state)
+    assert _ef_of(fresh, "p") == index_module.auto_ef(500) == _ef_of(index, "p")
+
+
+def test_ef_search_must_be_positive_or_none():
+    assert IndexParams().ef_search is None
+    with pytest.raises(InvalidInput):
+        IndexParams(ef_search=0)

@@ -361,3 +361,85 @@ def test_ed25519_round_trip_and_flipped_signature() -> None:
     other = sealing.verifier_for(sealing.signer_from_seed(sealing.random_key())[1])
     assert other(message, sig) is False
     assert sealing.signer_from_seed(seed)[1] == public  # deterministic from the seed
+
+
+# --- STREAM (index snapshots) ------------------------------------------------------------
+
+FRAME = 64  # small frames, so a few hundred bytes make several of them
+
+
+def _stream(key: bytes, salt: bytes, plain: bytes, aad: bytes = b"ad") -> list[bytes]:
+    return list(sealing.seal_stream(key, salt, memoryview(plain), aad, frame=FRAME))
+
+
+def _open_stream(key: bytes, salt: bytes, data: bytes, size: int,
+                 aad: bytes = b"ad") -> bytearray:
+    import io
+
+    out = bytearray(size)
+    sealing.open_stream_into(key, salt, io.BytesIO(data).read, out, aad, frame=FRAME)
+    return out
+
+
+@pytest.mark.parametrize("size", [0, 1, FRAME - 1, FRAME, FRAME + 1, 5 * FRAME + 7])
+def test_stream_round_trip(key: bytes, size: int) -> None:
+    salt, plain = os.urandom(32), os.urandom(size)
+    frames = _stream(key, salt, plain)
+    assert len(frames) == sealing.stream_frames(size, FRAME)
+    data = b"".join(frames)
+    assert len(data) == sealing.stream_sealed_size(size, FRAME)
+    assert bytes(_open_stream(key, salt, data, size)) == plain
+
+
+def _stream_edits(frames: list[bytes]) -> dict[str, bytes]:
+    joined = b"".join(frames)
+    return {
+        "frames-swapped": b"".join([frames[1], frames[0], *frames[2:]]),
+        "frame-dropped": b"".join([frames[0], *frames[2:]]),
+        "frame-duplicated": b"".join([frames[0], *frames]),
+        "last-frame-dropped": b"".join(frames[:-1]),
+        "truncated": joined[:-1],
+        "extended": joined + b"\x00",
+        "bit-flip-first": bytes([joined[0] ^ 1]) + joined[1:],
+        "bit-flip-last": joined[:-1] + bytes([joined[-1] ^ 1]),
+    }
+
+
+@pytest.mark.parametrize("edit", sorted(_stream_edits([b"a", b"b", b"c"])))
+def test_stream_edits_fail_and_leave_no_plaintext(key: bytes, edit: str) -> None:
+    """Reordered, dropped, duplicated, truncated or extended frames all fail; a failure
+    zeroes the output, so no unauthenticated plaintext is left behind."""
+    salt, plain = os.urandom(32), os.urandom(4 * FRAME + 10)
+    data = _stream_edits(_stream(key, salt, plain))[edit]
+    out = bytearray(len(plain))
+    import io
+
+    with pytest.raises(IntegrityError):
+        sealing.open_stream_into(key, salt, io.BytesIO(data).read, out, b"ad", frame=FRAME)
+    assert out == bytearray(len(plain))
+
+
+@pytest.mark.parametrize("what", ["key", "salt", "aad", "size"])
+def test_stream_wrong_key_salt_aad_or_size_fails(key: bytes, what: str) -> None:
+    salt, plain = os.urandom(32), os.urandom(3 * FRAME)
+    data = b"".join(_stream(key, salt, plain))
+    args: dict[str, Any] = {"key": key, "salt": salt, "aad": b"ad", "size": len(plain)}
+    args[what] = {"key": os.urandom(32), "salt": os.urandom(32), "aad": b"other",
+                  "size": len(plain) - FRAME}[what]
+    with pytest.raises(IntegrityError):
+        _open_stream(args["key"], args["salt"], data, args["size"], args["aad"])
+
+
+def test_stream_frames_of_one_file_do_not_open_in_another(key: bytes) -> None:
+    """Each file's key comes from its own salt: the same plaintext sealed twice shares no
+    ciphertext, and a frame moved between files fails."""
+    plain = os.urandom(2 * FRAME)
+    a, b = _stream(key, os.urandom(32), plain), _stream(key, salt_b := os.urandom(32), plain)
+    assert not set(a) & set(b)
+    with pytest.raises(IntegrityError):
+        _open_stream(key, salt_b, a[0] + b[1], len(plain))
+
+
+def test_stream_short_salt_is_refused(key: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        _open_stream(key, b"short", b"\x00" * 32, 16)

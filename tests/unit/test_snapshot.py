@@ -455,7 +455,12 @@ CRAFTED: dict[str, Callable[[dict[str, Any]], Any]] = {
     "seq-float": lambda h: {**h, "seq": float(h["seq"])},
     "epoch-next": lambda h: {**h, "epoch": h["epoch"] + 1},
     "erasures-next": lambda h: {**h, "erasures": h["erasures"] + 1},
-    "version-2": lambda h: {**h, "v": 2},
+    "version-1": lambda h: {**h, "v": 1},
+    "version-3": lambda h: {**h, "v": 3},
+    "size-smaller": lambda h: {**h, "size": h["size"] - 1},
+    "size-huge": lambda h: {**h, "size": 2**62},
+    "salt-short": lambda h: {**h, "salt": h["salt"][:16]},
+    "salt-other": lambda h: {**h, "salt": bytes(32)},
     "missing-seq": lambda h: {k: v for k, v in h.items() if k != "seq"},
     "many-keys": lambda h: {**h, **{f"k{i}": i for i in range(40)}},
     "header-list": lambda h: list(h.values()),
@@ -846,3 +851,102 @@ def test_progress_over_several_batches(stores: Stores) -> None:
 @pytest.mark.slow
 def test_progress_over_several_enrolment_chunks(stores: Stores) -> None:
     _progress_at_scale(stores, 20_001)
+
+
+# --- the open's fast path: no pass over the rows when none was written since ----------
+
+
+class _NoScan:
+    """Stands in for SQLiteBackend.scan_headers/get: fails the test if the rows are read."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        raise AssertionError("the rows were read on a clean open")
+
+
+def test_a_clean_open_from_the_snapshot_reads_no_row(
+        stores: Stores, gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    from biotemplate.backends.sqlite import SQLiteBackend
+
+    s = stores.create()
+    enrol(s, gallery)
+    want = results(s, probe_set(gallery))
+    s.close()
+    guard = _NoScan()
+    monkeypatch.setattr(SQLiteBackend, "scan_headers", guard)
+    monkeypatch.setattr(SQLiteBackend, "scan", guard)
+    s = stores.open()
+    assert index_source(s) == "snapshot" and guard.calls == 0
+    assert_same(results(s, probe_set(gallery)), want)
+
+
+@pytest.mark.parametrize("edit", ["delete", "insert-copy"])
+def test_rows_deleted_or_added_with_sqlite_after_the_snapshot_are_noticed(
+        stores: Stores, gallery: Gallery, edit: str) -> None:
+    """Writes that bypass the store but go through SQLite are logged by the triggers, so
+    the open checks the rows: a row deleted offline is not served from the snapshot, a
+    row copied in under a new id fails authentication and is counted."""
+    s = stores.create()
+    ids = enrol(s, gallery)
+    s.close()
+    conn = sqlite3.connect(stores.dir / "records.db")
+    with conn:
+        if edit == "delete":
+            conn.execute("DELETE FROM records WHERE record_id = ?", (ids[0],))
+        else:
+            conn.execute("INSERT INTO records (record_id, subject_ref, epoch, expiry_us,"
+                         " purposes, model, held, blob) SELECT ?, subject_ref, epoch,"
+                         " expiry_us, purposes, model, held, blob FROM records"
+                         " WHERE record_id = ?", ("f" * 32, ids[0]))
+    conn.close()
+    s = stores.open()
+    assert index_source(s) == "snapshot"
+    found = {rid for rid, _, _ in results(s, gallery.templates[[0]])[0]}
+    if edit == "delete":
+        assert ids[0] not in found and s.stats()["indexed"] == len(ids) - 1
+    else:
+        assert ids[0] in found and "f" * 32 not in found
+        assert s.stats()["integrity_failures"] == 1
+
+
+def test_a_database_without_the_change_triggers_gets_them_on_open(
+        stores: Stores, gallery: Gallery) -> None:
+    """A records.db written before the triggers existed: the open adds them, and writes
+    made with SQLite afterwards are noticed."""
+    s = stores.create()
+    ids = enrol(s, gallery)
+    s.close()
+    conn = sqlite3.connect(stores.dir / "records.db")
+    with conn:
+        for op in ("add", "reseal", "del"):
+            conn.execute(f"DROP TRIGGER records_{op}")
+    conn.close()
+    stores.open().close()
+    conn = sqlite3.connect(stores.dir / "records.db")
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+    with conn:
+        conn.execute("DELETE FROM records WHERE record_id = ?", (ids[1],))
+    conn.close()
+    assert names == {"records_add", "records_reseal", "records_del"}
+    s = stores.open()
+    assert index_source(s) == "snapshot"
+    assert ids[1] not in {rid for rid, _, _ in results(s, gallery.templates[[1]])[0]}
+
+
+def test_a_snapshot_of_the_old_format_is_rebuilt(stores: Stores, gallery: Gallery) -> None:
+    """Version 1 snapshots (one XChaCha20-Poly1305 message) are not read: rebuilt."""
+    s = stores.create()
+    enrol(s, gallery)
+    want = results(s, probe_set(gallery))
+    s.close()
+    data = stores.snapshot.read_bytes()
+    (n,) = struct.unpack(">I", data[4:8])
+    header = msgpack.unpackb(data[8 : 8 + n])
+    old = msgpack.packb({k: header[k] for k in ("seq", "epoch", "erasures")} | {"v": 1})
+    stores.snapshot.write_bytes(data[:4] + struct.pack(">I", len(old)) + old + data[8 + n:])
+    s = stores.open()
+    assert index_source(s) == "rebuild"
+    assert_same(results(s, probe_set(gallery)), want)
