@@ -95,7 +95,7 @@ _EF_POWER = 0.9
 def auto_ef(live: int) -> int:
     """The ef the index searches a sub-index of ``live`` records with by default:
     ``max(64, 0.0125 * live ** 0.9)``, rounded up to a multiple of 32."""
-    grown = math.ceil(_EF_SCALE * float(max(live, 0)) ** _EF_POWER / 32)
+    grown: int = math.ceil(_EF_SCALE * math.pow(max(live, 0), _EF_POWER) / 32)
     return max(_EF_FLOOR, 32 * grown)
 
 
