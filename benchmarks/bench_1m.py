@@ -48,10 +48,11 @@ from bench_targets import (
 from common import (
     DATA,
     EF_CONSTRUCTION,
-    EF_SEARCH,
     RESULTS,
     K,
     M,
+    configure,
+    ef_default,
     exact_topk,
     log,
     median,
@@ -94,13 +95,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--worker-open", help=argparse.SUPPRESS)
     args = p.parse_args()
+    configure(args.n)
     if args.worker_open:
         print(json.dumps(open_worker(Path(args.worker_open))))
         return
 
     name = f"bench_1m_d{args.dim}"
     res: dict[str, Any] = {"dim": args.dim, "n": args.n, "M": M,
-                           "ef_construction": EF_CONSTRUCTION, "ef_search": EF_SEARCH, "k": K,
+                           "ef_construction": EF_CONSTRUCTION, "ef_search": ef_default(), "k": K,
                            "seed": args.seed, "source": source_digest(), "phases_done": []}
 
     def save(phase: str) -> None:

@@ -34,13 +34,14 @@ import numpy as np
 from common import (
     DATA,
     EF_CONSTRUCTION,
-    EF_SEARCH,
     FIXED_NOW,
     RESULTS,
     K,
     M,
     bench_policy,
+    configure,
     data_a,
+    ef_default,
     log,
     median,
     peak_rss_mb,
@@ -53,7 +54,7 @@ from common import (
 )
 
 SYSTEMS = ("exact", "hnswlib", "biotemplate", "faiss", "chromadb")
-DEFAULT_EFS = (16, 32, 64, 128, 256, 512)
+DEFAULT_EFS = (32, 64, 128, 256, 512, 1024)
 
 
 class System:
@@ -163,7 +164,7 @@ class Chroma(System):
         self.col = self.client.create_collection(
             "bench", embedding_function=None,
             configuration={"hnsw": {"space": "ip", "ef_construction": EF_CONSTRUCTION,
-                                    "ef_search": EF_SEARCH, "max_neighbors": M}})
+                                    "ef_search": ef_default(), "max_neighbors": M}})
         batch = self.client.get_max_batch_size()
         for s in range(0, len(x), batch):
             stop = min(len(x), s + batch)
@@ -176,7 +177,7 @@ class Chroma(System):
         self.col = self.client.get_collection("bench")
 
     def set_ef(self, ef: int) -> None:
-        if ef != EF_SEARCH:
+        if ef != ef_default():
             raise RuntimeError("chromadb: ef changes need a fresh process (see sweep_point)")
 
     def sweep_point(self, ef: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -239,7 +240,7 @@ class Bio(System):
             self.path, dim=x.shape[1], model="bench-v1", policy=bench_policy(),
             key_provider=self.keys, clock=lambda: FIXED_NOW,
             index_params=bt.IndexParams(M=M, ef_construction=EF_CONSTRUCTION,
-                                        ef_search=EF_SEARCH))
+                                        ef_search=ef_default()))
         c0 = time.process_time()
         t, ids = timed(lambda: self.store.enroll_many(
             x, subject_ids=[f"S{i:07d}" for i in range(len(x))], purposes=["bench"],
@@ -248,7 +249,7 @@ class Bio(System):
         self.row = {rid: i for i, rid in enumerate(ids)}
         self.extra = {"enrol_peak_rss_mb": peak_rss_mb()}
         self.extra["close_with_snapshot_s"], _ = timed(self.store.close)
-        self.extra["open_from_snapshot_s"], _ = timed(lambda: self._open(EF_SEARCH))
+        self.extra["open_from_snapshot_s"], _ = timed(lambda: self._open(ef_default()))
         return self.extra
 
     def _open(self, ef: int) -> None:
@@ -290,7 +291,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     out["build_cpu_s"] = getattr(sysm, "enrol_cpu_s", time.process_time() - c0)
     out["rss_after_build_mb"] = rss_mb()
     out["peak_rss_after_build_mb"] = peak_rss_mb()
-    sysm.set_ef(EF_SEARCH)
+    sysm.set_ef(ef_default())
 
     singles = data.q[: args.single]
     for v in singles[:50]:  # warm-up
@@ -365,6 +366,7 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     args = p.parse_args()
+    configure(args.n)
     args.efs = [int(e) for e in str(args.efs).split(",")]
 
     if args.worker:
@@ -387,7 +389,7 @@ def main() -> None:
                      "fnir": r["extra_fnir_rank1"] * 100, "rss": r["peak_rss_mb"],
                      "rss_idx": r["rss_after_build_mb"] - r["rss_before_build_mb"]})
     print(f"\nd={args.dim}  N={args.n}  M={M} ef_construction={EF_CONSTRUCTION} "
-          f"ef={EF_SEARCH} k={K}  queries={args.nq} (single: {args.single})")
+          f"ef={ef_default()} k={K}  queries={args.nq} (single: {args.single})")
     print(table(flat, [("system", "system", ""), ("build_s", "build s", ".1f"),
                        ("p50", "p50 us", ".0f"), ("p99", "p99 us", ".0f"),
                        ("qps", "batch QPS", ".0f"), ("recall", "recall@10", ".4f"),
@@ -395,7 +397,7 @@ def main() -> None:
                        ("rss", "peak RSS MB", ".0f"), ("rss_idx", "RSS after-before MB", ".0f")]))
     path = write_json(f"compare_d{args.dim}_n{args.n}",
                       {"dim": args.dim, "n": args.n, "nq": args.nq, "single": args.single,
-                       "M": M, "ef_construction": EF_CONSTRUCTION, "ef_search": EF_SEARCH,
+                       "M": M, "ef_construction": EF_CONSTRUCTION, "ef_search": ef_default(),
                        "k": K, "systems": rows})
     print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
     try:

@@ -41,15 +41,16 @@ import numpy as np
 from common import (
     DATA,
     EF_CONSTRUCTION,
-    EF_SEARCH,
     FIXED_NOW,
     RESULTS,
     SAMPLES_B,
     K,
     M,
     bench_policy,
+    configure,
     data_a,
     data_b,
+    ef_default,
     exact_topk,
     log,
     median,
@@ -73,7 +74,8 @@ def clock() -> Any:
     return FIXED_NOW
 
 
-def params(ef: int = EF_SEARCH) -> bt.IndexParams:
+def params(ef: int | None = None) -> bt.IndexParams:
+    """The store's parameters; ef None: its default (auto_ef per sub-index size)."""
     return bt.IndexParams(M=M, ef_construction=EF_CONSTRUCTION, ef_search=ef)
 
 
@@ -88,7 +90,7 @@ def raw_build_cpu(x: np.ndarray) -> tuple[float, float, Any]:
     index = hnswlib.Index(space="ip", dim=x.shape[1])
     index.init_index(max_elements=len(x), M=M, ef_construction=EF_CONSTRUCTION)
     t, c, _ = timed_cpu(lambda: index.add_items(x, np.arange(len(x))))
-    index.set_ef(EF_SEARCH)
+    index.set_ef(ef_default())
     return t, c, index
 
 
@@ -101,7 +103,7 @@ def new_store(root: Path, name: str, dim: int, purposes: tuple[str, ...]) -> bt.
                                    clock=clock, index_params=params())
 
 
-def open_store(root: Path, name: str, ef: int = EF_SEARCH) -> bt.TemplateStore:
+def open_store(root: Path, name: str, ef: int | None = None) -> bt.TemplateStore:
     return bt.TemplateStore.open(root / name, key_provider=bt.FileKeyProvider(root / "master.key"),
                                  clock=clock, index_params=params(ef), snapshot_on_close=False)
 
@@ -147,19 +149,21 @@ def profile_calls(fn: Callable[[], Any], top: int = 18) -> str:
     return "\n".join(lines[:top + 8])
 
 
-RANK1_EFS = (32, 64, 128, 256)
+def rank1_efs() -> tuple[int, ...]:
+    """The rank-1 sweep: fixed points and this run's default (auto) ef."""
+    return tuple(sorted({32, 64, 128, 256, 512, ef_default()}))
 
 
 def raw_rank1_sweep(index: Any, q: np.ndarray, truth: Callable[[np.ndarray], np.ndarray],
-                    efs: tuple[int, ...] = RANK1_EFS) -> list[dict[str, float]]:
+                    efs: tuple[int, ...] | None = None) -> list[dict[str, float]]:
     """Rank-1 of mated probes on a raw hnswlib index at each ef (``truth`` maps the top-1
-    labels to a hit mask); restores ef=EF_SEARCH afterwards."""
+    labels to a hit mask); restores ef=ef_default() afterwards."""
     out = []
-    for ef in efs:
+    for ef in efs or rank1_efs():
         index.set_ef(ef)
         t, top = timed(lambda: index.knn_query(q, k=1)[0][:, 0])
         out.append({"ef": ef, "rank1": float(truth(top).mean()), "qps": len(q) / t})
-    index.set_ef(EF_SEARCH)
+    index.set_ef(ef_default())
     return out
 
 
@@ -408,8 +412,8 @@ def part2(args: argparse.Namespace, root: Path, res: dict[str, Any]) -> None:
     # rank-1 per ef: raw (above) and the store re-opened from its snapshot with ef_search=ef
     # (the store asks hnswlib for 3k+10 labels, so it searches with ef = max(ef, 40))
     store_sweep = []
-    for ef in RANK1_EFS:
-        if ef == EF_SEARCH:
+    for ef in rank1_efs():
+        if ef == ef_default():
             store_sweep.append({"ef": ef, "rank1": bio_rank1})
             continue
         s = open_store(root, "B", ef)
@@ -612,12 +616,13 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args()
+    configure(args.n)
     if args.worker:
         print(json.dumps(rss_worker(args)))
         return
 
     res: dict[str, Any] = {"dim": args.dim, "n": args.n, "M": M,
-                           "ef_construction": EF_CONSTRUCTION, "ef_search": EF_SEARCH, "k": K,
+                           "ef_construction": EF_CONSTRUCTION, "ef_search": ef_default(), "k": K,
                            "source": source_digest()}
     DATA.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="targets-", dir=DATA))
@@ -632,7 +637,7 @@ def main() -> None:
     res["elapsed_s"] = time.perf_counter() - t0
     res["summary"] = summary(res)
     print(f"\nd={args.dim}  N={args.n}  M={M} ef_construction={EF_CONSTRUCTION} "
-          f"ef={EF_SEARCH} k={K}  (ratios: biotemplate / raw hnswlib, same process)")
+          f"ef={ef_default()} k={K}  (ratios: biotemplate / raw hnswlib, same process)")
     print(table(res["summary"], [("target", "target", ""), ("goal", "goal", ""),
                                  ("measured", "measured", ""), ("met", "", "")]))
     for key in ("A_profile_search", "A_profile_search_many", "B_profile_rebuild_index"):

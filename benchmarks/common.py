@@ -39,8 +39,26 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 RESULTS = HERE / "results"
 
-# The same HNSW parameters for every system (biotemplate's IndexParams defaults).
-M, EF_CONSTRUCTION, EF_SEARCH, K = 16, 200, 128, 10
+# The same HNSW parameters for every system (biotemplate's IndexParams defaults). ef is
+# not a constant: by default the store searches an N-record sub-index with auto_ef(N), so
+# every system is run at that ef (``ef_default``, set by ``configure`` from --n).
+M, EF_CONSTRUCTION, K = 16, 200, 10
+_N: int | None = None
+
+
+def configure(n: int) -> None:
+    """Record the gallery size of this run: it sets the ef every system searches with."""
+    global _N
+    _N = n
+
+
+def ef_default() -> int:
+    """The ef biotemplate picks by default for a sub-index of this run's N records."""
+    from biotemplate.index import auto_ef
+
+    if _N is None:
+        raise RuntimeError("common.configure(n) was not called")
+    return auto_ef(_N)
 SAMPLES_B = 4
 FIXED_NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 

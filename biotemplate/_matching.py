@@ -51,9 +51,9 @@ class Matching(StoreCore):
         started = self._clock()
         with self._audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
             rule = self._search_rule(purpose, mode, k, reason)
-            vec = rec.normalised(rec.as_template(probe, self.dim)[None, :])[0]
-            hits = self._index.search(vec, purpose, min(k, rule.max_candidates),
-                                      self._now_us())
+            vec = rec.unit_template(probe, self.dim)
+            hits = self._index.search_units(vec[None, :], purpose, min(k, rule.max_candidates),
+                                            self._now_us())[0]
             return self._answer(vec, hits, rule, mode, k, str(actor), started, f)
 
     def search_many(self, probes: object, *, purpose: str, k: int = 10, actor: str,
@@ -70,8 +70,8 @@ class Matching(StoreCore):
         with self._audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
             rule = self._search_rule(purpose, mode, k, reason)
             vecs = rec.normalised(rec.as_templates(probes, self.dim))
-            lists = self._index.search_many(vecs, purpose, min(k, rule.max_candidates),
-                                            self._now_us())
+            lists = self._index.search_units(vecs, purpose, min(k, rule.max_candidates),
+                                             self._now_us())
             return [self._answer(v, hits, rule, mode, k, str(actor), started, f)
                     for v, hits in zip(vecs, lists, strict=True)]
 

@@ -29,11 +29,12 @@ holds in memory, so truncation under a running process is caught without one.
 Durability is a measured choice (an fsync costs more than a search, DESIGN §5). The file is
 WAL. ``durable=True`` (mutations) commits under ``synchronous=FULL``: the WAL is fsynced
 before return. ``durable=False`` (searches) commits under ``synchronous=NORMAL``: the entry
-is in the OS page cache before return, so it survives a process crash and is lost only to
-a power cut before the next fsync. The 64th non-durable entry in a row, any durable entry,
-``sync()``, ``checkpoint()`` and ``close()`` fsync, and one fsync covers the whole WAL. So
-the power-loss window is at most 63 search entries, for as long as no durable entry, sync
-or kernel writeback follows; a store that wants a time bound calls ``sync()`` on a timer.
+is in the OS page cache before return, so it survives a process crash at once, and a
+background thread fsyncs the WAL at most ``SYNC_WINDOW`` (50 ms) after the first entry not
+yet synced: group commit, off the caller's path. So a power cut loses at most the search
+entries of the last ~50 ms (plus one fsync's duration); any durable entry, ``sync()``,
+``checkpoint()`` and ``close()`` also fsync, and one fsync covers the whole WAL. If the
+background fsync fails, the trail fails closed: every later append raises ``AuditError``.
 Measured (ext4, 2,000 appends, Ed25519 ~20 µs of each): durable ~160-220 µs (up to 1.6 ms
 on a busy disk), non-durable ~65-75 µs.
 
@@ -82,7 +83,7 @@ _EVENT = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _OUTCOMES = frozenset({"ok", "refused", "error"})
 _KEYS = frozenset({"v", "seq", "prev", "store", "ts0", "ts1", "event", "actor", "outcome", "f"})
 _MAX_BODY = 16 << 20  # bytes: a purge listing ~400k record ids still fits
-_GROUP = 64  # a run of non-durable entries is fsynced at least every _GROUP entries
+SYNC_WINDOW = 0.05  # seconds: a non-durable entry is fsynced at most this long after it
 _MAX_PROBLEMS = 100
 _COLS = "SELECT seq, ref_seq, body, hash, sig FROM entries"
 _SCHEMA = """
@@ -186,6 +187,10 @@ class AuditTrail:
         self._full: bool | None = None  # the connection's synchronous setting
         self._pending = 0  # non-durable entries since the last fsync
         self._closed = False
+        self._sync_failed = False  # a background fsync failed: fail closed from then on
+        self._wake = threading.Event()  # set when an entry awaits the background fsync
+        self._stop = threading.Event()  # set by close: the syncer leaves at once
+        self._syncer: threading.Thread | None = None  # started by the first search entry
 
     @classmethod
     def create(cls, path: Path, *, store_id: bytes, signer: Signer, verifier: Verifier,
@@ -292,7 +297,7 @@ class AuditTrail:
                 raise InvalidInput("audit entry too large")
             digest = hashlib.sha256(_ENTRY_DOMAIN + body).digest()
             sig = self._sign(digest)
-            full = durable or self._pending + 1 >= _GROUP
+            full = durable
             try:
                 if self._full is not full:  # may not change inside a transaction
                     self._conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
@@ -308,6 +313,12 @@ class AuditTrail:
                 raise AuditError(f"audit entry {seq} could not be written") from exc
             self._head = (seq, digest)
             self._pending = 0 if full else self._pending + 1
+            if self._pending == 1:
+                if self._syncer is None:
+                    self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                                    name="biotemplate-audit-sync")
+                    self._syncer.start()
+                self._wake.set()
             return seq
 
     def get(self, seq: int) -> AuditEntry:
@@ -447,16 +458,44 @@ class AuditTrail:
     def close(self) -> None:
         """Sync and close; idempotent. Raises: AuditError: the final fsync failed."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                try:
-                    self._sync_files()
-                finally:
-                    self._conn.close()
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._wake.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        with self._lock:
+            try:
+                self._sync_files()
+            finally:
+                self._conn.close()
 
     def _ensure_open(self) -> None:
         if self._closed:
             raise AuditError("the audit trail is closed")
+        if self._sync_failed:
+            raise AuditError("the audit trail could not be synced")
+
+    def _sync_loop(self) -> None:
+        """Background group commit: fsync the WAL once per window that saw search entries.
+        The fsync runs outside the append lock, so searches never wait for the disk."""
+        while True:
+            self._wake.wait()
+            if self._stop.wait(SYNC_WINDOW):  # the window's entries gather behind one fsync
+                return  # close() syncs what is left
+            with self._lock:
+                self._wake.clear()
+                if self._closed:
+                    return
+                self._pending = 0  # claimed: the fsync below covers them and any later
+            try:
+                for name in (self._path.name + "-wal", self._path.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        _fsync(self._path.with_name(name))
+            except OSError:
+                self._sync_failed = True
+                return
 
     def _query(self, sql: str, arg: int) -> list[Any]:
         with self._lock:
@@ -543,8 +582,16 @@ def _dt(us: int) -> datetime:
         raise ValueError("timestamp out of range") from None
 
 
+_PLAIN = frozenset({str, bytes, float, bool, type(None)})  # taken as they are
+
+
 def _normalise(value: Any, name: str, depth: int) -> Any:
     """Admit msgpack primitives only; sort dict keys so that bodies are canonical."""
+    kind = type(value)
+    if kind in _PLAIN:  # the common case, checked by exact type before the general one
+        return value
+    if kind is list and set(map(type, value)) <= _PLAIN:  # e.g. a search's record ids
+        return list(value)
     if depth <= 8:
         if value is None or isinstance(value, bool | str | bytes | float):
             return value

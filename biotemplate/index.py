@@ -390,7 +390,12 @@ class TemplateIndex:
             InvalidTemplate: ``probes`` is not finite unit rows of shape (m, dim).
             InvalidInput: ``k`` < 1 or ``now_us`` not an int.
         """
-        queries = self._unit(probes, 2)
+        return self.search_units(self._unit(probes, 2), purpose, k, now_us)
+
+    def search_units(self, queries: Vectors, purpose: str, k: int,
+                     now_us: int) -> list[list[Hit]]:
+        """:meth:`search_many` for rows the caller has already checked to be finite unit
+        vectors of shape (m, dim) in float32 (the store validates every probe once)."""
         _check_int(k, "k", 1)
         _check_int(now_us, "now_us")
         with self._lock.read():
@@ -405,7 +410,9 @@ class TemplateIndex:
             if len(sub.live) <= self._params.exact_cutoff or fetch >= len(sub.live):
                 return self._exact(sub, queries, k, now_us)
             try:
-                found, dist = sub.index.knn_query(queries, k=fetch, num_threads=self._threads)
+                # one probe: no worker threads (hnswlib would start and join them per call)
+                threads = self._threads if len(queries) > 1 else 1
+                found, dist = sub.index.knn_query(queries, k=fetch, num_threads=threads)
             except RuntimeError:  # some row had < fetch reachable: retry row by row
                 return [self._search_one(sub, q, k, now_us, fetch) for q in queries]
             results = []

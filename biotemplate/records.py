@@ -89,6 +89,29 @@ def as_template(template: object, dim: int) -> NDArray[np.float32]:
     return one.copy()
 
 
+def unit_template(template: object, dim: int) -> NDArray[np.float32]:
+    """:func:`as_template` then :func:`normalised`, in one pass for the one-probe path of
+    a search: the same checks, the same float64 norm, computed once.
+
+    Raises:
+        InvalidTemplate: wrong type, shape or length; NaN/inf; zero norm.
+    """
+    arr = _as_float_array(template, dim)
+    if arr.ndim != 1 or arr.shape[0] != dim:
+        hint = "; use enroll_many for a batch" if arr.ndim == 2 else ""
+        raise _shape_error(dim, f"shape {arr.shape}{hint}")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused next
+        one = arr.astype(np.float32).astype(np.float64)
+    if not np.isfinite(one).all():
+        raise InvalidTemplate("the template contains NaN or infinity "
+                              "(or a value too large for float32)")
+    norm = float(np.sqrt(one @ one))
+    if not norm > 1e-12:
+        raise InvalidTemplate("the template is a zero vector (no direction to compare)")
+    out: NDArray[np.float32] = (one / norm).astype(np.float32)
+    return out
+
+
 def as_templates(templates: object, dim: int) -> NDArray[np.float32]:
     """Validate a batch, shape (n, dim) with n >= 1; the error names the first bad row."""
     arr = _as_float_array(templates, dim)

@@ -588,3 +588,78 @@ def test_appends_from_many_threads(trail: AuditTrail) -> None:
     assert report.ok is True and report.entries == 401
     last = trail.last()
     assert last is not None and last.seq == 401
+
+
+# --- background group commit of search entries -------------------------------------------
+
+
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[str]:
+    import biotemplate.audit as audit_module
+
+    calls: list[str] = []
+    real = audit_module._fsync
+
+    def spy(target: Path) -> None:
+        calls.append(Path(target).name)
+        if fail and threading.current_thread().name == "biotemplate-audit-sync":
+            raise OSError("disk gone")
+        real(target)
+
+    monkeypatch.setattr(audit_module, "_fsync", spy)
+    return calls
+
+
+def _syncers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "biotemplate-audit-sync"]
+
+
+def test_search_entries_are_fsynced_in_the_background_within_the_window(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import biotemplate.audit as audit_module
+
+    before = len(_syncers())
+    trail = make(path)
+    assert len(_syncers()) == before  # durable entries never start the thread
+    calls = _count_fsyncs(monkeypatch)
+    for i in range(10):
+        trail.append("search", actor="a", durable=False, count=i)
+    assert calls == []  # the callers did not wait for the disk
+    deadline = time.monotonic() + 20 * audit_module.SYNC_WINDOW + 2
+    while "audit.db-wal" not in calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "audit.db-wal" in calls
+    assert len(_syncers()) == before + 1
+    trail.close()
+    assert len(_syncers()) == before  # close stops and joins it
+    assert make(path, create=False).last().seq == 11  # type: ignore[union-attr]
+
+
+def test_a_failed_background_fsync_fails_the_trail_closed(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    trail = make(path)
+    _count_fsyncs(monkeypatch, fail=True)
+    trail.append("search", actor="a", durable=False)
+    deadline = time.monotonic() + 5
+    while not trail._sync_failed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(AuditError):
+        trail.append("search", actor="a", durable=False)
+    with pytest.raises(AuditError):
+        trail.append("delete", actor="a")
+    monkeypatch.undo()
+    trail.close()
+
+
+def test_close_right_after_a_search_entry_does_not_wait_for_the_window(path: Path) -> None:
+    import time
+
+    trail = make(path)
+    trail.append("search", actor="a", durable=False)
+    t0 = time.monotonic()
+    trail.close()
+    assert time.monotonic() - t0 < 5  # a stop event, not a sleep: no hang
+    assert make(path, create=False).last().seq == 2  # type: ignore[union-attr]
