@@ -159,6 +159,9 @@ class StoreCore:
         self._trail = audit
         self._integrity_failures: set[str] = set()
         self._shredded: set[str] = set()  # rows whose key is gone (from old copies)
+        # Committed rows the index failed to take (e.g. out of memory): until a rebuild,
+        # no snapshot may be written, or the next open would trust it and miss them.
+        self._index_incomplete = False
         self._closed = False
         self._snapshot_on_close = snapshot_on_close
         self.audit = AuditView(audit, sealing.signer_from_seed(keyring.audit_seed)[1])

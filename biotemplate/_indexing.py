@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import records as rec
 from . import snapshot
@@ -37,14 +38,35 @@ class Indexing(StoreCore):
         shredded: set[str] = set()
         failures: set[str] = set()
         total, done = self._db.count(), 0
-        for batch in self._db.scan():
-            self._index_rows(self._open_rows(batch, now_us, shredded, failures),
-                             index=index, subjects=subjects)
-            done += len(batch)
-            if progress is not None:
-                progress(done, total)
+        # A two-stage pipeline: this thread decrypts batch i+1 (Python, holds the GIL)
+        # while a worker inserts batch i into hnswlib (native, releases the GIL), so the
+        # per-row decryption hides behind the graph build instead of adding to it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="biotemplate-rebuild") as pool:
+            pending: Future[None] | None = None
+            try:
+                for batch in self._db.scan():
+                    items = self._open_rows(batch, now_us, shredded, failures)
+                    if pending is not None:
+                        pending.result()
+                        if progress is not None:  # rows indexed so far, not just read
+                            progress(done, total)
+                    pending = pool.submit(self._index_rows, items, index=index,
+                                          subjects=subjects)
+                    done += len(batch)
+                if pending is not None:
+                    pending.result()
+                if progress is not None:
+                    progress(done, total)
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        pending.result()
+                index.clear()  # a half-built index never replaces the old one
+                raise
         old = self._index
         self._index, self._subjects = index, subjects
+        self._index_incomplete = False
         self._shredded, self._integrity_failures = shredded, failures
         old.clear()
         self._report_integrity()
@@ -131,6 +153,8 @@ class Indexing(StoreCore):
         sequence number it covers. Expired vectors are overwritten before it is taken."""
         self._alive()
         with self._lock:
+            if self._index_incomplete:  # rows committed that the index failed to take
+                self._load_index()
             seq = self._db.last_change()
             self._index.hide_expired(self._now_us())  # so export_state overwrites them
             state = self._index.export_state()

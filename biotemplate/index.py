@@ -236,6 +236,25 @@ class TemplateIndex:
             InvalidTemplate: ``vectors`` is not finite, unit-norm, shape (n, dim).
             BiotemplateError: hnswlib failed (e.g. out of memory).
         """
+        with self.adding(record_ids, subject_refs, purposes, expiries_us, vectors,
+                         progress=progress):
+            pass
+
+    @contextmanager
+    def adding(self, record_ids: Sequence[str], subject_refs: Sequence[bytes],
+               purposes: Sequence[Iterable[str]], expiries_us: Sequence[int],
+               vectors: NDArray[np.float32], *,
+               progress: Callable[[int, int], None] | None = None) -> Iterator[None]:
+        """:meth:`add`, with the hnswlib insert running in a worker thread while the body
+        of the ``with`` block runs (the store seals and commits the same records there).
+
+        The records become searchable only when the block and the insert have both
+        succeeded; if either fails they are erased and never seen. The write lock is held
+        throughout, so searches wait instead of seeing a partial batch.
+
+        Raises:
+            As :meth:`add`; and whatever the block raises, after the rollback.
+        """
         ids, refs = list(record_ids), list(subject_refs)
         tags = [_purpose_tuple(p) for p in purposes]
         exps = [_check_int(e, "expiry_us") for e in expiries_us]
@@ -253,8 +272,23 @@ class TemplateIndex:
                 raise InvalidInput("add: a record id is already indexed")
             labels = list(range(self._next_label, self._next_label + n))
             self._next_label += n
+            failed: list[BaseException] = []
+
+            def insert() -> None:
+                try:
+                    self._insert(labels, tags, rows, progress)
+                except BaseException as exc:  # handed to the caller's thread below
+                    failed.append(exc)
+
+            worker = threading.Thread(target=insert, name="biotemplate-index-add")
+            worker.start()
             try:
-                self._insert(labels, tags, rows, progress)
+                try:
+                    yield
+                finally:
+                    worker.join()
+                if failed:
+                    raise failed[0]
             except BaseException as exc:
                 with _translated("roll back a failed add"):
                     for purpose, sub in list(self._subs.items()):

@@ -200,7 +200,7 @@ class TemplateStore(Matching, Retention, Indexing):
         with self._lock:
             if self._closed:
                 return
-            if self._snapshot_on_close:
+            if self._snapshot_on_close and not self._index_incomplete:  # else: rebuilt on open
                 try:
                     self.snapshot()
                 except BiotemplateError:
@@ -274,31 +274,39 @@ class TemplateStore(Matching, Retention, Indexing):
             new_refs = {r for r in refs if r not in self._keyring.subjects}
             for r in new_refs:
                 self._keyring.subjects[r] = sealing.random_key()
-            rows: list[RecordRow] = []
+            ids = [os.urandom(16).hex() for _ in subject_ids]
+            committed = False
             try:
                 if new_refs:
                     self._save_keyring()  # keys first: a committed row must be readable
-                for vec, sid, ref in zip(vecs, subject_ids, refs, strict=True):
-                    plain = rec.Plain(template=vec, subject_id=sid, metadata=meta,
-                                      source=src, created_us=now_us)
-                    rows.append(self._codec.seal(
-                        record_id=os.urandom(16).hex(), subject_ref=ref, purposes=purposes,
-                        expiry_us=expiry_us, held=self._keyring.held(ref), plain=plain))
-                ids = [r.record_id for r in rows]
-                with self._db.transaction():
-                    self._db.insert(rows)
-                    self._trail.append("enroll", actor=actor, count=len(rows),
-                                       expires=expiry_us, source=src,
-                                       record_ids=ids if len(ids) <= 100 else ids[:100],
-                                       **fields)
+                # The index insert (native, in a worker) overlaps the sealing and the commit
+                # (Python, here); the records become searchable only once both succeeded.
+                with self._index.adding(ids, refs, [purposes] * len(ids),
+                                        [expiry_us] * len(ids), rec.normalised(vecs),
+                                        progress=progress):
+                    rows: list[RecordRow] = []
+                    for rid, vec, sid, ref in zip(ids, vecs, subject_ids, refs, strict=True):
+                        plain = rec.Plain(template=vec, subject_id=sid, metadata=meta,
+                                          source=src, created_us=now_us)
+                        rows.append(self._codec.seal(
+                            record_id=rid, subject_ref=ref, purposes=purposes,
+                            expiry_us=expiry_us, held=self._keyring.held(ref), plain=plain))
+                    with self._db.transaction():
+                        self._db.insert(rows)
+                        self._trail.append("enroll", actor=actor, count=len(rows),
+                                           expires=expiry_us, source=src,
+                                           record_ids=ids if len(ids) <= 100 else ids[:100],
+                                           **fields)
+                    committed = True
+                    self._subjects.update(zip(ids, subject_ids, strict=True))
             except BaseException:
-                for r in new_refs:  # the orphan keys on disk are swept by the next purge
-                    self._keyring.subjects.pop(r, None)
+                if committed:  # rows the index lacks: no snapshot may claim them covered
+                    self._index_incomplete = True
+                    self._drop_snapshot()
+                else:  # committed rows would need their keys, these have none
+                    for r in new_refs:  # orphan keys on disk are swept by the next purge
+                        self._keyring.subjects.pop(r, None)
                 raise
-            live = [(r, rec.Plain(template=v, subject_id=s, metadata={}, source=None,
-                                  created_us=now_us))
-                    for r, v, s in zip(rows, vecs, subject_ids, strict=True)]
-            self._index_rows(live, progress)
             return ids
 
     def export_subject(self, subject_id: str, *, actor: str,

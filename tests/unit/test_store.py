@@ -890,3 +890,82 @@ def test_passphrase_key_provider(tmp_path: Path, policy: bt.RetentionPolicy, clo
     with pytest.raises(bt.KeyUnavailable):
         bt.TemplateStore.open(tmp_path / "s", key_provider=wrong, clock=clock)
     assert "correct horse" not in repr(good)
+
+
+# --- enrolment overlaps sealing with the index insert: what each failure leaves ---------
+
+
+def test_a_failed_commit_leaves_nothing_searchable_and_no_new_key(
+        sstore: bt.TemplateStore, gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index insert runs while the rows are sealed and committed; a failed commit
+    erases what the insert added, so nothing of the batch is ever served."""
+    from biotemplate.backends.sqlite import SQLiteBackend
+
+    enrol_gallery(sstore, gallery)
+    subjects_before = len(sstore._keyring.subjects)
+
+    def broken(self: Any, rows: Any) -> None:
+        raise bt.StorageError("disk full")
+
+    monkeypatch.setattr(SQLiteBackend, "insert", broken)
+    newcomers = make_gallery(5, 1, DIM, seed=99, prefix="N-")
+    with pytest.raises(bt.StorageError):
+        sstore.enroll_many(newcomers.templates, subject_ids=newcomers.subject_ids,
+                           actor="svc", **WATCH)
+    monkeypatch.undo()
+    assert len(sstore._keyring.subjects) == subjects_before
+    assert sstore.stats()["indexed"] == len(gallery.subject_ids)
+    for i in range(5):
+        assert not any(s.startswith("N-") for s in search_ids(sstore, newcomers.templates[i]))
+    assert sstore.audit.verify().ok
+
+
+def test_an_index_failure_after_the_commit_keeps_the_rows_and_their_keys(
+        store_dir: Path, policy: bt.RetentionPolicy, keys: Any, clock: Any,
+        gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hnswlib failing (e.g. out of memory) after the rows were committed: the call
+    raises, the rows stay readable (their subject keys are kept), and the next open
+    indexes them."""
+    import biotemplate.index as index_module
+
+    s = bt.TemplateStore.create(store_dir, dim=DIM, model="test-model-v1", policy=policy,
+                                key_provider=keys, clock=clock)
+    real = index_module.TemplateIndex._insert
+
+    def broken(self: Any, *args: Any) -> None:
+        raise RuntimeError("std::bad_alloc")
+
+    monkeypatch.setattr(index_module.TemplateIndex, "_insert", broken)
+    with pytest.raises(bt.BiotemplateError):
+        enrol_gallery(s, gallery)
+    monkeypatch.setattr(index_module.TemplateIndex, "_insert", real)
+    assert s.stats()["indexed"] == 0
+    assert len(s.export_subject("P-000003", actor="dpo")) == 2  # committed, readable
+    s.close()  # writes no snapshot: it would claim rows the index never took
+    s = bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock)
+    assert "P-000003" in search_ids(s, probe(gallery, 3))
+    s.close()
+
+
+def test_an_explicit_snapshot_after_an_index_failure_rebuilds_first(
+        store_dir: Path, policy: bt.RetentionPolicy, keys: Any, clock: Any,
+        gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    import biotemplate.index as index_module
+
+    s = bt.TemplateStore.create(store_dir, dim=DIM, model="test-model-v1", policy=policy,
+                                key_provider=keys, clock=clock)
+    real = index_module.TemplateIndex._insert
+
+    def broken(self: Any, *args: Any) -> None:
+        raise RuntimeError("std::bad_alloc")
+
+    monkeypatch.setattr(index_module.TemplateIndex, "_insert", broken)
+    with pytest.raises(bt.BiotemplateError):
+        enrol_gallery(s, gallery)
+    monkeypatch.setattr(index_module.TemplateIndex, "_insert", real)
+    s.snapshot()
+    assert "P-000003" in search_ids(s, probe(gallery, 3))
+    s.close()
+    s = bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock)
+    assert "P-000003" in search_ids(s, probe(gallery, 3))
+    s.close()
