@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import hnswlib
 import numpy as np
@@ -99,9 +99,9 @@ def auto_ef(live: int) -> int:
     return max(_EF_FLOOR, 32 * grown)
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One search result: the subject's best record for the probe."""
+class Hit(NamedTuple):
+    """One search result: the subject's best record for the probe (a NamedTuple: built
+    for every candidate of every search, it must be cheap to make)."""
 
     record_id: str
     subject_ref: bytes
