@@ -444,9 +444,7 @@ class TemplateIndex:
             if len(sub.live) <= self._params.exact_cutoff or fetch >= len(sub.live):
                 return self._exact(sub, queries, k, now_us)
             try:
-                # one probe: no worker threads (hnswlib would start and join them per call)
-                threads = self._threads if len(queries) > 1 else 1
-                found, dist = sub.index.knn_query(queries, k=fetch, num_threads=threads)
+                found, dist = sub.index.knn_query(queries, k=fetch, num_threads=self._threads)
             except RuntimeError:  # some row had < fetch reachable: retry row by row
                 return [self._search_one(sub, q, k, now_us, fetch) for q in queries]
             results = []
