@@ -235,26 +235,40 @@ def seal_stream(key: bytes, salt: bytes, plaintext: memoryview, aad: bytes,
         yield cipher.encrypt(_stream_nonce(i, i == count - 1), chunk, aad)
 
 
-def open_stream_into(key: bytes, salt: bytes, read: Callable[[int], bytes], out: bytearray,
-                     aad: bytes, frame: int = STREAM_FRAME) -> None:
-    """Authenticate and decrypt frames from ``read`` into ``out`` (whose length is the
-    plaintext size, taken from the authenticated-later header and checked against the file
-    size by the caller). Raises IntegrityError on any failure; ``out`` is then zeroed."""
+def open_stream_into(key: bytes, salt: bytes, readinto: Callable[[memoryview], int],
+                     out: bytearray, aad: bytes, frame: int = STREAM_FRAME) -> None:
+    """Authenticate and decrypt frames read with ``readinto`` (a file's) into ``out``,
+    whose length is the plaintext size (from the header, which is authenticated as the
+    ``aad``; the caller checks it against the file size first). One frame buffer is
+    reused, so nothing but ``out`` grows with the file. Raises IntegrityError on any
+    failure; ``out`` is then zeroed."""
     cipher = _stream_cipher(key, salt)
     view = memoryview(out)
     count = stream_frames(len(out), frame)
+    sealed = memoryview(bytearray(min(len(out), frame) + TAG_SIZE))
     try:
         for i in range(count):
             part = view[i * frame : (i + 1) * frame]
-            ct = read(len(part) + TAG_SIZE)
-            if len(ct) != len(part) + TAG_SIZE:
+            ct = sealed[: len(part) + TAG_SIZE]
+            if _fill(readinto, ct) != len(ct):
                 raise InvalidTag
             cipher.decrypt_into(_stream_nonce(i, i == count - 1), ct, aad, part)
-        if read(1):  # bytes after the last frame: not what was sealed
+        if _fill(readinto, memoryview(bytearray(1))):  # bytes after the last frame
             raise InvalidTag
     except InvalidTag:
         _zero(view, frame)  # decrypt_into may have written unauthenticated plaintext
         raise IntegrityError("sealed data failed authentication") from None
+
+
+def _fill(readinto: Callable[[memoryview], int], buf: memoryview) -> int:
+    """Read until ``buf`` is full or the input ends; returns the bytes read."""
+    got = 0
+    while got < len(buf):
+        n = readinto(buf[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 # --- keyring envelope -----------------------------------------------------------------

@@ -186,7 +186,7 @@ def opened(path: Path, keyring: Keyring) -> Iterator[tuple[int, dict[str, Any]]]
             raise IntegrityError("snapshot is truncated or extended")
         body = bytearray(size)
         try:
-            sealing.open_stream_into(_key(keyring, epoch, erasures), salt, fh.read, body,
+            sealing.open_stream_into(_key(keyring, epoch, erasures), salt, fh.readinto, body,
                                      MAGIC + keyring.store_id + header_bytes)
             try:
                 state = _unpack_body(body)

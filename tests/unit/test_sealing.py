@@ -377,7 +377,7 @@ def _open_stream(key: bytes, salt: bytes, data: bytes, size: int,
     import io
 
     out = bytearray(size)
-    sealing.open_stream_into(key, salt, io.BytesIO(data).read, out, aad, frame=FRAME)
+    sealing.open_stream_into(key, salt, io.BytesIO(data).readinto, out, aad, frame=FRAME)
     return out
 
 
@@ -415,7 +415,7 @@ def test_stream_edits_fail_and_leave_no_plaintext(key: bytes, edit: str) -> None
     import io
 
     with pytest.raises(IntegrityError):
-        sealing.open_stream_into(key, salt, io.BytesIO(data).read, out, b"ad", frame=FRAME)
+        sealing.open_stream_into(key, salt, io.BytesIO(data).readinto, out, b"ad", frame=FRAME)
     assert out == bytearray(len(plain))
 
 
