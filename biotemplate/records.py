@@ -81,12 +81,18 @@ def as_template(template: object, dim: int) -> NDArray[np.float32]:
     Raises:
         InvalidTemplate: wrong type, shape or length; NaN/inf; zero norm.
     """
+    arr = _one_row(template, dim)
+    one: NDArray[np.float32] = _check_rows(arr[None, :], lambda _i: "the template ")[0]
+    return one.copy()
+
+
+def _one_row(template: object, dim: int) -> NDArray[Any]:
+    """A real-valued array of shape (dim,), not yet checked for finiteness or norm."""
     arr = _as_float_array(template, dim)
     if arr.ndim != 1 or arr.shape[0] != dim:
         hint = "; use enroll_many for a batch" if arr.ndim == 2 else ""
         raise _shape_error(dim, f"shape {arr.shape}{hint}")
-    one: NDArray[np.float32] = _check_rows(arr[None, :], lambda _i: "the template ")[0]
-    return one.copy()
+    return arr
 
 
 def unit_template(template: object, dim: int) -> NDArray[np.float32]:
@@ -96,10 +102,7 @@ def unit_template(template: object, dim: int) -> NDArray[np.float32]:
     Raises:
         InvalidTemplate: wrong type, shape or length; NaN/inf; zero norm.
     """
-    arr = _as_float_array(template, dim)
-    if arr.ndim != 1 or arr.shape[0] != dim:
-        hint = "; use enroll_many for a batch" if arr.ndim == 2 else ""
-        raise _shape_error(dim, f"shape {arr.shape}{hint}")
+    arr = _one_row(template, dim)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused next
         one = arr.astype(np.float32).astype(np.float64)
     if not np.isfinite(one).all():

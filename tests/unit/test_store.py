@@ -920,25 +920,29 @@ def test_a_failed_commit_leaves_nothing_searchable_and_no_new_key(
     assert sstore.audit.verify().ok
 
 
+def _enrol_while_hnswlib_fails(s: bt.TemplateStore, gallery: Gallery,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enrol the gallery while hnswlib's insert fails (after the rows were committed)."""
+    import biotemplate.index as index_module
+
+    def broken(self: Any, *args: Any) -> None:
+        raise RuntimeError("std::bad_alloc")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(index_module.TemplateIndex, "_insert", broken)
+        with pytest.raises(bt.BiotemplateError):
+            enrol_gallery(s, gallery)
+
+
 def test_an_index_failure_after_the_commit_keeps_the_rows_and_their_keys(
         store_dir: Path, policy: bt.RetentionPolicy, keys: Any, clock: Any,
         gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
     """hnswlib failing (e.g. out of memory) after the rows were committed: the call
     raises, the rows stay readable (their subject keys are kept), and the next open
     indexes them."""
-    import biotemplate.index as index_module
-
     s = bt.TemplateStore.create(store_dir, dim=DIM, model="test-model-v1", policy=policy,
                                 key_provider=keys, clock=clock)
-    real = index_module.TemplateIndex._insert
-
-    def broken(self: Any, *args: Any) -> None:
-        raise RuntimeError("std::bad_alloc")
-
-    monkeypatch.setattr(index_module.TemplateIndex, "_insert", broken)
-    with pytest.raises(bt.BiotemplateError):
-        enrol_gallery(s, gallery)
-    monkeypatch.setattr(index_module.TemplateIndex, "_insert", real)
+    _enrol_while_hnswlib_fails(s, gallery, monkeypatch)
     assert s.stats()["indexed"] == 0
     assert len(s.export_subject("P-000003", actor="dpo")) == 2  # committed, readable
     s.close()  # writes no snapshot: it would claim rows the index never took
@@ -950,19 +954,9 @@ def test_an_index_failure_after_the_commit_keeps_the_rows_and_their_keys(
 def test_an_explicit_snapshot_after_an_index_failure_rebuilds_first(
         store_dir: Path, policy: bt.RetentionPolicy, keys: Any, clock: Any,
         gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
-    import biotemplate.index as index_module
-
     s = bt.TemplateStore.create(store_dir, dim=DIM, model="test-model-v1", policy=policy,
                                 key_provider=keys, clock=clock)
-    real = index_module.TemplateIndex._insert
-
-    def broken(self: Any, *args: Any) -> None:
-        raise RuntimeError("std::bad_alloc")
-
-    monkeypatch.setattr(index_module.TemplateIndex, "_insert", broken)
-    with pytest.raises(bt.BiotemplateError):
-        enrol_gallery(s, gallery)
-    monkeypatch.setattr(index_module.TemplateIndex, "_insert", real)
+    _enrol_while_hnswlib_fails(s, gallery, monkeypatch)
     s.snapshot()
     assert "P-000003" in search_ids(s, probe(gallery, 3))
     s.close()
