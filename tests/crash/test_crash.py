@@ -416,8 +416,9 @@ def verify_after_crash(store_dir: Path, keys: bt.FileKeyProvider, model: Model, 
 # --- the random kill loop -------------------------------------------------------------------
 
 
-def crash_loop(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy,
-               iterations: int, seed: int) -> Counter[str]:
+def _fresh_store(tmp_path: Path, keys: bt.FileKeyProvider,
+                 policy: bt.RetentionPolicy) -> tuple[Path, Path, Model]:
+    """An empty store (created and closed), a work folder, and the model that tracks it."""
     store_dir, work = tmp_path / "store", tmp_path / "work"
     work.mkdir()
     bt.TemplateStore.create(store_dir, dim=wk.DIM, model=MODEL, policy=policy,
@@ -425,6 +426,12 @@ def crash_loop(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPol
     ring = Keyring.load(store_dir / "keyring", keys.master_key())
     model = Model(epoch=ring.ratchet_epoch, max_now=_us(START),
                   threshold=policy.purposes[wk.TUNED].match_threshold)
+    return store_dir, work, model
+
+
+def crash_loop(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy,
+               iterations: int, seed: int) -> Counter[str]:
+    store_dir, work, model = _fresh_store(tmp_path, keys, policy)
     rng = random.Random(seed)
     t0 = time.monotonic()
     for it in range(iterations):
@@ -487,13 +494,7 @@ def seam_crash(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPol
                skip: int = 0) -> tuple[Path, Model, Run, list[list[str]]]:
     """Create a store, let a child enrol two batches, then die in the keyring save (or
     the snapshot write) of ``seam_op`` right before the rename."""
-    store_dir, work = tmp_path / "store", tmp_path / "work"
-    work.mkdir()
-    bt.TemplateStore.create(store_dir, dim=wk.DIM, model=MODEL, policy=policy,
-                            key_provider=keys, clock=lambda: START).close()
-    ring = Keyring.load(store_dir / "keyring", keys.master_key())
-    model = Model(epoch=ring.ratchet_epoch, max_now=_us(START),
-                  threshold=policy.purposes[wk.TUNED].match_threshold)
+    store_dir, work, model = _fresh_store(tmp_path, keys, policy)
     ttl = DAY_S // 2 if seam_op == "purge" else 10 * DAY_S  # purge shreds the setup batches
     plan = {"mode": "seam", "prefix": "seam", "seed": SEED, "step_s": 600, "ttls_s": [ttl],
             "setup": ["enroll_many", "enroll_many"], "seam_op": seam_op,
