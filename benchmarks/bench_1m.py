@@ -1,10 +1,12 @@
-"""Issue 4 at N = 1M, d = 128, run once (trimmed): raw hnswlib vs biotemplate.
+"""Issue 4's targets at N = 1M (d = 128 by default): raw hnswlib vs biotemplate, one run.
 
-One command::
+Who runs it: whoever checks that the store still holds at a large gallery (rank-1 vs exact
+search, search latency, enrolment and snapshot-open cost). Needs ~3 GB of RAM and ~15 min
+on 2 cores at 1M; ``--n 2000`` is a smoke test of a few seconds::
 
     .venv/bin/python benchmarks/bench_1m.py --n 1000000 --dim 128
 
-Phases (same process, same vectors, M=16 / ef_construction=200 / ef=128):
+Phases (same process, same vectors, M=16 / ef_construction=200 / ef=auto_ef(N), 3168 at 1M):
   1. raw hnswlib ``add_items`` of the in-memory array (wall, CPU);
   2. ``enroll_many`` of the same vectors into a fresh store (1 sample per identity, one
      purpose, max_candidates 100, fixed clock) (wall, CPU);
@@ -13,8 +15,9 @@ Phases (same process, same vectors, M=16 / ef_construction=200 / ef=128):
   4. rank-1 of 2000 mated probes: exact (numpy, chunked), raw hnswlib, store;
   5. ``store.close()`` (writes the snapshot), then ``TemplateStore.open`` from the snapshot
      in a fresh subprocess (open time, peak RSS via getrusage and VmHWM).
-The rebuild-from-rows timing is not run. The JSON is rewritten after every phase, so an
-interrupted run still leaves the phases that completed.
+The rebuild-from-rows timing is not run. Writes ``bench_1m_d{dim}.json`` to --results-dir
+(``bench_1m_d{dim}_n{n}.json`` when n is not 1M), rewritten after every phase, so an
+interrupted run still leaves the phases that completed; prints the JSON at the end.
 """
 
 from __future__ import annotations
@@ -29,48 +32,52 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from bench_targets import (
-    ACTOR,
-    INV,
-    clock,
-    new_store,
-    params,
-    passes,
-    ratio_stats,
-    raw_build_cpu,
-    rows_of,
-    source_digest,
-    time_each,
-)
 from common import (
+    ACTOR,
     DATA,
     EF_CONSTRUCTION,
-    RESULTS,
+    INV,
+    SNAPSHOT_FILE,
     K,
     M,
+    add_results_dir_arg,
+    clock,
     configure,
     ef_default,
     exact_topk,
     log,
     median,
+    new_store,
+    params,
+    parser,
+    passes,
     peak_rss_mb,
+    ratio_stats,
+    raw_build_cpu,
+    rows_of,
     rss_mb,
+    shown,
+    source_digest,
+    time_each,
     timed,
     write_json,
 )
 
-import biotemplate as bt
-from biotemplate.synthetic import make_gallery, probes
+if TYPE_CHECKING:
+    import biotemplate as bt
 
 PURPOSE = "bench"
 
 
 def open_worker(root: Path) -> dict[str, Any]:
     """Run in a fresh interpreter: open the store from its snapshot."""
-    import hnswlib  # noqa: F401  (imported before the baseline, like biotemplate's deps)
+    # both imported before the baseline
+    import hnswlib  # noqa: F401
+
+    import biotemplate as bt
 
     base = rss_mb()
     t, store = timed(lambda: bt.TemplateStore.open(
@@ -80,27 +87,28 @@ def open_worker(root: Path) -> dict[str, Any]:
     out = {"baseline_mb": base, "open_s": t, "after_mb": rss_mb(),
            "peak_mb_vmhwm": peak_rss_mb(),
            "peak_mb_ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "indexed": store.stats()["indexed"]}
+           "indexed": store.stats().indexed}
     store.close()
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--seed", type=int, default=31)
-    p.add_argument("--single", type=int, default=1000)
-    p.add_argument("--nq-rank1", type=int, default=2000)
-    p.add_argument("--rounds", type=int, default=3)
+    p = parser(__doc__)
+    p.add_argument("--n", type=int, default=1_000_000, help="identities (1 sample each)")
+    p.add_argument("--dim", type=int, default=128, help="template dimension")
+    p.add_argument("--seed", type=int, default=31, help="gallery seed")
+    p.add_argument("--single", type=int, default=1000, help="probes timed one by one")
+    p.add_argument("--nq-rank1", type=int, default=2000, help="mated probes for rank-1")
+    p.add_argument("--rounds", type=int, default=3, help="alternating single-query passes")
+    add_results_dir_arg(p)
     p.add_argument("--worker-open", help=argparse.SUPPRESS)
     args = p.parse_args()
-    configure(args.n)
+    configure(args.n, args.results_dir)
     if args.worker_open:
         print(json.dumps(open_worker(Path(args.worker_open))))
         return
 
-    name = f"bench_1m_d{args.dim}"
+    name = f"bench_1m_d{args.dim}" + ("" if args.n == 1_000_000 else f"_n{args.n}")
     res: dict[str, Any] = {"dim": args.dim, "n": args.n, "M": M,
                            "ef_construction": EF_CONSTRUCTION, "ef_search": ef_default(), "k": K,
                            "seed": args.seed, "source": source_digest(), "phases_done": []}
@@ -108,6 +116,8 @@ def main() -> None:
     def save(phase: str) -> None:
         res["phases_done"].append(phase)
         write_json(name, res)
+
+    from biotemplate.synthetic import make_gallery, probes
 
     t_start = time.perf_counter()
     log(f"generating gallery {args.n} x {args.dim}")
@@ -196,7 +206,7 @@ def main() -> None:
         # 5. close (snapshot) and open from it in a fresh process
         log("close (writes snapshot)")
         close_t, _ = timed(store.close)
-        snap = root / "S" / "index.snapshot"
+        snap = root / "S" / SNAPSHOT_FILE
         db_mib = sum(f.stat().st_size for f in (root / "S").rglob("*") if f.is_file()) / 2**20
         res["close"] = {"close_s": close_t,
                         "snapshot_mib": snap.stat().st_size / 2**20 if snap.exists() else None,
@@ -222,7 +232,7 @@ def main() -> None:
     res["elapsed_s"] = time.perf_counter() - t_start
     path = write_json(name, res)
     print(json.dumps({k: v for k, v in res.items() if k != "source"}, indent=2, default=float))
-    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    print(f"\nwrote {shown(path)}")
 
 
 def timed_enrol(store: bt.TemplateStore, x: np.ndarray,

@@ -1,20 +1,30 @@
 """Side by side: biotemplate vs raw hnswlib vs faiss IndexHNSWFlat vs chromadb (vs exact).
 
-One command::
+Who runs it: anyone choosing between biotemplate and a plain vector index, or checking
+what the store's encryption, policy and audit cost against one. Needs the ``bench`` extra
+(faiss-cpu, chromadb, matplotlib); ~4 min at d=128 and ~9 min at d=512 for N=100k on 2
+cores::
 
+    .venv/bin/python benchmarks/bench_compare.py --dim 128 --n 100000
     .venv/bin/python benchmarks/bench_compare.py --dim 512 --n 100000
+    .venv/bin/python benchmarks/bench_compare.py --dim 128 --n 100000 --report  # tables only
 
 Every system gets the same vectors (data set "A" of common.py: n identities x 1 sample,
-mated probes as queries) and the same M / ef_construction / ef_search, and runs in its own
-subprocess so that its peak RSS is its own. Per system: build (enrol) time, single-query
-p50/p99 (k=10), batch QPS (all queries in one call), recall@10 against exact search,
-rank-1 of the mated probes, peak RSS, and an ef sweep (recall vs QPS) for the plot.
+mated probes as queries) and the same M / ef_construction / ef (the store's default for N,
+auto_ef(N)), and runs in its own subprocess so that its peak RSS is its own. Per system:
+build (enrol) time, single-query p50/p99 (k=10), batch QPS (all queries in one call),
+recall@10 against exact search, rank-1 of the mated probes, peak RSS, and an ef sweep
+(recall vs QPS) for the plot.
 
 biotemplate is searched in "investigation" mode (up to k candidates, threshold ignored)
 with max_candidates=100, so it returns the same k as the others; its queries run on the
 index re-opened from its sealed snapshot, and each ef of the sweep is a re-open with
 ``IndexParams(ef_search=ef)``. Its search over-fetches 3k+10 = 40 labels, so hnswlib
-searches it with ef = max(ef, 40).
+searches it with ef = max(ef, 40). chromadb applies a new ef only in a fresh process, so
+each ef of its sweep runs in one.
+
+Writes ``compare_d{dim}_n{n}.json`` to --results-dir, then redraws the plot with plot.py
+(``recall_qps_n{n}.png``, every dim of that n found there).
 """
 
 from __future__ import annotations
@@ -35,19 +45,25 @@ from common import (
     DATA,
     EF_CONSTRUCTION,
     FIXED_NOW,
-    RESULTS,
+    HERE,
     K,
     M,
+    add_results_dir_arg,
     bench_policy,
     configure,
     data_a,
     ef_default,
+    fmt,
     log,
+    md,
     median,
+    parser,
     peak_rss_mb,
     percentiles_us,
     recall_at_k,
+    results_dir,
     rss_mb,
+    shown,
     table,
     timed,
     write_json,
@@ -282,6 +298,8 @@ IMPL: dict[str, Callable[[], System]] = {"exact": Exact, "hnswlib": Hnsw, "faiss
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import biotemplate  # noqa: F401  (in every system's baseline RSS, as it always was)
+
     data = data_a(args.dim, args.n, args.nq)
     sysm = IMPL[args.worker]()
     out: dict[str, Any] = {"system": args.worker, "rss_before_build_mb": rss_mb()}
@@ -352,26 +370,61 @@ def run_worker(system: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def report(path: Path) -> str:
+    """One run's JSON as Markdown: the main table at ef_default and the ef sweep."""
+    res = json.loads(path.read_text())
+    rows = []
+    for s in res["systems"]:
+        if "error" in s:
+            rows.append([s["system"], "failed: " + s["error"]] + ["-"] * 9)
+            continue
+        rows.append([s["system"], fmt(s["build_s"], ".1f"), fmt(s.get("build_cpu_s"), ".1f"),
+                     fmt(s["single"]["p50_us"], ".0f"), fmt(s["single"]["p99_us"], ".0f"),
+                     fmt(s["batch_qps"], ".0f"), fmt(s["recall_at_10"], ".4f"),
+                     fmt(s["rank1"], ".4f"), fmt(s["extra_fnir_rank1"] * 100, "+.2f"),
+                     fmt(s["peak_rss_mb"], ".0f"),
+                     fmt(s["rss_after_build_mb"] - s["rss_before_build_mb"], ".0f")])
+    main_table = (f"**d = {res['dim']}, N = {res['n']:,}** (M={res['M']}, "
+                  f"ef_construction={res['ef_construction']}, ef={res['ef_search']}, "
+                  f"k={res['k']}, {res['nq']} mated probes, {res['single']} timed singly)\n\n"
+                  + md(rows, ["system", "build / enrol s", "build CPU s", "single p50 us",
+                              "single p99 us", "batch QPS", "recall@10", "rank-1",
+                              "extra FNIR (pt)", "peak RSS MB", "RSS growth MB"]))
+    sweep = [[s["system"], str(pt["ef"]), fmt(pt["qps"], ".0f"), fmt(pt["recall_at_10"], ".4f"),
+              fmt(pt.get("rank1"), ".4f")]
+             for s in res["systems"] for pt in s.get("sweep") or []]
+    if not sweep:
+        return main_table
+    return (main_table + "\n\n" + f"ef sweep, d={res['dim']}:\n\n"
+            + md(sweep, ["system", "ef", "batch QPS", "recall@10", "rank-1"]))
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--n", type=int, default=10_000)
+    p = parser(__doc__)
+    p.add_argument("--dim", type=int, default=128, help="template dimension")
+    p.add_argument("--n", type=int, default=10_000, help="identities (1 sample each)")
     p.add_argument("--nq", type=int, default=2000, help="mated probes (batch, recall)")
     p.add_argument("--single", type=int, default=1000, help="probes timed one by one")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--efs", default=",".join(map(str, DEFAULT_EFS)))
+    p.add_argument("--repeats", type=int, default=3, help="batch passes (median)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    p.add_argument("--efs", default=",".join(map(str, DEFAULT_EFS)), help="the ef sweep")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per system")
+    p.add_argument("--report", action="store_true",
+                   help="print the Markdown tables of compare_d{dim}_n{n}.json and exit")
+    add_results_dir_arg(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     args = p.parse_args()
-    configure(args.n)
+    configure(args.n, args.results_dir)
     args.efs = [int(e) for e in str(args.efs).split(",")]
 
     if args.worker:
         result = chroma_sweep_worker(args) if args.worker == "chromadb-sweep" else worker(args)
         Path(args.out).write_text(json.dumps(result, default=float))
+        return
+    if args.report:
+        print(report(results_dir() / f"compare_d{args.dim}_n{args.n}.json"))
         return
 
     log(f"data set A: d={args.dim} n={args.n} (generated and cached on first use)")
@@ -399,14 +452,12 @@ def main() -> None:
                       {"dim": args.dim, "n": args.n, "nq": args.nq, "single": args.single,
                        "M": M, "ef_construction": EF_CONSTRUCTION, "ef_search": ef_default(),
                        "k": K, "systems": rows})
-    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
-    try:
-        from plot import plot_all
-
-        png = plot_all(args.n)
-        print(f"wrote {png.relative_to(RESULTS.parent.parent)}")
-    except ImportError as exc:
-        print(f"no plot ({exc})")
+    print(f"\nwrote {shown(path)}")
+    # the plot is its own script (run, not imported: scripts share only common.py)
+    plot = subprocess.run([sys.executable, str(HERE / "plot.py"), "--n", str(args.n),
+                           "--results-dir", str(results_dir())], check=False)
+    if plot.returncode != 0:
+        print(f"no plot (plot.py exited {plot.returncode})")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Issue 4's targets: biotemplate vs raw hnswlib, same process, same vectors, same M /
-ef_construction / ef (biotemplate's IndexParams defaults: 16 / 200 / 128).
+"""Issue 4's targets: biotemplate vs raw hnswlib in the same process, on the same vectors,
+with the same M / ef_construction / ef (the store's defaults: 16 / 200 / auto_ef(N)).
 
-One command::
+Who runs it: anyone checking the targets table of RESULTS.md, after a change to the
+store's enrol, search, snapshot or rebuild paths. ~5 min at d=128 and ~10 min at d=512
+for N=100k on 2 cores (a few seconds at --n 2000)::
 
+    .venv/bin/python benchmarks/bench_targets.py --dim 128 --n 100000 --profile
     .venv/bin/python benchmarks/bench_targets.py --dim 512 --n 100000
+    .venv/bin/python benchmarks/bench_targets.py --dim 128 --n 100000 --report  # table only
 
 Part 1 (data set A, n identities x 1 sample; store purpose "all"):
   raw ``add_items`` vs ``enroll_many``; single-query p50 of ``knn_query(k=10)`` vs
@@ -13,10 +17,13 @@ Part 1 (data set A, n identities x 1 sample; store purpose "all"):
   "p10" and "p02" (same subjects) for the filtered-search test, compared with hnswlib's
   ``filter=`` callable on the one raw index (the naive approach).
 Part 2 (data set B, n/4 identities x 4 samples; store purpose "bench"):
-  raw build vs ``enroll_many`` again; rank-1 of mated probes (raw, biotemplate, exact);
-  close (writes the sealed snapshot); ``TemplateStore.open`` with the snapshot vs without
-  it (a rebuild from the sealed rows) vs the raw build; peak RSS of a raw index build, of
-  an open from the snapshot and of an open by rebuild, each in a fresh subprocess.
+  raw build vs ``enroll_many`` again; rank-1 of mated probes (raw, biotemplate, exact, and
+  per ef); close (writes the sealed snapshot); ``TemplateStore.open`` with the snapshot vs
+  without it (a rebuild from the sealed rows) vs the raw build; peak RSS of a raw index
+  build, of an open from the snapshot and of an open by rebuild, each in a fresh subprocess.
+
+Prints the targets table (met / MISSED) and writes ``targets_d{dim}_n{n}.json`` to
+--results-dir; ``--report`` prints that JSON's table as Markdown without running anything.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import hashlib
 import io
 import json
 import pstats
@@ -35,107 +41,50 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from common import (
+    ACTOR,
     DATA,
     EF_CONSTRUCTION,
-    FIXED_NOW,
-    RESULTS,
+    INV,
     SAMPLES_B,
+    SNAPSHOT_FILE,
     K,
     M,
-    bench_policy,
+    add_results_dir_arg,
     configure,
     data_a,
     data_b,
     ef_default,
     exact_topk,
     log,
+    md,
     median,
+    new_store,
+    open_store,
+    parser,
+    passes,
     peak_rss_mb,
     percentiles_us,
+    ratio_stats,
+    raw_build_cpu,
     recall_at_k,
+    results_dir,
+    rows_of,
     rss_mb,
+    shown,
+    source_digest,
     table,
+    time_each,
     timed,
     timed_cpu,
     write_json,
 )
 
-import biotemplate as bt
-
-ACTOR = "bench"
-INV = "investigation"
-
-
-def clock() -> Any:
-    return FIXED_NOW
-
-
-def params(ef: int | None = None) -> bt.IndexParams:
-    """The store's parameters; ef None: its default (auto_ef per sub-index size)."""
-    return bt.IndexParams(M=M, ef_construction=EF_CONSTRUCTION, ef_search=ef)
-
-
-def raw_build(x: np.ndarray) -> tuple[float, Any]:
-    t, _, index = raw_build_cpu(x)
-    return t, index
-
-
-def raw_build_cpu(x: np.ndarray) -> tuple[float, float, Any]:
-    import hnswlib
-
-    index = hnswlib.Index(space="ip", dim=x.shape[1])
-    index.init_index(max_elements=len(x), M=M, ef_construction=EF_CONSTRUCTION)
-    t, c, _ = timed_cpu(lambda: index.add_items(x, np.arange(len(x))))
-    index.set_ef(ef_default())
-    return t, c, index
-
-
-def new_store(root: Path, name: str, dim: int, purposes: tuple[str, ...]) -> bt.TemplateStore:
-    keys = bt.FileKeyProvider(root / "master.key")
-    if not keys.path.exists():
-        keys = bt.FileKeyProvider.generate(root / "master.key")
-    return bt.TemplateStore.create(root / name, dim=dim, model="bench-v1",
-                                   policy=bench_policy(purposes), key_provider=keys,
-                                   clock=clock, index_params=params())
-
-
-def open_store(root: Path, name: str, ef: int | None = None) -> bt.TemplateStore:
-    return bt.TemplateStore.open(root / name, key_provider=bt.FileKeyProvider(root / "master.key"),
-                                 clock=clock, index_params=params(ef), snapshot_on_close=False)
-
-
-def rows_of(store_ids: list[str]) -> dict[str, int]:
-    return {rid: i for i, rid in enumerate(store_ids)}
-
-
-def passes(methods: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
-    """Run each method's pass once per round, rotating the order; returns per-round p50s."""
-    p50: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            lat = methods[name]()
-            p50[name].append(float(np.percentile(lat, 50)) * 1e6)
-    return p50
-
-
-def time_each(fn: Callable[[np.ndarray], Any], queries: np.ndarray) -> list[float]:
-    out = []
-    for v in queries:
-        t0 = time.perf_counter()
-        fn(v)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def ratio_stats(num: list[float], den: list[float]) -> dict[str, Any]:
-    per_round = [a / b for a, b in zip(num, den, strict=True)]
-    return {"ratio_median": median(per_round), "per_round": per_round}
+if TYPE_CHECKING:
+    import biotemplate as bt
 
 
 def profile_calls(fn: Callable[[], Any], top: int = 18) -> str:
@@ -407,7 +356,7 @@ def part2(args: argparse.Namespace, root: Path, res: dict[str, Any]) -> None:
     log(f"  rank-1 exact {b.exact_rank1.mean():.4f} raw {raw_rank1:.4f} store {bio_rank1:.4f}")
 
     close_t, _ = timed(store.close)
-    snap = root / "B" / "index.snapshot"
+    snap = root / "B" / SNAPSHOT_FILE
     snap_mb = snap.stat().st_size / 2**20 if snap.exists() else None
     # rank-1 per ef: raw (above) and the store re-opened from its snapshot with ef_search=ef
     # (the store asks hnswlib for 3k+10 labels, so it searches with ef = max(ef, 40))
@@ -444,7 +393,7 @@ def part2(args: argparse.Namespace, root: Path, res: dict[str, Any]) -> None:
         "open without it (rebuild)")
     shutil.move(snap, snap.with_suffix(".bak"))
     rebuild_t, rebuild_c, s = timed_cpu(lambda: open_store(root, "B"))
-    nrec = s.stats()["indexed"]
+    nrec = s.stats().indexed
     if args.profile:
         res["B_profile_rebuild_index"] = profile_calls(s.rebuild_index)
     s.close()
@@ -488,7 +437,10 @@ def rss_subprocess(kind: str, args: argparse.Namespace, root: Path) -> dict[str,
 
 
 def rss_worker(args: argparse.Namespace) -> dict[str, Any]:
-    import hnswlib  # noqa: F401  (imported before the baseline, like biotemplate's deps)
+    # both imported before the baseline, in every kind of worker
+    import hnswlib  # noqa: F401
+
+    import biotemplate  # noqa: F401
 
     root = Path(args.root)
     if args.worker == "raw":
@@ -497,7 +449,7 @@ def rss_worker(args: argparse.Namespace) -> dict[str, Any]:
         x = b.x
         del b
         gc.collect()
-        t, _index = raw_build(x)
+        t, _, _index = raw_build_cpu(x)
         out = {"baseline_mb": base, "vectors_mb": x.nbytes / 2**20, "build_s": t}
         out["after_mb"] = rss_mb()
         del x
@@ -509,7 +461,7 @@ def rss_worker(args: argparse.Namespace) -> dict[str, Any]:
     t, store = timed(lambda: open_store(root, "B"))
     gc.collect()
     out = {"baseline_mb": base, "open_s": t, "after_mb": rss_mb(), "peak_mb": peak_rss_mb(),
-           "indexed": store.stats()["indexed"]}
+           "indexed": store.stats().indexed}
     store.close()
     return out
 
@@ -587,38 +539,41 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def source_digest() -> dict[str, str]:
-    """Which library code was measured (the tree is shared and changes under us)."""
-    pkg = Path(bt.__file__).parent
-    h = hashlib.sha256()
-    for f in sorted(pkg.rglob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
-    head = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(pkg), "status",
-                            "--porcelain", "--", "."], capture_output=True, text=True,
-                           check=False).stdout.strip()
-    return {"git_head": head, "biotemplate_dirty": str(bool(dirty)),
-            "biotemplate_sha256": h.hexdigest()[:16]}
+def report(path: Path) -> str:
+    """The targets table of one run's JSON, as Markdown (for RESULTS.md)."""
+    res = json.loads(path.read_text())
+    rows = [[r["target"].strip(), r["goal"], r["measured"], r["met"]] for r in res["summary"]]
+    return (f"**d = {res['dim']}, N = {res['n']:,}** (source "
+            f"{res['source']['biotemplate_sha256']}, HEAD {res['source']['git_head'][:7]}, "
+            f"biotemplate/ dirty: {res['source']['biotemplate_dirty']}; run took "
+            f"{res['elapsed_s'] / 60:.1f} min)\n\n" + md(rows, ["target", "goal", "measured", ""]))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--nq", type=int, default=2000)
-    p.add_argument("--nq-rank1", type=int, default=5000)
-    p.add_argument("--single", type=int, default=1000)
-    p.add_argument("--filter-queries", type=int, default=500)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--parts", default="1,2")
+    p = parser(__doc__)
+    p.add_argument("--dim", type=int, default=128, help="template dimension")
+    p.add_argument("--n", type=int, default=10_000,
+                   help="records (A: n identities x 1; B: n/4 identities x 4)")
+    p.add_argument("--nq", type=int, default=2000, help="mated probes of data set A")
+    p.add_argument("--nq-rank1", type=int, default=5000, help="mated probes of data set B")
+    p.add_argument("--single", type=int, default=1000, help="probes timed one by one")
+    p.add_argument("--filter-queries", type=int, default=500,
+                   help="probes of the filtered-search test (at most 1%% of n)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating passes per timing")
+    p.add_argument("--parts", default="1,2", help="1: data set A, 2: data set B")
     p.add_argument("--profile", action="store_true", help="cProfile search and rebuild")
+    p.add_argument("--report", action="store_true",
+                   help="print the Markdown table of targets_d{dim}_n{n}.json and exit")
+    add_results_dir_arg(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args()
-    configure(args.n)
+    configure(args.n, args.results_dir)
     if args.worker:
         print(json.dumps(rss_worker(args)))
+        return
+    if args.report:
+        print(report(results_dir() / f"targets_d{args.dim}_n{args.n}.json"))
         return
 
     res: dict[str, Any] = {"dim": args.dim, "n": args.n, "M": M,
@@ -644,7 +599,7 @@ def main() -> None:
         if key in res:
             print(f"\n--- {key} (cProfile, by tottime)\n{res[key]}")
     path = write_json(f"targets_d{args.dim}_n{args.n}", res)
-    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    print(f"\nwrote {shown(path)}")
 
 
 if __name__ == "__main__":

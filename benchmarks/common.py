@@ -9,15 +9,25 @@ benchmarks/data/, file names carry DATA_VERSION):
   of random identities. Ground truth: exact top-10 by inner product.
 - "B" (rank-1): ``n // 4`` identities x 4 samples (``n`` records). Queries are fresh mated
   probes; rank-1 is a hit when the best record belongs to the probe's identity.
+
+biotemplate is imported inside the functions that use it, so every script's --help works
+without it (workers import it before their RSS baseline). Not a script: the benchmark scripts
+(bench_targets, bench_compare, bench_1m, calibrate_ef, plot) import this module and nothing
+else of each other. Everything here touches
+biotemplate only through its public API (``biotemplate``, ``biotemplate.synthetic``,
+``biotemplate.index.auto_ef``), except ``SNAPSHOT_FILE`` (see there).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,8 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from biotemplate.synthetic import make_gallery, probes
-
 # Part of every cache file name: bump it whenever biotemplate.synthetic changes what it
 # generates, so stale vectors are never reused. "v2i100": identities in a random
 # 100-dimensional subspace (make_gallery's default intrinsic=100; impostor cosine ~0 +- 0.1).
@@ -37,19 +45,48 @@ DATA_VERSION = "v2i100"
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
-RESULTS = HERE / "results"
+RESULTS = HERE / "results"  # the committed results; --results-dir writes elsewhere
 
 # The same HNSW parameters for every system (biotemplate's IndexParams defaults). ef is
 # not a constant: by default the store searches an N-record sub-index with auto_ef(N), so
 # every system is run at that ef (``ef_default``, set by ``configure`` from --n).
 M, EF_CONSTRUCTION, K = 16, 200, 10
 _N: int | None = None
+_RESULTS_DIR: Path = RESULTS
 
 
-def configure(n: int) -> None:
-    """Record the gallery size of this run: it sets the ef every system searches with."""
-    global _N
+def configure(n: int, results_dir: str | os.PathLike[str] | None = None) -> None:
+    """Record the gallery size of this run (it sets the ef every system searches with) and
+    where its JSON goes (default benchmarks/results/)."""
+    global _N, _RESULTS_DIR
     _N = n
+    _RESULTS_DIR = Path(results_dir) if results_dir else RESULTS
+
+
+def results_dir() -> Path:
+    return _RESULTS_DIR
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default unless it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser whose --help prints the script's docstring."""
+    return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+
+
+def add_results_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results-dir", metavar="DIR",
+                        help="folder of the result files: written by a run, read by --report "
+                             "and plot.py (default: benchmarks/results/, the committed "
+                             "results; use another folder for trial runs)")
 
 
 def ef_default() -> int:
@@ -59,8 +96,17 @@ def ef_default() -> int:
     if _N is None:
         raise RuntimeError("common.configure(n) was not called")
     return auto_ef(_N)
+
+
 SAMPLES_B = 4
 FIXED_NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+ACTOR = "bench"
+INV = "investigation"  # search mode: k candidates, threshold ignored (like the others)
+
+# The store's on-disk name for its sealed index snapshot. NOT public API: bench_targets
+# moves it aside to time an open that must rebuild from the rows, and bench_1m reports its
+# size. If the store's layout changes, change this name.
+SNAPSHOT_FILE = "index.snapshot"
 
 
 # --- data -------------------------------------------------------------------------------
@@ -111,6 +157,8 @@ def _cached(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, 
 
 def data_a(dim: int, n: int, nq: int = 2000, seed: int = 11) -> DataA:
     def build() -> dict[str, np.ndarray]:
+        from biotemplate.synthetic import make_gallery, probes
+
         g = make_gallery(n, 1, dim, seed=seed)
         which = np.random.default_rng(seed + 1).choice(n, size=nq, replace=False)
         q = probes(g, which, seed=seed + 2)
@@ -126,6 +174,8 @@ def data_b(dim: int, n: int, nq: int = 5000, seed: int = 21) -> DataB:
     ids = n // SAMPLES_B
 
     def build() -> dict[str, np.ndarray]:
+        from biotemplate.synthetic import make_gallery, probes
+
         g = make_gallery(ids, SAMPLES_B, dim, seed=seed)
         which = np.random.default_rng(seed + 1).choice(ids, size=nq, replace=nq > ids)
         q = probes(g, which, seed=seed + 2)
@@ -224,8 +274,9 @@ def versions() -> dict[str, str]:
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    out_dir = results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
     payload = {"machine": machine(), "versions": versions(),
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "when": datetime.now(UTC).isoformat(timespec="seconds"), **payload}
@@ -249,6 +300,25 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> st
     return "\n".join(out)
 
 
+def md(rows: list[list[str]], header: list[str]) -> str:
+    """A Markdown table (the --report output pasted into RESULTS.md)."""
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -264,3 +334,100 @@ def bench_policy(purposes: Sequence[str] = ("bench",)) -> Any:
                          "match_threshold": 0.55, "max_candidates": 100}
                      for p in purposes},
     })
+
+
+# --- the store and raw hnswlib, as bench_targets and bench_1m drive them -----------------
+
+
+def clock() -> Any:
+    return FIXED_NOW
+
+
+def params(ef: int | None = None) -> Any:
+    """The store's parameters; ef None: its default (auto_ef per sub-index size)."""
+    import biotemplate as bt
+
+    return bt.IndexParams(M=M, ef_construction=EF_CONSTRUCTION, ef_search=ef)
+
+
+def raw_build_cpu(x: np.ndarray) -> tuple[float, float, Any]:
+    """A raw hnswlib index of ``x`` (labels = rows) at the store's M / ef_construction,
+    searched at ``ef_default()``: (wall s, CPU s, index)."""
+    import hnswlib
+
+    index = hnswlib.Index(space="ip", dim=x.shape[1])
+    index.init_index(max_elements=len(x), M=M, ef_construction=EF_CONSTRUCTION)
+    t, c, _ = timed_cpu(lambda: index.add_items(x, np.arange(len(x))))
+    index.set_ef(ef_default())
+    return t, c, index
+
+
+def new_store(root: Path, name: str, dim: int, purposes: tuple[str, ...]) -> Any:
+    """A fresh store ``root/name`` (key file ``root/master.key``, shared by the stores of
+    one run), fixed clock, the policy of ``bench_policy``."""
+    import biotemplate as bt
+
+    keys = bt.FileKeyProvider(root / "master.key")
+    if not keys.path.exists():
+        keys = bt.FileKeyProvider.generate(root / "master.key")
+    return bt.TemplateStore.create(root / name, dim=dim, model="bench-v1",
+                                   policy=bench_policy(purposes), key_provider=keys,
+                                   clock=clock, index_params=params())
+
+
+def open_store(root: Path, name: str, ef: int | None = None) -> Any:
+    import biotemplate as bt
+
+    return bt.TemplateStore.open(root / name, key_provider=bt.FileKeyProvider(root / "master.key"),
+                                 clock=clock, index_params=params(ef), snapshot_on_close=False)
+
+
+def rows_of(store_ids: list[str]) -> dict[str, int]:
+    """record id -> row of the input array (enroll_many returns ids in input order)."""
+    return {rid: i for i, rid in enumerate(store_ids)}
+
+
+def time_each(fn: Callable[[np.ndarray], Any], queries: np.ndarray) -> list[float]:
+    """Seconds per call of ``fn`` on each query, one at a time."""
+    out = []
+    for v in queries:
+        t0 = time.perf_counter()
+        fn(v)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def passes(methods: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+    """Run each method's pass once per round, rotating the order; returns per-round p50s
+    in microseconds."""
+    p50: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            lat = methods[name]()
+            p50[name].append(float(np.percentile(lat, 50)) * 1e6)
+    return p50
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, Any]:
+    per_round = [a / b for a, b in zip(num, den, strict=True)]
+    return {"ratio_median": median(per_round), "per_round": per_round}
+
+
+def source_digest() -> dict[str, str]:
+    """Which library code was measured: git HEAD, whether biotemplate/ had uncommitted
+    changes, and a hash of its .py files (the tree may change between runs)."""
+    import biotemplate as bt
+
+    pkg = Path(bt.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    head = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(pkg), "status",
+                            "--porcelain", "--", "."], capture_output=True, text=True,
+                           check=False).stdout.strip()
+    return {"git_head": head, "biotemplate_dirty": str(bool(dirty)),
+            "biotemplate_sha256": h.hexdigest()[:16]}

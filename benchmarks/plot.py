@@ -1,30 +1,34 @@
-"""Recall@10 vs batch QPS (ef sweep) from the bench_compare results, one panel per dim.
+"""Recall@10 vs batch QPS (the ef sweep of bench_compare), one panel per dimension.
+
+Who runs it: bench_compare.py runs it after every comparison; run it by hand to redraw
+``recall_qps_n{n}.png`` from the compare_d*_n{n}.json already in --results-dir (needs
+matplotlib, from the ``bench`` extra)::
 
     .venv/bin/python benchmarks/plot.py --n 100000
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, add_results_dir_arg, parser, shown
 
 STYLE = {"hnswlib": ("tab:blue", "o"), "biotemplate": ("tab:red", "s"),
          "faiss": ("tab:green", "^"), "chromadb": ("tab:purple", "D")}
 
 
-def plot_all(n: int) -> Path:
+def plot_all(n: int, folder: Path = RESULTS) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(RESULTS.glob(f"compare_d*_n{n}.json"),
+    files = sorted(folder.glob(f"compare_d*_n{n}.json"),
                    key=lambda p: int(p.stem.split("_d")[1].split("_")[0]))
     if not files:
-        raise FileNotFoundError(f"no compare_d*_n{n}.json in {RESULTS}")
+        raise FileNotFoundError(f"no compare_d*_n{n}.json in {folder}")
     fig, axes = plt.subplots(1, len(files), figsize=(6.5 * len(files), 4.8), squeeze=False)
     for ax, path in zip(axes[0], files, strict=True):
         res = json.loads(path.read_text())
@@ -48,16 +52,22 @@ def plot_all(n: int) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("Face-like synthetic templates: recall vs throughput (ef sweep)", fontsize=10)
     fig.tight_layout()
-    out = RESULTS / f"recall_qps_n{n}.png"
+    out = folder / f"recall_qps_n{n}.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=100_000)
-    print(plot_all(p.parse_args().n))
+    p = parser(__doc__)
+    p.add_argument("--n", type=int, default=100_000, help="gallery size of the runs to plot")
+    add_results_dir_arg(p)
+    args = p.parse_args()
+    try:
+        out = plot_all(args.n, Path(args.results_dir))
+    except (ImportError, FileNotFoundError) as exc:
+        sys.exit(f"plot.py: {exc}")
+    print(f"wrote {shown(out)}")
 
 
 if __name__ == "__main__":

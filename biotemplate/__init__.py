@@ -2,10 +2,11 @@
 
 Templates are encrypted at rest, every record carries purposes and an expiry, searches are
 open-set and purpose-bound, and every call is written to a signed, hash-chained audit trail.
-See the README for a quickstart and SECURITY.md for the threat model.
+See the README for a quickstart, SECURITY.md for the threat model and docs/architecture.md
+for how the parts fit together.
 """
 
-from .audit import AuditEntry, AuditReport, Checkpoint
+from .audit import AuditEntry, AuditReport, AuditView, Checkpoint
 from .errors import (
     AuditError,
     BiotemplateError,
@@ -13,30 +14,30 @@ from .errors import (
     InvalidInput,
     InvalidPolicy,
     InvalidTemplate,
-    InvalidTemplateError,
     KeyFileExists,
     KeyUnavailable,
-    KeyUnavailableError,
     PolicyViolation,
-    PolicyViolationError,
     RecordNotFound,
-    RecordNotFoundError,
     StorageError,
     StoreExists,
-    StoreExistsError,
     StoreNotFound,
-    StoreNotFoundError,
 )
 from .index import IndexParams
 from .keys import EnvKeyProvider, FileKeyProvider, KeyProvider, PassphraseKeyProvider
 from .policy import Purpose, RetentionPolicy
-from .records import RecordView
 from .results import (
+    BackupReceipt,
     Candidate,
     Confirmation,
+    DeleteReceipt,
     ErasureReceipt,
+    HoldReceipt,
+    IndexReport,
+    PolicyReceipt,
     PurgeReport,
+    RecordView,
     SearchResult,
+    StoreStats,
     Verification,
 )
 from .store import TemplateStore
@@ -47,38 +48,39 @@ __all__ = [
     "AuditEntry",
     "AuditError",
     "AuditReport",
+    "AuditView",
+    "BackupReceipt",
     "BiotemplateError",
     "Candidate",
     "Checkpoint",
     "Confirmation",
+    "DeleteReceipt",
     "EnvKeyProvider",
     "ErasureReceipt",
     "FileKeyProvider",
+    "HoldReceipt",
     "IndexParams",
+    "IndexReport",
     "IntegrityError",
     "InvalidInput",
     "InvalidPolicy",
     "InvalidTemplate",
-    "InvalidTemplateError",
     "KeyFileExists",
     "KeyProvider",
     "KeyUnavailable",
-    "KeyUnavailableError",
     "PassphraseKeyProvider",
+    "PolicyReceipt",
     "PolicyViolation",
-    "PolicyViolationError",
     "PurgeReport",
     "Purpose",
     "RecordNotFound",
-    "RecordNotFoundError",
     "RecordView",
     "RetentionPolicy",
     "SearchResult",
     "StorageError",
     "StoreExists",
-    "StoreExistsError",
     "StoreNotFound",
-    "StoreNotFoundError",
+    "StoreStats",
     "TemplateStore",
     "Verification",
     "__version__",

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import sqlite3
 import threading
@@ -61,6 +60,7 @@ from typing import Any
 
 import msgpack
 
+from biotemplate import _files
 from biotemplate.errors import (
     AuditError,
     IntegrityError,
@@ -70,7 +70,8 @@ from biotemplate.errors import (
     StoreNotFound,
 )
 
-__all__ = ["AuditEntry", "AuditReport", "AuditTrail", "Checkpoint", "Signer", "Verifier"]
+__all__ = ["AuditEntry", "AuditReport", "AuditTrail", "AuditView", "Checkpoint", "Signer",
+           "Verifier"]
 
 Signer = Callable[[bytes], bytes]
 Verifier = Callable[[bytes, bytes], bool]
@@ -204,26 +205,27 @@ class AuditTrail:
         path = Path(path)
         if not isinstance(store_id, bytes) or not 1 <= len(store_id) <= 64:
             raise InvalidInput("store_id must be 1 to 64 bytes")
-        if path.exists():
-            raise StoreExists(f"{path} already exists")
-        trail = None
         try:
             # Create the file ourselves with mode 0600 (SQLite would use the umask); its
             # -wal and -shm files inherit the database file's permissions.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            trail = cls(_connect(path, "rw"), path, store_id, signer, verifier, clock)
+            _files.create_exclusive(path)
+        except FileExistsError:
+            raise StoreExists(f"{path} already exists") from None
+        except OSError as exc:
+            raise AuditError("cannot create the audit database") from exc
+        trail = None
+        try:
+            trail = cls(_files.sqlite_connect(path), path, store_id, signer, verifier, clock)
             if trail._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
                 raise AuditError("the audit database needs WAL mode")
             trail._conn.executescript(_SCHEMA)
             trail.append("create", actor=None)
-            _fsync(path.parent)  # the new directory entry must survive a power cut
+            _files.fsync_dir(path.parent)  # the new directory entry must survive a power cut
             return trail
         except BaseException as exc:
             if trail is not None:
                 trail._conn.close()
-            for name in (path.name, path.name + "-wal", path.name + "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path.with_name(name))
+            _files.remove_sqlite(path)
             if isinstance(exc, sqlite3.Error | OSError):
                 raise AuditError("cannot create the audit database") from exc
             raise
@@ -242,7 +244,7 @@ class AuditTrail:
             raise StoreNotFound(f"no audit trail at {path}")
         trail = None
         try:
-            trail = cls(_connect(path, "rw"), path, store_id, signer, verifier, clock)
+            trail = cls(_files.sqlite_connect(path), path, store_id, signer, verifier, clock)
             if trail._conn.execute("PRAGMA user_version").fetchone()[0] != 1:
                 raise AuditError("not a biotemplate audit database")
             trail._conn.execute("PRAGMA journal_mode=WAL")
@@ -364,7 +366,7 @@ class AuditTrail:
             held_seq, held_hash = self._head
             ro = None
             try:  # a separate connection, so appends go on while we walk
-                ro = _connect(self._path, "ro")
+                ro = _files.sqlite_connect(self._path, "ro")
                 ro.execute("BEGIN")
                 ro.execute("SELECT max(seq) FROM entries").fetchone()
             except sqlite3.Error:
@@ -439,21 +441,11 @@ class AuditTrail:
         with self._lock:
             self._ensure_open()
             try:
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                _files.sqlite_backup(self._conn, dest)
             except FileExistsError:
                 raise StoreExists(f"{dest} exists") from None
-            os.close(fd)
-            try:
-                target = _connect(dest, "rw")
-                try:
-                    self._conn.backup(target)
-                finally:
-                    target.close()
-            except BaseException as exc:
-                dest.unlink(missing_ok=True)
-                if isinstance(exc, sqlite3.Error | OSError):
-                    raise AuditError("the audit trail could not be backed up") from exc
-                raise
+            except (sqlite3.Error, OSError) as exc:
+                raise AuditError("the audit trail could not be backed up") from exc
 
     def close(self) -> None:
         """Sync and close; idempotent. Raises: AuditError: the final fsync failed."""
@@ -556,17 +548,38 @@ class AuditTrail:
         return entry
 
 
-def _connect(path: Path, mode: str) -> sqlite3.Connection:
-    uri = f"{path.resolve().as_uri()}?mode={mode}"
-    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+class AuditView:
+    """The audit trail as a store's callers see it: verify it, checkpoint it, read it."""
+
+    def __init__(self, trail: AuditTrail, public_key: bytes) -> None:
+        self._trail = trail
+        self.public_key = public_key  # Ed25519, raw 32 bytes: hand it to auditors
+
+    def __repr__(self) -> str:
+        return f"AuditView(public_key={self.public_key.hex()})"
+
+    def verify(self, checkpoint: Checkpoint | None = None) -> AuditReport:
+        """Check chain, signatures and, given a checkpoint kept elsewhere, truncation."""
+        return self._trail.verify(checkpoint=checkpoint)
+
+    def checkpoint(self) -> Checkpoint:
+        """A signed (seq, head hash): keep it outside this host (a witness).
+
+        Raises:
+            AuditError: the trail could not be synced or signed.
+        """
+        return self._trail.checkpoint()
+
+    def get(self, seq: int) -> AuditEntry:
+        """One verified entry.
+
+        Raises:
+            RecordNotFound: no such entry. IntegrityError: it fails verification.
+        """
+        return self._trail.get(seq)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync = _files.fsync_file  # a name the durability tests can spy on
 
 
 def _us(moment: object) -> int:

@@ -1,19 +1,60 @@
-"""Rows <-> records: which key seals which row, and what its associated data says.
+"""Records <-> sealed rows: the plaintext format, which key seals a row, and its AD.
 
 This is the glue between the keyring (which keys exist), the crypto module (how to seal)
-and the backend rows (where the headers live). It holds no policy: the store decides
-whether a record may be read; the codec only knows whether it *can* be.
+and the backend rows (where the headers live). It holds no policy: the vault and the
+store decide whether a record may be read; the codec only knows whether it *can* be.
+
+Plaintext inside a sealed record is msgpack: ``{"t": float32 little-endian bytes,
+"s": subject id, "m": metadata, "src": source, "c": created (us)}``. The subject id lives
+only here, inside the ciphertext; rows carry a keyed hash of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+from numpy.typing import NDArray
 
 from . import sealing
 from .backends.base import RecordRow
 from .errors import IntegrityError, KeyUnavailable
-from .keys import Keyring
-from .records import Plain, decode_plain, encode_plain
+from .keyring import Keyring
+from .validation import UNPACK_LIMITS
+
+
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """What a sealed record protects."""
+
+    template: NDArray[np.float32]
+    subject_id: str
+    metadata: Mapping[str, Any]
+    source: str | None
+    created_us: int
+
+
+def encode_plain(p: Plain) -> bytes:
+    data = {"t": np.ascontiguousarray(p.template, dtype="<f4").tobytes(), "s": p.subject_id,
+            "m": dict(p.metadata), "src": p.source, "c": p.created_us}
+    return bytes(msgpack.packb(data, use_bin_type=True))
+
+
+def decode_plain(raw: bytes, dim: int) -> Plain:
+    """Authenticated bytes that do not decode mean a bug or a key compromise: fail closed."""
+    try:
+        d = msgpack.unpackb(raw, raw=False, **UNPACK_LIMITS)
+        t = np.frombuffer(d["t"], dtype="<f4")
+        if t.shape != (dim,):
+            raise ValueError
+        return Plain(template=t.astype(np.float32), subject_id=str(d["s"]),
+                     metadata=d["m"], source=d["src"], created_us=int(d["c"]))
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            msgpack.ExtraData):
+        raise IntegrityError("record content is malformed") from None
 
 
 class Shredded(KeyUnavailable):

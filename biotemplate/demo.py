@@ -82,7 +82,7 @@ def main(workdir: Path) -> None:
         store.enroll_many(travellers.templates, subject_ids=travellers.subject_ids,
                           purposes=["border-verification"], source="egate-7",
                           actor="svc-egate")  # default retention of the purpose: 12h
-        print(f"   {store.stats()['records']:,} records, all encrypted at rest")
+        print(f"   {store.stats().records:,} records, all encrypted at rest")
 
     with step("1:1 verification at the gate (traveller T-000005)"):
         v = store.verify(probes(travellers, [5])[0], subject_id="T-000005",
@@ -127,7 +127,7 @@ def main(workdir: Path) -> None:
               f" subject keys destroyed={report.subject_keys_destroyed}")
 
     with step("erase subject P-000042 (GDPR Art. 17); a backup from before is useless"):
-        backup = store.backup(workdir / "backup-before-erasure", actor="ops") / "records.db"
+        backup = store.backup(workdir / "backup-before-erasure", actor="ops").path / "records.db"
         receipt = store.erase_subject("P-000042", actor="dpo-1", reason="request 55")
         print(f"   erased {receipt.records_erased} records, key destroyed={receipt.key_destroyed}")
         store.close()
@@ -142,7 +142,7 @@ def main(workdir: Path) -> None:
         found = old.export_subject("P-000042", actor="forensics", reason="demo")
         hits = old.search(probes(gallery, [42])[0], purpose="watchlist", k=5,
                           actor="forensics", reason="demo")
-        print(f"   old copy: {rows['records']:,} rows, {rows['shredded_rows']} unreadable;"
+        print(f"   old copy: {rows.records:,} rows, {rows.shredded_rows} unreadable;"
               f" export(P-000042)={len(found)} records,"
               f" search finds P-000042: {any(c.subject_id == 'P-000042' for c in hits.candidates)}")
         old.close()

@@ -31,23 +31,16 @@ __all__ = [
     "AuditError",
     "BiotemplateError",
     "IntegrityError",
-    "IntegrityFailure",
     "InvalidInput",
     "InvalidPolicy",
     "InvalidTemplate",
-    "InvalidTemplateError",
     "KeyFileExists",
     "KeyUnavailable",
-    "KeyUnavailableError",
     "PolicyViolation",
-    "PolicyViolationError",
     "RecordNotFound",
-    "RecordNotFoundError",
     "StorageError",
     "StoreExists",
-    "StoreExistsError",
     "StoreNotFound",
-    "StoreNotFoundError",
 ]
 
 
@@ -101,13 +94,3 @@ class StorageError(BiotemplateError, OSError):
 
 class AuditError(BiotemplateError):
     """The audit trail could not be written (the call failed closed) or read."""
-
-
-# ``...Error`` spellings, for callers who prefer them.
-InvalidTemplateError = InvalidTemplate
-PolicyViolationError = PolicyViolation
-IntegrityFailure = IntegrityError
-RecordNotFoundError = RecordNotFound
-KeyUnavailableError = KeyUnavailable
-StoreExistsError = StoreExists
-StoreNotFoundError = StoreNotFound

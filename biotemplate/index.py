@@ -227,8 +227,11 @@ class TemplateIndex:
     def add(self, record_ids: Sequence[str], subject_refs: Sequence[bytes],
             purposes: Sequence[Iterable[str]], expiries_us: Sequence[int],
             vectors: NDArray[np.float32], *,
-            progress: Callable[[int, int], None] | None = None) -> None:
+            progress: Callable[[int, int], None] | None = None, checked: bool = False) -> None:
         """Index records; all or nothing (a failed add is rolled back and erased).
+
+        ``checked=True``: the caller has already validated ``vectors`` as finite unit
+        rows (the store validates every template once); only the shape is checked.
 
         Raises:
             InvalidInput: lengths differ, a record id is repeated or already indexed, a
@@ -237,14 +240,15 @@ class TemplateIndex:
             BiotemplateError: hnswlib failed (e.g. out of memory).
         """
         with self.adding(record_ids, subject_refs, purposes, expiries_us, vectors,
-                         progress=progress):
+                         progress=progress, checked=checked):
             pass
 
     @contextmanager
     def adding(self, record_ids: Sequence[str], subject_refs: Sequence[bytes],
                purposes: Sequence[Iterable[str]], expiries_us: Sequence[int],
                vectors: NDArray[np.float32], *,
-               progress: Callable[[int, int], None] | None = None) -> Iterator[None]:
+               progress: Callable[[int, int], None] | None = None,
+               checked: bool = False) -> Iterator[None]:
         """:meth:`add`, with the hnswlib insert running in a worker thread while the body
         of the ``with`` block runs (the store seals and commits the same records there).
 
@@ -258,7 +262,7 @@ class TemplateIndex:
         ids, refs = list(record_ids), list(subject_refs)
         tags = [_purpose_tuple(p) for p in purposes]
         exps = [_check_int(e, "expiry_us") for e in expiries_us]
-        rows = self._unit(vectors, 2)
+        rows = self._shaped(vectors) if checked else self._unit(vectors, 2)
         n = len(ids)
         if not len(refs) == len(tags) == len(exps) == rows.shape[0] == n:
             raise InvalidInput("add: record_ids, subject_refs, purposes, expiries_us and "
@@ -626,6 +630,13 @@ class TemplateIndex:
             raise InvalidTemplate("templates must be finite")
         if a.size and float(np.abs(np.linalg.norm(a, axis=-1) - 1.0).max()) > _NORM_TOLERANCE:
             raise InvalidTemplate("templates must be L2-normalised")
+        return a
+
+    def _shaped(self, x: NDArray[np.float32]) -> Vectors:
+        """Rows validated by the caller: only dtype, layout and shape are made sure of."""
+        a = np.ascontiguousarray(x, dtype=np.float32)
+        if a.ndim != 2 or a.shape[1] != self._dim:
+            raise InvalidTemplate(f"expected shape (n, {self._dim}), got {a.shape}")
         return a
 
     def _new_index(self, expected: int) -> Any:

@@ -1,10 +1,21 @@
 """What the store's calls return. Plain frozen values: Python bools, floats and ints, no
-numpy scalars, no templates, no clear subject ids except where the caller supplied them."""
+numpy scalars, no templates, no clear subject ids except where the caller supplied them.
+
+Every audited call that changes the store returns a receipt carrying the ``audit_seq`` of
+its audit entry (the exception is enrolment, whose receipt is the record ids themselves:
+the audit entry lists them). Reprs never print a template or a subject id.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +93,87 @@ class Confirmation:
     reviewers: tuple[str, ...]
     two_person_confirmed: bool
     audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordView:
+    """A decrypted record, as returned by ``export_subject`` (access requests, Art. 15)."""
+
+    record_id: str
+    subject_id: str
+    template: NDArray[np.float32]
+    purposes: tuple[str, ...]
+    expires_at: datetime
+    created_at: datetime
+    source: str | None
+    metadata: Mapping[str, Any]
+    held: bool
+
+    def __repr__(self) -> str:  # never print a template or a subject id by accident
+        return (f"RecordView(record_id={self.record_id!r}, purposes={self.purposes!r}, "
+                f"expires_at={self.expires_at.isoformat()}, held={self.held})")
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteReceipt:
+    """One record deleted (hidden from search before the call returned)."""
+
+    record_id: str
+    subject_key_destroyed: bool  # it was the subject's last record
+    audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldReceipt:
+    """A legal hold placed or released; ``records`` is how many records it covers(ed)."""
+
+    subject_ref: str
+    records: int
+    active: bool
+    audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyReceipt:
+    """A retention policy applied; ``digest`` names the policy version now in force."""
+
+    digest: str
+    audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackupReceipt:
+    """Where an online backup of ``records.db`` and ``audit.db`` was written."""
+
+    path: Path
+    audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexReport:
+    """An index rebuilt from the sealed rows, or a sealed snapshot of it written.
+
+    ``change_seq`` is the last change of the records database the index covers."""
+
+    records: int
+    change_seq: int
+    audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counts and sizes for operators. No keys, templates or subject ids."""
+
+    dim: int
+    model: str
+    records: int  # rows stored (expired ones too, until purged)
+    indexed: int  # records in the in-memory index
+    subjects: int  # subjects with a key
+    held_subjects: int
+    epoch: int  # the first epoch whose key still exists
+    epoch_seconds: int
+    erasure_generation: int
+    shredded_rows: int  # rows whose key is gone (an old copy put back)
+    integrity_failures: int  # rows that failed authentication, excluded from search
+    purposes: Mapping[str, Mapping[str, int]]  # per sub-index: live, hidden, deleted, ef...
+    index_params: Mapping[str, Any]

@@ -9,11 +9,11 @@ File layout (``index.snapshot``, version 2)::
     "BTSN" | header length (4 bytes, big-endian) | header | frames
     header = msgpack({"v": 2, "seq": change seq covered, "epoch": e, "erasures": g,
                       "salt": 32 random bytes, "size": plaintext bytes})
-    frames = sealing.seal_stream(snapshot key, salt, plain, ad = "BTSN" | store id | header)
+    frames = streaming.seal(snapshot key, salt, plain, ad = "BTSN" | store id | header)
              (STREAM, ChaCha20-Poly1305, 16 MiB frames, a key per file from the salt)
     plain  = meta length (8 bytes) | msgpack(state, arrays as [dtype, shape, offset, size])
              | the arrays' raw bytes (mapped, not copied, when read back)
-    snapshot key = HKDF(HKDF(K_epoch(e) || snapshot secret, "snap-scope"), "snapshot/" + g)
+    snapshot key = sealing.snapshot_key(K_epoch(e), g, snapshot secret)
 
 Reading allocates the plaintext once (its size is checked against the file's before any
 allocation), decrypts the frames into it, hands views of it to the index, and zeroes it:
@@ -32,17 +32,16 @@ import contextlib
 import hashlib
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgpack
 import numpy as np
 
-from . import sealing
+from . import _files, sealing, streaming
 from .errors import IntegrityError, StorageError
-from .keys import Keyring
+from .keyring import Keyring
 
 MAGIC = b"BTSN"
 VERSION = 2  # v1 (one XChaCha20-Poly1305 message, row-wise tables) is simply rebuilt
@@ -106,41 +105,31 @@ def _unpack_body(body: bytearray) -> Any:
 
 
 def _key(keyring: Keyring, epoch: int, erasures: int) -> bytes:
-    scope = keyring.epoch_key(epoch)
-    if keyring.snapshot_secret is not None:  # replaced at every key destruction
-        scope = sealing.hkdf(scope + keyring.snapshot_secret, info=b"biotemplate/v1/snap-scope")
-    return sealing.snapshot_key(scope, erasures)
+    return sealing.snapshot_key(keyring.epoch_key(epoch), erasures, keyring.snapshot_secret)
 
 
 def write(path: Path, keyring: Keyring, state: dict[str, Any], seq: int) -> int:
     """Seal ``state`` and replace the snapshot file atomically. Returns bytes written."""
     body = _pack_body(state)
-    salt = os.urandom(sealing.STREAM_SALT_SIZE)
+    salt = sealing.random_id(streaming.SALT_SIZE)
     header = msgpack.packb({"v": VERSION, "seq": seq, "epoch": keyring.ratchet_epoch,
                             "erasures": keyring.erasures, "salt": salt, "size": len(body)},
                            use_bin_type=True)
     key = _key(keyring, keyring.ratchet_epoch, keyring.erasures)
     aad = MAGIC + keyring.store_id + header
-    tmp = None
+
+    def fill(fh: BinaryIO) -> None:
+        fh.write(MAGIC + _LEN.pack(len(header)) + header)
+        for frame in streaming.seal(key, salt, memoryview(body), aad):
+            fh.write(frame)
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".snapshot.", dir=path.parent)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC + _LEN.pack(len(header)) + header)
-            for frame in sealing.seal_stream(key, salt, memoryview(body), aad):
-                fh.write(frame)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise StorageError("the index snapshot could not be written") from exc
-        raise
+        _files.atomic_replace(path, fill)
+    except OSError as exc:
+        raise StorageError("the index snapshot could not be written") from exc
     finally:
         _zero(body)
-    return 8 + len(header) + sealing.stream_sealed_size(len(body))
+    return 8 + len(header) + streaming.sealed_size(len(body))
 
 
 def _zero(buf: bytearray) -> None:
@@ -182,12 +171,12 @@ def opened(path: Path, keyring: Keyring) -> Iterator[tuple[int, dict[str, Any]]]
         start = fh.tell()
         end = fh.seek(0, os.SEEK_END)
         fh.seek(start)
-        if size < 0 or start + sealing.stream_sealed_size(size) != end:
+        if size < 0 or start + streaming.sealed_size(size) != end:
             raise IntegrityError("snapshot is truncated or extended")
         body = bytearray(size)
         try:
-            sealing.open_stream_into(_key(keyring, epoch, erasures), salt, fh.readinto, body,
-                                     MAGIC + keyring.store_id + header_bytes)
+            streaming.open_into(_key(keyring, epoch, erasures), salt, fh.readinto, body,
+                                MAGIC + keyring.store_id + header_bytes)
             try:
                 state = _unpack_body(body)
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
@@ -226,7 +215,7 @@ def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
 
 def pack_fingerprints(fingerprints: dict[str, bytes]) -> bytes:
     """Every row's fingerprint, packed as one opaque blob: decoded only when rows changed
-    after the snapshot (see ``Indexing._load_snapshot``)."""
+    after the snapshot (see ``Gallery.load_snapshot``)."""
     return bytes(msgpack.packb(fingerprints, use_bin_type=True))
 
 

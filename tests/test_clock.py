@@ -90,7 +90,7 @@ def test_clock_set_back_never_unexpires_in_the_running_store(store: bt.TemplateS
     clock.now = start - timedelta(days=1)  # set back before the enrolment
     assert visible(store, SHORT, TEMPLATES[0]) == HIDDEN
     assert visible(store, LONG, TEMPLATES[2]) == SHOWN
-    assert store.stats()["records"] == 4  # hidden, not shredded
+    assert store.stats().records == 4  # hidden, not shredded
 
 
 @pytest.mark.parametrize("snapshot_on_close", [True, False], ids=["snapshot", "rebuild"])
@@ -151,12 +151,12 @@ def test_forward_jump_hides_live_records_but_shreds_nothing(store: bt.TemplateSt
     clock.advance(days=3653)  # ten years
     assert visible(store, LONG, TEMPLATES[2]) == HIDDEN
     after = store.stats()
-    assert after["records"] == before["records"] == 4
-    assert after["epoch"] == before["epoch"]  # the ratchet did not move
-    assert after["shredded_rows"] == 0 and after["subjects"] == 2
+    assert after.records == before.records == 4
+    assert after.epoch == before.epoch  # the ratchet did not move
+    assert after.shredded_rows == 0 and after.subjects == 2
     clock.advance(days=-3653)  # set back: the high-water mark keeps them hidden
     assert visible(store, LONG, TEMPLATES[2]) == HIDDEN
-    assert store.stats()["records"] == 4
+    assert store.stats().records == 4
 
 
 def test_forward_jump_then_reopen_with_the_clock_still_ahead_shreds_nothing(
@@ -164,11 +164,11 @@ def test_forward_jump_then_reopen_with_the_clock_still_ahead_shreds_nothing(
     opened: list[Any],
 ) -> None:
     enrol(store)
-    epoch = store.stats()["epoch"]
+    epoch = store.stats().epoch
     clock.advance(days=3653)
     again = reopen(store, store_dir, keys, clock, opened)
     stats = again.stats()
-    assert stats["records"] == 4 and stats["epoch"] == epoch and stats["shredded_rows"] == 0
+    assert stats.records == 4 and stats.epoch == epoch and stats.shredded_rows == 0
     assert visible(again, LONG, TEMPLATES[2]) == HIDDEN
 
 
@@ -179,18 +179,18 @@ def test_forward_jump_then_set_back_and_reopen_keeps_records_hidden_until_purged
     """SECURITY.md: after a jump the high-water mark keeps those records hidden (fail
     closed), and only an explicit purge shreds them."""
     enrol(store)
-    start, epoch = clock.now, store.stats()["epoch"]
+    start, epoch = clock.now, store.stats().epoch
     clock.advance(days=3653)
     assert visible(store, LONG, TEMPLATES[2]) == HIDDEN
     clock.now = start  # the operator fixes the host clock, the service restarts
     again = reopen(store, store_dir, keys, clock, opened)
     stats = again.stats()
-    assert stats["records"] == 4 and stats["epoch"] == epoch  # present: not shredded
+    assert stats.records == 4 and stats.epoch == epoch  # present: not shredded
     assert visible(again, LONG, TEMPLATES[2]) == HIDDEN
     report = again.purge_expired()  # the explicit purge is what shreds them
     assert report.purged == 4
-    assert again.stats()["records"] == 0
-    assert again.stats()["epoch"] > epoch + 3600
+    assert again.stats().records == 0
+    assert again.stats().epoch > epoch + 3600
 
 
 # --- the ratchet ------------------------------------------------------------------------------
@@ -200,25 +200,25 @@ def test_ratchet_never_moves_backwards(store: bt.TemplateStore, store_dir: Path,
                                        keys: bt.FileKeyProvider, clock: Any,
                                        opened: list[Any]) -> None:
     enrol(store)
-    start, e0 = clock.now, store.stats()["epoch"]
+    start, e0 = clock.now, store.stats().epoch
     clock.advance(days=3)
     first = store.purge_expired()
-    e1 = store.stats()["epoch"]
+    e1 = store.stats().epoch
     assert e1 == e0 + 3 and first.epoch_after == e1 and first.purged == 2
     epochs = [e1]
     clock.now = start - timedelta(days=5)
     report = store.purge_expired()
     assert report.epoch_before == report.epoch_after == e1
-    epochs.append(store.stats()["epoch"])
+    epochs.append(store.stats().epoch)
     # A record enrolled with the clock set back is sealed from the store's time, so its
     # epoch key still exists: it is readable, not born shredded.
     new = store.enroll(TEMPLATES[4], subject_id="CLOCK-NEW", purposes=["rare"],
                        ttl=timedelta(hours=1), actor="svc")
     assert visible(store, "CLOCK-NEW", TEMPLATES[4]) == SHOWN
     again = reopen(store, store_dir, keys, clock, opened)
-    epochs.append(again.stats()["epoch"])
+    epochs.append(again.stats().epoch)
     again.purge_expired()
-    epochs.append(again.stats()["epoch"])
+    epochs.append(again.stats().epoch)
     assert epochs == sorted(epochs) and min(epochs) == e1, epochs
     assert [v.record_id for v in again.export_subject("CLOCK-NEW", actor="t")] == [new]
 

@@ -1,7 +1,10 @@
 """Import rules of the library, checked on the syntax tree (not with regexes):
 
-- only ``biotemplate/sealing.py`` and ``biotemplate/keys.py`` import ``nacl`` or
-  ``cryptography`` (the crypto a security reviewer must read lives in two files);
+- the crypto boundary: only ``biotemplate/sealing.py`` (and ``streaming.py``, the STREAM
+  construction beside it) import ``nacl`` or ``cryptography``; no other module imports
+  ``hmac``, calls a keyed or password hash from ``hashlib``, draws randomness for keys or
+  nonces (``os.urandom``, ``secrets``), or spells a key-derivation label
+  (``biotemplate/v1/...``): a security reviewer reads every key in one file;
 - only ``biotemplate/index.py`` imports ``hnswlib``;
 - nothing imports ``pickle`` (or its relatives): templates and keys are never pickled;
 - nothing calls ``.save_index(``: hnswlib's serializer writes plaintext vectors to disk.
@@ -20,8 +23,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "biotemplate"
-CRYPTO = {"nacl", "cryptography"}
-CRYPTO_ALLOWED = {"sealing.py", "keys.py"}
+CRYPTO = {"nacl", "cryptography", "hmac", "secrets"}
+CRYPTO_ALLOWED = {"sealing.py", "streaming.py"}
+KEYED_HASHLIB = {"pbkdf2_hmac", "scrypt"}  # and any hashlib call with key=
 HNSW_ALLOWED = {"index.py"}
 PICKLE_LIKE = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "shelve", "joblib"}
 
@@ -69,17 +73,49 @@ def parsed() -> Iterator[tuple[str, ast.AST]]:
         yield rel(path), ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
+def crypto_calls(tree: ast.AST) -> Iterator[tuple[str, int]]:
+    """(what, line) of every crypto primitive used outside an import: ``os.urandom``,
+    a keyed or password hash from ``hashlib``, a ``biotemplate/v1/`` key-derivation label."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            base = owner.id if isinstance(owner, ast.Name) else None
+            if base == "os" and node.func.attr == "urandom":
+                yield "os.urandom", node.lineno
+            if base == "hashlib" and (node.func.attr in KEYED_HASHLIB
+                                      or any(k.arg == "key" for k in node.keywords)):
+                yield f"hashlib.{node.func.attr} (keyed)", node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module == "os" and any(
+                a.name == "urandom" for a in node.names):
+            yield "from os import urandom", node.lineno
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str | bytes)
+              and (b"biotemplate/v1/" if isinstance(node.value, bytes)
+                   else "biotemplate/v1/") in node.value):
+            yield "a key-derivation label", node.lineno
+
+
 def test_the_package_is_where_we_look() -> None:
     names = {rel(p) for p in modules()}
-    assert {"sealing.py", "keys.py", "index.py", "store.py"} <= names
+    assert {"sealing.py", "streaming.py", "keys.py", "index.py", "store.py"} <= names
     assert any(n.startswith("backends/") for n in names)
 
 
-def test_only_sealing_and_keys_import_crypto_libraries() -> None:
+def test_only_the_crypto_modules_import_crypto_libraries() -> None:
     offenders = [f"{name}:{line} imports {root}" for name, tree in parsed()
                  for root, line in imported_roots(tree)
                  if root in CRYPTO and name not in CRYPTO_ALLOWED]
     assert not offenders, offenders
+
+
+def test_no_module_outside_the_crypto_boundary_uses_a_primitive() -> None:
+    """Every key derivation, label, nonce and AEAD call is in sealing.py (streaming.py
+    for snapshot frames): a reviewer who reads those two has read every key."""
+    offenders = [f"{name}:{line} {what}" for name, tree in parsed()
+                 for what, line in crypto_calls(tree) if name not in CRYPTO_ALLOWED]
+    assert not offenders, offenders
+    labels = [line for _, line in crypto_calls(ast.parse(
+        (PACKAGE / "sealing.py").read_text(encoding="utf-8")))]
+    assert labels, "sealing.py should hold the key-derivation labels"
 
 
 def test_only_index_imports_hnswlib() -> None:
@@ -115,6 +151,21 @@ def test_nothing_calls_save_index() -> None:
 ])
 def test_checker_finds_imports(source: str, root: str) -> None:
     assert root in {r for r, _ in imported_roots(ast.parse(source))}
+
+
+@pytest.mark.parametrize("source", [
+    "import os\nn = os.urandom(24)", "from os import urandom",
+    "import hashlib\nh = hashlib.blake2b(b'x', key=k)", "import hashlib\nhashlib.scrypt(p)",
+    "info = b'biotemplate/v1/record'", "label = 'x biotemplate/v1/meta'",
+])
+def test_checker_finds_crypto_outside_the_boundary(source: str) -> None:
+    assert list(crypto_calls(ast.parse(source)))
+
+
+def test_checker_allows_plain_hashes() -> None:
+    tree = ast.parse("import hashlib\nh = hashlib.sha256(b'x').digest()\n"
+                     "f = hashlib.blake2b(b'x', digest_size=16)\n")
+    assert not list(crypto_calls(tree))
 
 
 def test_checker_ignores_relative_imports_and_strings() -> None:

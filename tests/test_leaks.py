@@ -40,9 +40,10 @@ import numpy as np
 import pytest
 
 import biotemplate as bt
-from biotemplate.keys import Keyring, SecretKey
-from biotemplate.records import normalised
+from biotemplate.keyring import Keyring
+from biotemplate.keys import SecretKey
 from biotemplate.synthetic import make_gallery, probes, strangers
+from biotemplate.validation import normalised
 
 DIM = 64
 MODEL = "test-model-v1"
@@ -381,12 +382,12 @@ def test_workload_leaves_no_plaintext_anywhere(
         receipt = store.erase_subject(SUBJECT_IDS[6], actor="dpo", reason="Art. 17")
         assert receipt.records_erased == 2
         held_subject = SUBJECT_IDS[SHORT_LIVED[4]]
-        assert store.place_hold(held_subject, actor="legal", reason="case 3") == 2
+        assert store.place_hold(held_subject, actor="legal", reason="case 3").records == 2
         all_keys |= keyring_keys(store_dir, keys, "under-hold")
         clock.advance(days=2)
         purges = [store.purge_expired()]
         assert purges[0].purged == len(SHORT_LIVED) - 2 and purges[0].held_retained == 2
-        assert store.release_hold(held_subject, actor="legal", reason="case closed") == 2
+        assert store.release_hold(held_subject, actor="legal", reason="case closed").records == 2
         purges.append(store.purge_expired())
         all_keys |= keyring_keys(store_dir, keys, "after-purge")
 

@@ -24,7 +24,6 @@ Every ``sqlite3`` exception is translated (corruption to ``IntegrityError``, the
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from biotemplate import _files
 from biotemplate.backends.base import RecordRow
 from biotemplate.errors import (
     BiotemplateError,
@@ -112,36 +112,18 @@ def _mapped(what: str) -> Iterator[None]:
 
 
 def _new_file(path: Path, what: str) -> None:
-    """Create an empty 0600 file atomically; never overwrite (a store or a backup)."""
+    """Create an empty 0600 file; never overwrite (a store or a backup)."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        _files.create_exclusive(path)
     except FileExistsError:
         raise StoreExists(f"{what} already exists: {path}") from None
     except OSError as exc:
         raise StorageError(f"cannot create {what} ({exc.strerror})") from None
 
 
-def _remove(path: Path) -> None:
-    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        leftover.unlink(missing_ok=True)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     """Open an existing file only (``mode=rw``): SQLite must never create one implicitly."""
-    return sqlite3.connect(
-        f"{path.absolute().as_uri()}?mode=rw",
-        uri=True,
-        timeout=BUSY_TIMEOUT_MS / 1000,
-        isolation_level=None,
-        check_same_thread=False,
-    )
+    return _files.sqlite_connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
 
 
 def _configure(conn: sqlite3.Connection) -> None:
@@ -219,7 +201,7 @@ class SQLiteBackend:
         try:
             return cls(_start(path, new=True), path)
         except BaseException:
-            _remove(path)
+            _files.remove_sqlite(path)
             raise
 
     @classmethod
@@ -409,7 +391,8 @@ class SQLiteBackend:
         with self._lock, _mapped("stats"):
             rows, held, subjects = self._conn.execute(sql).fetchone()
             page_size = self._conn.execute("PRAGMA page_size").fetchone()[0]
-        file_bytes, wal_bytes = _size(self._path), _size(Path(f"{self._path}-wal"))
+        file_bytes = _files.size_of(self._path)
+        wal_bytes = _files.size_of(Path(f"{self._path}-wal"))
         return {
             "rows": rows,
             "held_rows": held,
@@ -442,17 +425,13 @@ class SQLiteBackend:
         with self._lock:
             if self._in_tx:
                 raise StorageError("backup inside a transaction")
-            _new_file(dest, "backup target")
             try:
                 with _mapped("backup"):
-                    target = _connect(dest)
-                    try:
-                        self._conn.backup(target)
-                    finally:
-                        target.close()
-            except BaseException:
-                _remove(dest)
-                raise
+                    _files.sqlite_backup(self._conn, dest)
+            except FileExistsError:
+                raise StoreExists(f"backup target already exists: {dest}") from None
+            except OSError as exc:
+                raise StorageError(f"cannot write the backup ({exc.strerror})") from None
 
     def close(self) -> None:
         """Close the connection (idempotent); SQLite checkpoints and removes the log."""

@@ -47,7 +47,7 @@ import pytest
 
 import biotemplate as bt
 from biotemplate import sealing, snapshot
-from biotemplate.keys import Keyring
+from biotemplate.keyring import Keyring
 
 WORKER = Path(__file__).with_name("worker.py")
 _spec = importlib.util.spec_from_file_location("biotemplate_crash_worker", WORKER)
@@ -355,7 +355,7 @@ def check_search(store: bt.TemplateStore, batches: list[tuple[Batch, list[str]]]
 def verify_after_crash(store_dir: Path, keys: bt.FileKeyProvider, model: Model, run: Run,
                        where: str, parent_batch: str, rng: random.Random) -> None:
     kek = keys.master_key()
-    for prefix in (".keyring.", ".snapshot."):  # they must not stop the reopen below
+    for prefix in (".keyring.", ".index.snapshot."):  # they must not stop the reopen below
         model.stats[f"{prefix.strip('.')}_temps_left"] = len(leftovers(store_dir, prefix))
     allowed = {model.epoch}
     if run.inflight and run.inflight[1] == "purge":
@@ -371,7 +371,7 @@ def verify_after_crash(store_dir: Path, keys: bt.FileKeyProvider, model: Model, 
     store = bt.TemplateStore.open(store_dir, key_provider=keys, clock=lambda: reopen)
     try:
         stats = store.stats()
-        assert stats["epoch"] == ring.ratchet_epoch
+        assert stats.epoch == ring.ratchet_epoch
         # The policy is the last acknowledged one, or the one of the change in flight.
         threshold = store.policy.purposes[wk.TUNED].match_threshold
         allowed_policies = {model.threshold}
@@ -382,8 +382,8 @@ def verify_after_crash(store_dir: Path, keys: bt.FileKeyProvider, model: Model, 
             model.stats["inflight_policy_change_kept"] += 1
         model.threshold = threshold
         assert len(Keyring.load(store_dir / "keyring", kek).policies) <= 1  # settled on open
-        assert stats["shredded_rows"] == 0, f"{where}: rows whose key is gone: {stats}"
-        assert stats["integrity_failures"] == 0, f"{where}: {stats}"
+        assert stats.shredded_rows == 0, f"{where}: rows whose key is gone: {stats}"
+        assert stats.integrity_failures == 0, f"{where}: {stats}"
         report = store.audit.verify()
         assert report.ok, f"{where}: audit: {report.problems}"
         head = store.audit.get(store.audit.checkpoint().seq)
@@ -554,14 +554,14 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
     store = bt.TemplateStore.open(store_dir, key_provider=keys, clock=lambda: reopen)
     try:
         stats = store.stats()
-        assert stats["epoch"] == old.ratchet_epoch
-        assert stats["shredded_rows"] == 0 and stats["integrity_failures"] == 0, stats
+        assert stats.epoch == old.ratchet_epoch
+        assert stats.shredded_rows == 0 and stats.integrity_failures == 0, stats
         assert store.audit.verify().ok
         rows = read_rows(store_dir)
         if seam_op == "purge":
             # The purge transaction committed before the keyring save: rows gone, their
             # subject keys orphaned in the old keyring until the next purge sweeps them.
-            assert stats["records"] == 0 and stats["subjects"] == 2 * wk.BATCH
+            assert stats.records == 0 and stats.subjects == 2 * wk.BATCH
             report = store.purge_expired()
             assert report.epoch_after == int(run.inflight[3])  # type: ignore[index]
             assert report.subject_keys_destroyed == 2 * wk.BATCH
@@ -571,14 +571,14 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
             wanted = model.threshold if skip == 0 else float(run.inflight[3])  # type: ignore[index]
             assert store.policy.purposes[wk.TUNED].match_threshold == wanted
             assert len(Keyring.load(store_dir / "keyring", kek).policies) == 1
-            assert stats["records"] == 2 * wk.BATCH
+            assert stats.records == 2 * wk.BATCH
         elif seam_op == "erase":
             subject = run.inflight[3]  # type: ignore[index]
             assert old.subject_ref(subject) not in rows  # the delete committed
             model.erased_rows.add(subject)
             assert store.export_subject(subject, actor="crash-checker") == []
-            assert stats["records"] == 2 * wk.BATCH - 1
-            assert stats["erasure_generation"] == old.erasures
+            assert stats.records == 2 * wk.BATCH - 1
+            assert stats.erasure_generation == old.erasures
             report = store.purge_expired()  # sweeps the orphan subject key
             assert report.subject_keys_destroyed == 1 and report.purged == 0
             receipt = store.erase_subject(subject, actor="crash-checker")
@@ -586,7 +586,7 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
         else:
             batch = model.batches[run.inflight[3]]  # type: ignore[index]
             assert not {old.subject_ref(s) for s in batch.subjects} & set(rows)
-            assert stats["records"] == 2 * wk.BATCH
+            assert stats.records == 2 * wk.BATCH
             ids = store.enroll_many(wk.batch_templates(batch.batch_id),
                                     subject_ids=batch.subjects, purposes=[wk.PURPOSE],
                                     ttl=timedelta(days=10), source=wk.SOURCE,
@@ -662,7 +662,7 @@ def _snapshot_crash_then_erase(tmp_path: Path, keys: bt.FileKeyProvider,
     (what a folder backup taken before the next open holds), reopen, erase a subject.
     Returns (store folder, the copy, the keyring after the erasure, the erased subject)."""
     store_dir, model, _, _ = seam_crash(tmp_path, keys, policy, "snapshot", seam="snapshot")
-    temps = leftovers(store_dir, ".snapshot.")
+    temps = leftovers(store_dir, ".index.snapshot.")
     assert len(temps) == 1, "the seam left no temp snapshot"
     copy = temps[0].read_bytes()
     victim = next(b for b in model.batches.values() if b.acked).subjects[0]
@@ -681,7 +681,7 @@ def test_stale_snapshot_temp_does_not_outlive_erasure(
     every live template and the record -> subject id map. It must be gone once the store
     has been reopened and the subject erased."""
     store_dir, _, ring, victim = _snapshot_crash_then_erase(tmp_path, keys, policy)
-    readable = [f"{t.name} ({found})" for t in leftovers(store_dir, ".snapshot.")
+    readable = [f"{t.name} ({found})" for t in leftovers(store_dir, ".index.snapshot.")
                 if (found := _erased_from_snapshot(t.read_bytes(), ring, victim))]
     assert not readable, ("the erased subject's id and template are readable with the "
                           "current keyring from a leftover snapshot temp: " + ", ".join(readable))

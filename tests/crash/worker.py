@@ -23,7 +23,7 @@ An ACK line is only written after the call returned. In ``seam`` mode the worker
 SIGKILL of itself and runs ``plan["seam_op"]``: it dies inside the keyring save (after
 ``plan["seam_skip"]`` saves let through), after the temp file is written and fsynced,
 before the rename. With ``plan["seam"] == "snapshot"``
-it dies the same way inside ``snapshot.write`` (``os.replace`` of a ``.snapshot.*`` temp).
+it dies the same way inside ``snapshot.write`` (``os.replace`` of a ``.index.snapshot.*`` temp).
 
 The module is also imported by the parent (``batch_templates``, ``subject_ids``), so it
 keeps its imports light and does nothing on import.
@@ -100,7 +100,7 @@ class Worker:
         self.rng = random.Random(plan.get("seed", 0))
         self.store = bt.TemplateStore.open(store_dir, key_provider=bt.FileKeyProvider(key_file),
                                            clock=self.clock, snapshot_on_close=False)
-        self.epoch_us = self.store.stats()["epoch_seconds"] * 1_000_000
+        self.epoch_us = self.store.stats().epoch_seconds * 1_000_000
         opened = self.store.audit.get(self.store.audit.checkpoint().seq)
         self.source = opened.fields.get("index") if opened.event == "open" else "?"
         self.candidates: list[str] = list(plan.get("erase_candidates", []))
@@ -146,7 +146,7 @@ class Worker:
     def snapshot(self) -> None:
         now = self.tick()
         say("BEGIN snapshot", now)
-        seq = self.store.snapshot()
+        seq = self.store.snapshot().change_seq
         say("ACK snapshot", seq)
 
     def search(self) -> None:
@@ -175,7 +175,7 @@ class Worker:
     def loop(self) -> None:
         focus = self.plan.get("focus")
         weights = [WEIGHTS[op] * (6 if op == focus else 1) for op in OPS]
-        say("READY", self.store.stats()["epoch"], _us(self.clock.now), self.source)
+        say("READY", self.store.stats().epoch, _us(self.clock.now), self.source)
         limit = self.plan.get("max_ops")
         done = 0
         while limit is None or done < limit:
@@ -185,7 +185,7 @@ class Worker:
         say("DONE")
 
     def seam(self) -> None:
-        say("READY", self.store.stats()["epoch"], _us(self.clock.now), self.source)
+        say("READY", self.store.stats().epoch, _us(self.clock.now), self.source)
         for op in self.plan.get("setup", []):
             getattr(self, op)()
         self.clock.now += timedelta(seconds=self.plan.get("advance_s", 0))
@@ -197,7 +197,7 @@ class Worker:
             os.kill(os.getpid(), signal.SIGKILL)
 
         if self.plan.get("seam", "keyring") == "keyring":
-            from biotemplate.keys import Keyring
+            from biotemplate.keyring import Keyring
 
             original = Keyring.save
 
@@ -215,7 +215,7 @@ class Worker:
             replace = os.replace
 
             def dying_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-                if Path(src).name.startswith(".snapshot."):
+                if Path(src).name.startswith(".index.snapshot."):
                     die()
                 replace(src, dst, *args, **kwargs)
 

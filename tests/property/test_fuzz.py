@@ -36,8 +36,9 @@ from hypothesis.control import currently_in_test_context
 from hypothesis.extra import numpy as npst
 
 import biotemplate as bt
-from biotemplate import records, sealing, snapshot
-from biotemplate.keys import Keyring, SecretKey
+from biotemplate import codec, sealing, snapshot
+from biotemplate.keyring import Keyring
+from biotemplate.keys import SecretKey
 from biotemplate.synthetic import Gallery
 
 DIM = 64  # conftest's store
@@ -241,7 +242,7 @@ def fingerprint(store: bt.TemplateStore) -> tuple[Any, ...]:
     found = tuple((c.record_id, c.subject_id, round(c.score, 5)) for c in res.candidates)
     keys = ("records", "indexed", "subjects", "held_subjects", "erasure_generation", "epoch",
             "integrity_failures", "shredded_rows")
-    return (*(s[k] for k in keys), found)
+    return (*(getattr(s, k) for k in keys), found)
 
 
 def _note(text: str) -> None:
@@ -613,7 +614,7 @@ _PLAIN = {"t": np.ones(DIM, dtype="<f4").tobytes(), "s": "S-1", "m": {}, "src": 
 @twin(200, 5000, raw=st.one_of(st.binary(max_size=400), _mutated(_PLAIN),
                                MSGPACK_VALUES.map(_pack)), dim=st.sampled_from([DIM, 1, 0]))
 def test_fuzz_decode_plain(raw: bytes, dim: int) -> None:
-    only_biotemplate_errors(lambda: records.decode_plain(raw, dim))
+    only_biotemplate_errors(lambda: codec.decode_plain(raw, dim))
 
 
 _SNAP_HEADER = {"v": 1, "seq": 3, "epoch": RING.ratchet_epoch, "erasures": 0}
@@ -713,9 +714,9 @@ DECODER_EDGES = [
     pytest.param(lambda tmp: snapshot.read(_write(tmp, _snapshot_file(
         _pack(_SNAP_HEADER), _pack({"x": {"__nd__": [{-1: "\x00"}, [1], b""]}}), True)), RING),
                  id="snapshot-body-ndarray-dtype-dict"),
-    pytest.param(lambda tmp: records.decode_plain(_pack({**_PLAIN, "c": INF}), DIM),
+    pytest.param(lambda tmp: codec.decode_plain(_pack({**_PLAIN, "c": INF}), DIM),
                  id="decode_plain-created-inf"),
-    pytest.param(lambda tmp: records.decode_plain(_pack({**_PLAIN, "t": "text"}), DIM),
+    pytest.param(lambda tmp: codec.decode_plain(_pack({**_PLAIN, "t": "text"}), DIM),
                  id="decode_plain-template-str"),
     pytest.param(lambda tmp: Keyring.from_bytes(_ring_with(subjects=None), KEK),
                  id="keyring-body-subjects-nil"),

@@ -263,7 +263,7 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(bt.RecordNotFound):
                 self.store.place_hold(subject, actor=ACTOR, reason="litigation")
             return
-        assert self.store.place_hold(subject, actor=ACTOR, reason="litigation") == len(mine)
+        assert self.store.place_hold(subject, actor=ACTOR, reason="litigation").records == len(mine)
         self.holds.add(subject)
 
     @rule(subject=st.sampled_from(SUBJECTS))
@@ -272,7 +272,7 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(bt.PolicyViolation):
                 self.store.release_hold(subject, actor=ACTOR, reason="case closed")
             return
-        n = self.store.release_hold(subject, actor=ACTOR, reason="case closed")
+        n = self.store.release_hold(subject, actor=ACTOR, reason="case closed").records
         assert n == len(self.rows_of(subject))
         self.holds.discard(subject)
 
@@ -325,17 +325,17 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = bt.TemplateStore.open(self.folder, key_provider=self.keys,
                                            clock=self.clock)
         stats = self.store.stats()
-        assert stats["integrity_failures"] == 0
-        assert stats["shredded_rows"] == 0  # every row still present is readable
+        assert stats.integrity_failures == 0
+        assert stats.shredded_rows == 0  # every row still present is readable
         live = sum(1 for rid in self.rows if self.live(rid))
         if drop_snapshot:
-            assert stats["indexed"] == live
+            assert stats.indexed == live
         else:  # a snapshot may still hold expired (hidden) records until the next purge
-            assert live <= stats["indexed"] <= len(self.rows)
+            assert live <= stats.indexed <= len(self.rows)
 
     @rule()
     def rebuild_index(self) -> None:
-        assert self.store.rebuild_index() == sum(1 for rid in self.rows if self.live(rid))
+        assert self.store.rebuild_index().records == sum(1 for rid in self.rows if self.live(rid))
 
     # --- invariants ------------------------------------------------------------------
 
@@ -362,9 +362,9 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def counts_match_model(self) -> None:
         stats = self.store.stats()
-        assert stats["records"] == len(self.rows)
-        assert stats["integrity_failures"] == 0
-        assert stats["held_subjects"] == len(self.holds)
+        assert stats.records == len(self.rows)
+        assert stats.integrity_failures == 0
+        assert stats.held_subjects == len(self.holds)
 
     @invariant()
     def audit_verifies(self) -> None:

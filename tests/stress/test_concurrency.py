@@ -399,11 +399,11 @@ def stress(tmp_path: Path, policy: bt.RetentionPolicy, *, seconds: float, search
         assert not lost, f"{len(lost)} acknowledged enrolments not found: {lost[:10]}"
         report = store.audit.verify()
         assert report.ok, report.problems[:5]
-        assert store.stats()["integrity_failures"] == 0
+        assert store.stats().integrity_failures == 0
         store.purge_expired()
         live = len(run.model.live(now_us))
-        assert store.stats()["records"] == live
-        assert store.stats()["indexed"] == live
+        assert store.stats().records == live
+        assert store.stats().indexed == live
         # the model's expiries are the store's (the expiry checks above rely on it)
         for rid, rec in run.model.live(now_us)[:: max(1, live // 20)]:
             views = store.export_subject(rec.subject, actor="auditor")

@@ -34,7 +34,7 @@ import biotemplate as bt
 from biotemplate.backends.base import RecordRow
 from biotemplate.backends.sqlite import SQLiteBackend
 from biotemplate.codec import RecordCodec, Shredded
-from biotemplate.keys import Keyring
+from biotemplate.keyring import Keyring
 
 DIM = 16
 MODEL = "tamper-model-v1"
@@ -236,9 +236,9 @@ def check_detected(base: Base, folder: Path, bad: set[str], *, shredded: bool = 
     with open_store(base, folder) as store:
         stats = store.stats()
         if shredded:
-            assert (stats["shredded_rows"], stats["integrity_failures"]) == (len(bad), 0)
+            assert (stats.shredded_rows, stats.integrity_failures) == (len(bad), 0)
         else:
-            assert (stats["integrity_failures"], stats["shredded_rows"]) == (len(bad), 0)
+            assert (stats.integrity_failures, stats.shredded_rows) == (len(bad), 0)
         assert_serving(base, store, bad)
         for subject in SUBJECTS:
             if subject in export_raises:
@@ -292,7 +292,7 @@ def test_every_byte_flip_of_a_blob_is_detected_through_the_store(base: Base,
         set_cols(work, victim.rid, blob=flip(original, i))
         with open_store(base, work) as store:
             stats = store.stats()
-            assert (stats["integrity_failures"], stats["shredded_rows"]) == (1, 0), i
+            assert (stats.integrity_failures, stats.shredded_rows) == (1, 0), i
             res = search(store, victim.template, "a")
             assert_no_wrong_result(base, store, res, {victim.rid})
             assert_export_raises(store, victim.subject)
@@ -306,7 +306,7 @@ def test_every_byte_flip_of_a_blob_is_detected_through_the_store(base: Base,
         flips += 1
     set_cols(work, victim.rid, blob=original)
     with open_store(base, work) as store:
-        assert store.stats()["integrity_failures"] == 0
+        assert store.stats().integrity_failures == 0
         assert_serving(base, store, set())
         assert store.audit.verify().ok
     print(f"\nDETECTION: store-level single-byte flips of one blob: {flips}/{len(original)} "
@@ -380,7 +380,7 @@ HEADER_EDITS: list[tuple[str, int, Callable[[Path, Base, dict[str, Any]], dict[s
     ("epoch_below_ratchet", 0, lambda w, b, r: {"epoch": r["epoch"] - 1000}, "integrity",
      ("T-0",)),
     # Fields that name key material which does not exist: the row reads as shredded
-    # (excluded, counted in stats()["shredded_rows"]), exactly like a row from an old copy
+    # (excluded, counted in stats().shredded_rows), exactly like a row from an old copy
     # whose key was destroyed. Documented, not an IntegrityError.
     ("held_0_to_1_without_hold_key", 0, lambda w, b, r: {"held": 1}, "shredded", ()),
     ("subject_ref_unknown", 0, lambda w, b, r: {"subject_ref": os.urandom(32)}, "shredded",
@@ -417,20 +417,20 @@ def test_record_id_spelling_edit_is_detected(base: Base, work: Path, case: str) 
         served = {v.record_id for v in views} | ids
         stats = store.stats()
     assert spelled not in served, f"row with record_id {spelled!r} was served"
-    assert stats["integrity_failures"] == 1
+    assert stats.integrity_failures == 1
 
 
 def test_held_flag_edits_with_a_hold_key_present(base: Base, work: Path) -> None:
     """Under an active hold the hold key exists: flipping held either way is an
     IntegrityError (the row opens under the wrong scope key)."""
     with open_store(base, work) as store:
-        assert store.place_hold("T-0", actor=ACTOR, reason="litigation") == 4
+        assert store.place_hold("T-0", actor=ACTOR, reason="litigation").records == 4
     victim = base.recs[0]
     set_cols(work, victim.rid, held=0)  # claims its epoch key
     check_detected(base, work, {victim.rid}, export_raises=("T-0",))
     set_cols(work, victim.rid, held=1)
     with open_store(base, work) as store:
-        assert store.stats()["integrity_failures"] == 0
+        assert store.stats().integrity_failures == 0
         assert_export_ok(base, store, "T-0", set())
     # Another subject's row claiming the T-0 hold key: its own hold key does not exist.
     set_cols(work, base.recs[4].rid, held=1, subject_ref=get_row(work, victim.rid)["subject_ref"])
@@ -467,8 +467,8 @@ def test_replay_after_erasure_is_shredded(base: Base, work: Path) -> None:
         insert_row(work, row)
     with open_store(base, work) as store:
         stats = store.stats()
-        assert (stats["shredded_rows"], stats["integrity_failures"]) == (3, 0)
-        assert stats["records"] == 10
+        assert (stats.shredded_rows, stats.integrity_failures) == (3, 0)
+        assert stats.records == 10
         for rec in base.of("T-1"):
             for purpose in rec.purposes:
                 res = search(store, rec.template, purpose)
@@ -514,9 +514,9 @@ def test_replay_after_purge_advanced_the_epoch(base: Base, work: Path, variant: 
     with open_store(base, work, clock) as store:
         stats = store.stats()
         if shredded:
-            assert (stats["shredded_rows"], stats["integrity_failures"]) == (1, 0)
+            assert (stats.shredded_rows, stats.integrity_failures) == (1, 0)
         else:
-            assert (stats["integrity_failures"], stats["shredded_rows"]) == (1, 0)
+            assert (stats.integrity_failures, stats.shredded_rows) == (1, 0)
         for purpose in short.purposes:
             res = search(store, short.template, purpose)
             assert short.rid not in {c.record_id for c in res.candidates}
@@ -538,12 +538,12 @@ def test_replayed_pre_hold_row_does_not_escape_the_hold(base: Base, work: Path) 
     victim = base.recs[0]
     before = get_row(work, victim.rid)
     with open_store(base, work) as store:
-        assert store.place_hold("T-0", actor=ACTOR, reason="litigation") == 4
+        assert store.place_hold("T-0", actor=ACTOR, reason="litigation").records == 4
     assert get_row(work, victim.rid)["held"] == 1
     set_cols(work, victim.rid, blob=before["blob"], held=0)  # the pre-hold row, replayed
     clock = Clock(START + timedelta(days=3))  # every T-0 record has expired
     with open_store(base, work, clock) as store:
-        detected = store.stats()["integrity_failures"] > 0
+        detected = store.stats().integrity_failures > 0
         store.purge_expired()
         try:
             exported = {v.record_id for v in store.export_subject("T-0", actor=ACTOR)}
@@ -759,7 +759,7 @@ def test_blob_flip_with_snapshot_never_serves_wrong_data(base: Base, work: Path,
          "tag_last": len(blob) - 1}[where]
     set_cols(work, victim.rid, blob=flip(blob, i))
     with open_store(base, work, snapshot_on_close=True) as store:
-        at_open = store.stats()["integrity_failures"]
+        at_open = store.stats().integrity_failures
         if where.startswith("tag"):
             assert at_open == 1
         served = {c.record_id for c in search(store, victim.template, "a").candidates}
@@ -772,7 +772,7 @@ def test_blob_flip_with_snapshot_never_serves_wrong_data(base: Base, work: Path,
         with pytest.raises(bt.IntegrityError):
             store.verify(victim.template, subject_id=victim.subject, purpose="a", actor=ACTOR)
         store.rebuild_index()
-        assert store.stats()["integrity_failures"] == 1
+        assert store.stats().integrity_failures == 1
         assert_serving(base, store, {victim.rid})
     print(f"\nDETECTION: snapshot path, flip in {where}: "
           f"{'detected at open' if at_open else 'detected on decrypt/rebuild only'}")
@@ -789,7 +789,7 @@ def test_header_edit_with_snapshot_is_caught_at_open(base: Base, work: Path, edi
             }[edit]
     set_cols(work, victim.rid, **cols)
     with open_store(base, work) as store:
-        assert store.stats()["integrity_failures"] == 1
+        assert store.stats().integrity_failures == 1
         assert_serving(base, store, {victim.rid})
 
 
@@ -803,6 +803,6 @@ def test_tampered_snapshot_file_falls_back_to_rebuild(base: Base, work: Path,
     path.write_bytes(flip(data, int(i)))
     with open_store(base, work) as store:
         stats = store.stats()
-        assert (stats["integrity_failures"], stats["shredded_rows"]) == (0, 0)
+        assert (stats.integrity_failures, stats.shredded_rows) == (0, 0)
         assert_serving(base, store, set())
         assert store.audit.verify().ok

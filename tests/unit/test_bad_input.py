@@ -127,8 +127,8 @@ def fingerprint(store: bt.TemplateStore) -> tuple[Any, ...]:
                        mode="investigation")
     found = tuple((c.record_id, c.subject_id, round(c.score, 5)) for c in res.candidates)
     exported = tuple(v.record_id for v in store.export_subject("P-000003", actor="checker"))
-    return (stats["records"], stats["indexed"], stats["subjects"], stats["held_subjects"],
-            stats["erasure_generation"], stats["epoch"], found, exported)
+    return (stats.records, stats.indexed, stats.subjects, stats.held_subjects,
+            stats.erasure_generation, stats.epoch, found, exported)
 
 
 def refused(store: bt.TemplateStore, call: Call, exc: type[Exception], keyword: str) -> Exception:
@@ -561,3 +561,41 @@ def test_errors_hold_no_subject_ids_or_template_values(fresh: bt.TemplateStore,
     loaded.close()
     blob = b"".join(f.read_bytes() for f in store_dir.iterdir() if f.is_file())
     assert SECRET.encode() not in blob  # nor in the audit trail of the refusal
+
+
+# --- regressions found in review ---------------------------------------------------------
+
+
+def test_nested_metadata_must_decode_or_is_refused(store, gallery) -> None:
+    before = store.stats().records
+    for bad in ({"a": {1: 2}}, {"a": [{2: 3}]}):
+        with pytest.raises(bt.InvalidInput, match="metadata"):
+            store.enroll(gallery.templates[0], subject_id="M", metadata=bad, actor="t",
+                         **WATCH)
+    assert store.stats().records == before
+    store.enroll(gallery.templates[0], subject_id="M", metadata={"a": {"b": [1, 2]}},
+                 actor="t", **WATCH)
+    assert store.export_subject("M", actor="t")[0].metadata == {"a": {"b": [1, 2]}}
+
+
+def test_policy_errors_never_echo_a_template(store, gallery) -> None:
+    probe = gallery.templates[0]
+    with pytest.raises(bt.BiotemplateError) as info:
+        store.search(probe, purpose=probe, actor="t")  # type: ignore[arg-type]
+    assert f"{probe[0]:.3f}"[:5] not in str(info.value)
+    with pytest.raises(bt.BiotemplateError) as info:
+        store.enroll(probe, subject_id="X", purposes=[probe], actor="t")  # type: ignore[list-item]
+    assert f"{probe[0]:.4f}" not in str(info.value) and "[" not in str(info.value)
+
+
+def test_a_refusal_with_a_malformed_reason_is_still_audited(store, gallery) -> None:
+    before = store.audit.verify().entries
+    with pytest.raises(bt.InvalidInput):
+        store.search(gallery.templates[0], purpose="watchlist", actor="t", reason="\ud800")
+    assert store.audit.verify().entries == before + 1
+
+
+def test_normalised_probe_keeps_float32(store, gallery) -> None:
+    res = store.search(np.asarray(gallery.templates[0], dtype=np.float64),
+                       purpose="watchlist", actor="t")
+    assert isinstance(res.decision, bool)

@@ -15,18 +15,17 @@ import numpy as np
 import pytest
 from nacl import pwhash
 
-from biotemplate import sealing
+from biotemplate import sealing, streaming
 from biotemplate.backends.base import RecordRow
-from biotemplate.codec import RecordCodec, Shredded
+from biotemplate.codec import Plain, RecordCodec, Shredded
 from biotemplate.errors import IntegrityError, KeyUnavailable
+from biotemplate.keyring import Keyring
 from biotemplate.keys import (
     EnvKeyProvider,
     FileKeyProvider,
-    Keyring,
     PassphraseKeyProvider,
     SecretKey,
 )
-from biotemplate.records import Plain
 
 EPOCH_US = 3_600_000_000  # 1 h
 NOW_US = 1_772_000_000_000_000
@@ -369,7 +368,7 @@ FRAME = 64  # small frames, so a few hundred bytes make several of them
 
 
 def _stream(key: bytes, salt: bytes, plain: bytes, aad: bytes = b"ad") -> list[bytes]:
-    return list(sealing.seal_stream(key, salt, memoryview(plain), aad, frame=FRAME))
+    return list(streaming.seal(key, salt, memoryview(plain), aad, frame=FRAME))
 
 
 def _open_stream(key: bytes, salt: bytes, data: bytes, size: int,
@@ -377,7 +376,7 @@ def _open_stream(key: bytes, salt: bytes, data: bytes, size: int,
     import io
 
     out = bytearray(size)
-    sealing.open_stream_into(key, salt, io.BytesIO(data).readinto, out, aad, frame=FRAME)
+    streaming.open_into(key, salt, io.BytesIO(data).readinto, out, aad, frame=FRAME)
     return out
 
 
@@ -385,9 +384,9 @@ def _open_stream(key: bytes, salt: bytes, data: bytes, size: int,
 def test_stream_round_trip(key: bytes, size: int) -> None:
     salt, plain = os.urandom(32), os.urandom(size)
     frames = _stream(key, salt, plain)
-    assert len(frames) == sealing.stream_frames(size, FRAME)
+    assert len(frames) == streaming.frames(size, FRAME)
     data = b"".join(frames)
-    assert len(data) == sealing.stream_sealed_size(size, FRAME)
+    assert len(data) == streaming.sealed_size(size, FRAME)
     assert bytes(_open_stream(key, salt, data, size)) == plain
 
 
@@ -415,7 +414,7 @@ def test_stream_edits_fail_and_leave_no_plaintext(key: bytes, edit: str) -> None
     import io
 
     with pytest.raises(IntegrityError):
-        sealing.open_stream_into(key, salt, io.BytesIO(data).readinto, out, b"ad", frame=FRAME)
+        streaming.open_into(key, salt, io.BytesIO(data).readinto, out, b"ad", frame=FRAME)
     assert out == bytearray(len(plain))
 
 

@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 
 import biotemplate as bt
+from biotemplate import _files as files_module
 from biotemplate import snapshot as snapshot_module
-from biotemplate.keys import Keyring
-from biotemplate.records import normalised
+from biotemplate.keyring import Keyring
 from biotemplate.synthetic import Gallery, make_gallery, probes, strangers
+from biotemplate.validation import normalised
 
 DIM = 64
 MODEL = "test-model-v1"
@@ -228,10 +229,10 @@ def test_close_writes_a_snapshot_that_open_loads(pstores: Stores, gallery: Galle
     opened = last_event(s, "open")
     assert opened.fields["index"] == "snapshot"
     assert opened.fields["records"] == 100
-    assert s.stats()["indexed"] == 100
-    assert s.stats()["integrity_failures"] == 0
+    assert s.stats().indexed == 100
+    assert s.stats().integrity_failures == 0
     assert_same(results(s, ps), want)
-    assert s.rebuild_index() == 100  # the same store rebuilt from the sealed rows
+    assert s.rebuild_index().records == 100  # the same store rebuilt from the sealed rows
     assert_same(results(s, ps), want)
     s.close()
 
@@ -245,17 +246,17 @@ def test_snapshot_on_demand_returns_the_change_seq_it_covers(stores: Stores,
                                                              gallery: Gallery) -> None:
     s = stores.create()
     ids = enrol(s, gallery, slice(0, 60))
-    seq1 = s.snapshot()
+    seq1 = s.snapshot().change_seq
     assert type(seq1) is int and seq1 > 0
     assert stores.snapshot.exists()
     entry = last_event(s, "snapshot")
     assert entry.outcome == "ok" and entry.fields["seq"] == seq1
-    assert s.snapshot() == seq1  # nothing changed in between
+    assert s.snapshot().change_seq == seq1  # nothing changed in between
     enrol(s, gallery, slice(60, None))
-    seq2 = s.snapshot()
+    seq2 = s.snapshot().change_seq
     assert seq2 > seq1
     s.delete(ids[0], actor="svc")
-    seq3 = s.snapshot()
+    seq3 = s.snapshot().change_seq
     assert seq3 > seq2
     assert last_event(s, "snapshot").fields["seq"] == seq3
     want = results(s, probe_set(gallery))
@@ -292,7 +293,7 @@ def test_changes_after_the_snapshot_are_applied_on_open(pstores: Stores, clock: 
     s.snapshot()                                       # ...so this one is taken afresh
     s.delete(ids[8], actor="svc")                      # P-000004: then deleted,
     s.delete(new_ids[0], actor="svc")                  # deleted (a newcomer),
-    assert s.place_hold("P-000005", actor="legal", reason="case 9") == 2  # resealed,
+    assert s.place_hold("P-000005", actor="legal", reason="case 9").records == 2  # resealed,
     clock.advance(days=2)                              # and the rare records expired
     ps = np.concatenate([probe_set(gallery), probes(newcomers, list(range(10)))])
     want, want_rare = results(s, ps), results(s, gallery.templates[[20, 22]], "rare")
@@ -310,7 +311,7 @@ def test_changes_after_the_snapshot_are_applied_on_open(pstores: Stores, clock: 
     assert "N-000002" not in subjects_found(s, newcomers.templates[4])
     assert "P-000005" in subjects_found(s, gallery.templates[10])  # held, still live
     assert all(v.held for v in s.export_subject("P-000005", actor="legal"))
-    assert s.stats()["integrity_failures"] == 0
+    assert s.stats().integrity_failures == 0
     s.rebuild_index()
     assert_same(results(s, ps), want)
 
@@ -332,7 +333,7 @@ def test_an_older_snapshot_of_the_same_generation_still_gives_correct_results(
     s = stores.open()
     assert index_source(s) == "snapshot"
     assert_same(results(s, probe_set(gallery)), want)
-    assert s.stats()["indexed"] == 98
+    assert s.stats().indexed == 98
 
 
 # --- tampered, corrupt or foreign snapshots: rebuild, never crash, never wrong -----------
@@ -362,7 +363,7 @@ class Tamper:
             assert index_source(s) == "rebuild", what
             assert not self.stores.snapshot.exists(), f"{what}: the bad file was kept"
             assert last_event(s, "snapshot").outcome != "ok", what
-            assert s.stats()["integrity_failures"] == 0, what
+            assert s.stats().integrity_failures == 0, what
             assert_same(results(s, self.ps), self.want)
         finally:
             s.close()
@@ -514,8 +515,9 @@ def test_a_directory_in_place_of_the_snapshot_does_not_break_open(tamper: Tamper
 
 
 class _NoSpace:
-    """Stands in for the ``tempfile`` module inside ``biotemplate.snapshot``: the disk is
-    full (only the snapshot writer is affected; records and audit keep their space)."""
+    """Stands in for the ``tempfile`` module of ``biotemplate._files``, which every file
+    replacement goes through: the disk is full (only the snapshot writer runs in these
+    blocks; records and audit keep their space)."""
 
     @staticmethod
     def mkstemp(*args: Any, **kwargs: Any) -> Any:
@@ -530,7 +532,7 @@ def test_close_still_closes_when_the_snapshot_cannot_be_written(
     enrol(s, gallery)
     want = results(s, probe_set(gallery))
     with monkeypatch.context() as m:
-        m.setattr(snapshot_module, "tempfile", _NoSpace)
+        m.setattr(files_module, "tempfile", _NoSpace)
         s.close()
     with pytest.raises(bt.InvalidInput):  # closed
         s.search(gallery.templates[0], purpose="watchlist", actor="a")
@@ -549,12 +551,12 @@ def test_a_failed_snapshot_raises_a_storage_error_and_keeps_the_store_usable(
     enrol(s, gallery)
     want = results(s, probe_set(gallery))
     with monkeypatch.context() as m:
-        m.setattr(snapshot_module, "tempfile", _NoSpace)
+        m.setattr(files_module, "tempfile", _NoSpace)
         with pytest.raises(bt.StorageError):  # a BiotemplateError, not a bare OSError
             s.snapshot()
     assert not stores.snapshot.exists()
     assert_same(results(s, probe_set(gallery)), want)
-    assert s.snapshot() > 0
+    assert s.snapshot().change_seq > 0
 
 
 class _InMemory:
@@ -580,7 +582,7 @@ def test_every_header_byte_value_is_rejected_by_the_reader(
     tiny = bt.TemplateStore.create(tmp_path / "tiny", dim=DIM, model=MODEL, policy=policy,
                                    key_provider=keys, clock=clock)
     enrol(tiny, gallery, slice(0, 2))
-    seq = tiny.snapshot()
+    seq = tiny.snapshot().change_seq
     tiny.close()
     path = tmp_path / "tiny" / SNAPSHOT
     good = path.read_bytes()
@@ -702,21 +704,21 @@ def test_a_row_edited_offline_after_the_snapshot_is_excluded_and_counted(
 
     s = pstores.open()
     assert index_source(s) == "snapshot"
-    assert s.stats()["integrity_failures"] == 1
+    assert s.stats().integrity_failures == 1
     assert ids[0] in last_event(s, "integrity").fields["record_ids"]
     for purpose in ("watchlist", "rare"):
         found = {rid for row in results(s, gallery.templates[[0, 1]], purpose)
                  for rid, _, _ in row}
         assert ids[0] not in found, f"tampered row served for {purpose}"
     assert ids[1] in {rid for rid, _, _ in results(s, gallery.templates[[1]])[0]}
-    assert s.stats()["indexed"] == 99
+    assert s.stats().indexed == 99
     s.rebuild_index()  # a rebuild agrees
-    assert s.stats()["integrity_failures"] == 1 and s.stats()["indexed"] == 99
+    assert s.stats().integrity_failures == 1 and s.stats().indexed == 99
     s.close()
 
     s = pstores.open()  # and the count survives the next snapshot round trip
     assert index_source(s) == "snapshot"
-    assert s.stats()["integrity_failures"] == 1
+    assert s.stats().integrity_failures == 1
     assert ids[0] not in {rid for rid, _, _ in results(s, gallery.templates[[0]])[0]}
 
 
@@ -738,7 +740,7 @@ def test_a_forgery_that_keeps_header_and_tag_is_caught_at_the_next_decrypt(
     with pytest.raises(bt.IntegrityError):
         s.export_subject("P-000000", actor="dpo")
     s.rebuild_index()
-    assert s.stats()["integrity_failures"] == 1
+    assert s.stats().integrity_failures == 1
     assert ids[0] not in {rid for rid, _, _ in results(s, gallery.templates[[0]])[0]}
 
 
@@ -758,7 +760,7 @@ def test_the_snapshot_file_is_0600_and_holds_no_plaintext(stores: Stores,
         assert sid.encode() not in data
     s.close()
     assert stores.snapshot.stat().st_mode & 0o777 == 0o600
-    assert not any(p.name.startswith(".snapshot.") for p in stores.dir.iterdir())
+    assert not any(p.name.startswith(".index.snapshot.") for p in stores.dir.iterdir())
 
 
 def test_the_template_search_technique_finds_a_template(stores: Stores, gallery: Gallery,
@@ -816,7 +818,7 @@ def test_progress_of_enroll_many_rebuild_and_open(stores: Stores, gallery: Galle
                   progress=ticks, **WATCH)
     ticks.check(100)
     ticks = Ticks()
-    assert s.rebuild_index(progress=ticks) == 100
+    assert s.rebuild_index(progress=ticks).records == 100
     ticks.check(100)
     s.close()
     ticks = Ticks()
@@ -834,7 +836,7 @@ def _progress_at_scale(stores: Stores, n: int) -> None:
     enrol_ticks.check(n)
     if n > 10_000:  # the index adds in chunks of 10,000 rows
         assert len(enrol_ticks.calls) > 1
-    assert s.rebuild_index(progress=rebuild_ticks) == n
+    assert s.rebuild_index(progress=rebuild_ticks).records == n
     rebuild_ticks.check(n)
     assert len(rebuild_ticks.calls) > 1  # several batches, each reported
     s.close()
@@ -906,10 +908,10 @@ def test_rows_deleted_or_added_with_sqlite_after_the_snapshot_are_noticed(
     assert index_source(s) == "snapshot"
     found = {rid for rid, _, _ in results(s, gallery.templates[[0]])[0]}
     if edit == "delete":
-        assert ids[0] not in found and s.stats()["indexed"] == len(ids) - 1
+        assert ids[0] not in found and s.stats().indexed == len(ids) - 1
     else:
         assert ids[0] in found and "f" * 32 not in found
-        assert s.stats()["integrity_failures"] == 1
+        assert s.stats().integrity_failures == 1
 
 
 def test_a_database_without_the_change_triggers_gets_them_on_open(

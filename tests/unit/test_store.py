@@ -9,6 +9,7 @@ import base64
 import os
 import shutil
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 import biotemplate as bt
+from biotemplate.backends.sqlite import SQLiteBackend
 from biotemplate.synthetic import Gallery, make_gallery, probes, strangers
 
 DIM = 64
@@ -106,7 +108,7 @@ def test_create_open_round_trip(store: bt.TemplateStore, store_dir: Path, keys: 
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as again:
         assert again.dim == DIM and again.model == "test-model-v1"
         assert again.policy == policy
-        assert again.stats()["records"] == len(ids)
+        assert again.stats().records == len(ids)
         res = again.search(probe(gallery, 7), purpose="watchlist", k=5, actor="a")
         assert res.candidates[0].subject_id == "P-000007"
         assert res.candidates[0].record_id in ids
@@ -130,7 +132,7 @@ def test_context_manager_closes(store: bt.TemplateStore, store_dir: Path, keys: 
                                 clock: Any) -> None:
     store.close()
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
-        assert s.stats()["records"] == 0
+        assert s.stats().records == 0
     with pytest.raises(bt.BiotemplateError):
         s.stats()
     with pytest.raises(bt.BiotemplateError):
@@ -149,7 +151,7 @@ def test_enroll_and_enroll_many_return_ids(store: bt.TemplateStore, gallery: Gal
     assert isinstance(rids, list) and len(rids) == 6
     assert all(isinstance(r, str) for r in rids)
     assert len({rid, *rids}) == 7
-    assert store.stats()["records"] == 7
+    assert store.stats().records == 7
 
 
 def test_smallest_default_retention_applies(store: bt.TemplateStore, clock: Any,
@@ -177,7 +179,7 @@ def test_default_retention_must_fit_the_smallest_max(store: bt.TemplateStore,
     with pytest.raises(bt.PolicyViolation, match="max_retention"):
         store.enroll(gallery.templates[0], subject_id="S-1", purposes=["rare", "short"],
                      actor="svc")  # rare's default 7d > short's max 1h: no clamping
-    assert store.stats()["records"] == 0
+    assert store.stats().records == 0
 
 
 def test_ttl_rules(store: bt.TemplateStore, gallery: Gallery) -> None:
@@ -191,10 +193,10 @@ def test_ttl_rules(store: bt.TemplateStore, gallery: Gallery) -> None:
     with pytest.raises(bt.PolicyViolation, match="ttl"):
         store.enroll(t, subject_id="S", purposes=["watchlist"], source="case-file",
                      actor="svc")
-    assert store.stats()["records"] == 0
+    assert store.stats().records == 0
     store.enroll(t, subject_id="S", purposes=["border-verification"],
                  ttl=timedelta(hours=12), actor="svc")  # exactly the maximum is fine
-    assert store.stats()["records"] == 1
+    assert store.stats().records == 1
 
 
 def test_source_allow_list(store: bt.TemplateStore, gallery: Gallery) -> None:
@@ -203,10 +205,10 @@ def test_source_allow_list(store: bt.TemplateStore, gallery: Gallery) -> None:
         with pytest.raises(bt.PolicyViolation, match="source"):
             store.enroll(t, subject_id="S", purposes=["watchlist"], ttl=timedelta(days=1),
                          source=source, actor="svc")
-    assert store.stats()["records"] == 0
+    assert store.stats().records == 0
     store.enroll(t, subject_id="S", purposes=["watchlist"], ttl=timedelta(days=1),
                  source="case-file-118", actor="svc")
-    assert store.stats()["records"] == 1
+    assert store.stats().records == 1
 
 
 # --- search -------------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def test_expired_record_is_never_returned_before_purge(sstore: bt.TemplateStore,
     p = probe(gallery, 0)
     assert search_ids(store, p, "rare") == ["P-000000", "P-000001"]
     clock.advance(hours=1)  # expiry is "at or before now"
-    assert store.stats()["records"] == 2  # not purged yet
+    assert store.stats().records == 2  # not purged yet
     assert search_ids(store, p, "rare") == ["P-000001"]
     assert store.search(p, purpose="rare", k=5, actor="a").candidates == []
     with pytest.raises(bt.RecordNotFound):
@@ -394,12 +396,12 @@ def test_purge_expired_report(store: bt.TemplateStore, clock: Any, gallery: Gall
     assert report.subject_keys_destroyed == 3
     assert report.at == clock.now
     assert type(report.audit_seq) is int
-    assert store.stats()["records"] == 2 and store.stats()["subjects"] == 2
+    assert store.stats().records == 2 and store.stats().subjects == 2
     assert store.purge_expired().purged == 0
     clock.advance(days=3)  # past the epoch: the ratchet moves
     report = store.purge_expired()
     assert report.epoch_after > report.epoch_before
-    assert store.stats()["records"] == 2
+    assert store.stats().records == 2
 
 
 def test_legal_hold(sstore: bt.TemplateStore, clock: Any, gallery: Gallery) -> None:
@@ -408,7 +410,7 @@ def test_legal_hold(sstore: bt.TemplateStore, clock: Any, gallery: Gallery) -> N
                        ttl=timedelta(hours=1), actor="svc")
     store.enroll(gallery.templates[2], subject_id="P-000001", purposes=["rare"],
                  ttl=timedelta(hours=1), actor="svc")
-    assert store.place_hold("P-000000", actor="legal", reason="case 7") == 1
+    assert store.place_hold("P-000000", actor="legal", reason="case 7").records == 1
     p = probe(gallery, 0)
     (view,) = store.export_subject("P-000000", actor="legal")
     assert view.held is True
@@ -421,7 +423,7 @@ def test_legal_hold(sstore: bt.TemplateStore, clock: Any, gallery: Gallery) -> N
     clock.advance(days=3)  # expired, and past its epoch
     report = store.purge_expired()
     assert report.purged == 1 and report.held_retained == 1
-    assert store.stats()["records"] == 1
+    assert store.stats().records == 1
     (view,) = store.export_subject("P-000000", actor="legal")  # for the proceeding
     assert view.record_id == rid and view.held is True
     np.testing.assert_allclose(view.template, gallery.templates[0], atol=1e-6)
@@ -431,12 +433,12 @@ def test_legal_hold(sstore: bt.TemplateStore, clock: Any, gallery: Gallery) -> N
     with pytest.raises(bt.PolicyViolation):
         store.erase_subject("P-000000", actor="dpo", reason="art 17")
 
-    assert store.release_hold("P-000000", actor="legal", reason="closed") == 1
+    assert store.release_hold("P-000000", actor="legal", reason="closed").records == 1
     assert store.export_subject("P-000000", actor="legal") == []  # expired, no longer held
     report = store.purge_expired()
     assert report.purged == 1 and report.held_retained == 0
-    assert store.stats()["records"] == 0
-    assert store.stats()["held_subjects"] == 0
+    assert store.stats().records == 0
+    assert store.stats().held_subjects == 0
 
 
 def test_hold_survives_reopen_and_release_of_live_record(store: bt.TemplateStore,
@@ -446,7 +448,7 @@ def test_hold_survives_reopen_and_release_of_live_record(store: bt.TemplateStore
     store.place_hold("P-000000", actor="legal", reason="case 7")
     store.close()
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
-        assert s.stats()["held_subjects"] == 1
+        assert s.stats().held_subjects == 1
         assert search_ids(s, probe(gallery, 0), "rare") == ["P-000000"]
         s.release_hold("P-000000", actor="legal", reason="closed")
         (view,) = s.export_subject("P-000000", actor="dpo")
@@ -473,7 +475,7 @@ def test_erase_subject(sstore: bt.TemplateStore, gallery: Gallery) -> None:
     assert store.export_subject("P-000005", actor="dpo") == []
     with pytest.raises(bt.RecordNotFound):
         store.verify(p, subject_id="P-000005", purpose="rare", actor="a")
-    assert store.stats()["records"] == 98
+    assert store.stats().records == 98
     again = store.erase_subject("P-000005", actor="dpo", reason="repeat")
     assert again.records_erased == 0 and again.key_destroyed is False
     assert again.subject_ref == receipt.subject_ref
@@ -583,9 +585,9 @@ def test_rebuild_index(store: bt.TemplateStore, clock: Any, gallery: Gallery) ->
     enrol_gallery(store, gallery)
     store.enroll(gallery.templates[0], subject_id="X", purposes=["rare"],
                  ttl=timedelta(hours=1), actor="svc")
-    assert store.rebuild_index() == 101
+    assert store.rebuild_index().records == 101
     clock.advance(hours=2)
-    assert store.rebuild_index() == 100  # the expired record is not indexed
+    assert store.rebuild_index().records == 100  # the expired record is not indexed
     res = store.search(probe(gallery, 11), purpose="watchlist", k=5, actor="a")
     assert res.candidates[0].subject_id == "P-000011"
 
@@ -594,11 +596,11 @@ def test_stats_counts_and_no_subject_ids(store: bt.TemplateStore, gallery: Galle
     enrol_gallery(store, gallery)
     store.place_hold("P-000001", actor="legal", reason="case")
     stats = store.stats()
-    assert stats["records"] == 100 and stats["subjects"] == 50
-    assert stats["dim"] == DIM and stats["model"] == "test-model-v1"
-    assert stats["held_subjects"] == 1
-    assert stats["epoch_seconds"] == 86400
-    assert stats["shredded_rows"] == 0 and stats["integrity_failures"] == 0
+    assert stats.records == 100 and stats.subjects == 50
+    assert stats.dim == DIM and stats.model == "test-model-v1"
+    assert stats.held_subjects == 1
+    assert stats.epoch_seconds == 86400
+    assert stats.shredded_rows == 0 and stats.integrity_failures == 0
     text = repr(stats)
     assert "P-0000" not in text
 
@@ -730,9 +732,9 @@ ROWS = {"before-erasure": 105, "before-expiry": 103}
 
 def _check_old_copy(old: bt.TemplateStore, gallery: Gallery, rows: int) -> None:
     stats = old.stats()
-    assert stats["records"] == rows
-    assert stats["shredded_rows"] == rows - 98, "counts the dead rows of this copy"
-    assert stats["integrity_failures"] == 0
+    assert stats.records == rows
+    assert stats.shredded_rows == rows - 98, "counts the dead rows of this copy"
+    assert stats.integrity_failures == 0
     assert old.export_subject("P-000005", actor="forensics") == []
     assert "P-000005" not in search_ids(old, probe(gallery, 5))
     for t in (f"T-{i:06d}" for i in range(5)):
@@ -773,15 +775,15 @@ def test_restoring_one_backup_after_another(store: bt.TemplateStore, store_dir: 
 
 def test_shredded_rows_follow_a_purge(store: bt.TemplateStore, store_dir: Path, keys: Any,
                                       clock: Any, tmp_path: Path, gallery: Gallery) -> None:
-    """stats()["shredded_rows"] counts dead rows still in records.db: once a purge has
+    """stats().shredded_rows counts dead rows still in records.db: once a purge has
     deleted the expired ones, only the erased subject's 2 rows are left."""
     copies = _erase_and_expire_with_backups(store, store_dir, clock, tmp_path, gallery)
     restore_records(store_dir, copies["before-erasure"])
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
-        assert old.stats()["shredded_rows"] == 7
+        assert old.stats().shredded_rows == 7
         assert old.purge_expired().purged == 5
-        assert old.stats()["records"] == 100
-        assert old.stats()["shredded_rows"] == 2
+        assert old.stats().records == 100
+        assert old.stats().shredded_rows == 2
 
 
 @pytest.mark.parametrize("how", ["erase", "delete-last-record", "expire-and-purge"])
@@ -807,7 +809,7 @@ def test_old_folder_copy_does_not_resurrect_a_shredded_subject(
         else:
             clock.advance(days=2)
             s.purge_expired()
-        assert s.stats()["subjects"] == 50  # X-1's key is gone
+        assert s.stats().subjects == 50  # X-1's key is gone
     restore_records(store_dir, tmp_path / "old.db")
     if (tmp_path / "old.snapshot").exists():
         shutil.copy(tmp_path / "old.snapshot", store_dir / "index.snapshot")
@@ -815,7 +817,7 @@ def test_old_folder_copy_does_not_resurrect_a_shredded_subject(
         assert old.export_subject("X-1", actor="forensics") == []
         assert "X-1" not in search_ids(old, gallery.templates[10])
         assert "X-1" not in search_ids(old, gallery.templates[10], "rare")
-        assert old.stats()["shredded_rows"] >= 1
+        assert old.stats().shredded_rows >= 1
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -899,10 +901,9 @@ def test_a_failed_commit_leaves_nothing_searchable_and_no_new_key(
         sstore: bt.TemplateStore, gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
     """The index insert runs while the rows are sealed and committed; a failed commit
     erases what the insert added, so nothing of the batch is ever served."""
-    from biotemplate.backends.sqlite import SQLiteBackend
 
     enrol_gallery(sstore, gallery)
-    subjects_before = len(sstore._keyring.subjects)
+    subjects_before = sstore.stats().subjects
 
     def broken(self: Any, rows: Any) -> None:
         raise bt.StorageError("disk full")
@@ -913,8 +914,8 @@ def test_a_failed_commit_leaves_nothing_searchable_and_no_new_key(
         sstore.enroll_many(newcomers.templates, subject_ids=newcomers.subject_ids,
                            actor="svc", **WATCH)
     monkeypatch.undo()
-    assert len(sstore._keyring.subjects) == subjects_before
-    assert sstore.stats()["indexed"] == len(gallery.subject_ids)
+    assert sstore.stats().subjects == subjects_before
+    assert sstore.stats().indexed == len(gallery.subject_ids)
     for i in range(5):
         assert not any(s.startswith("N-") for s in search_ids(sstore, newcomers.templates[i]))
     assert sstore.audit.verify().ok
@@ -943,7 +944,7 @@ def test_an_index_failure_after_the_commit_keeps_the_rows_and_their_keys(
     s = bt.TemplateStore.create(store_dir, dim=DIM, model="test-model-v1", policy=policy,
                                 key_provider=keys, clock=clock)
     _enrol_while_hnswlib_fails(s, gallery, monkeypatch)
-    assert s.stats()["indexed"] == 0
+    assert s.stats().indexed == 0
     assert len(s.export_subject("P-000003", actor="dpo")) == 2  # committed, readable
     s.close()  # writes no snapshot: it would claim rows the index never took
     s = bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock)
@@ -963,3 +964,83 @@ def test_an_explicit_snapshot_after_an_index_failure_rebuilds_first(
     s = bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock)
     assert "P-000003" in search_ids(s, probe(gallery, 3))
     s.close()
+
+
+# --- regressions found in review (each failed on the code before its fix) ---------------
+
+
+def _enrol_first(store: bt.TemplateStore, gallery: Gallery, n: int = 20) -> list[str]:
+    return store.enroll_many(gallery.templates[:n], subject_ids=gallery.subject_ids[:n],
+                             actor="t", **WATCH)
+
+
+def _subject_found(store: bt.TemplateStore, template: Any, subject: str) -> bool:
+    res = store.search(template, purpose="watchlist", k=20, actor="t", mode="investigation")
+    return any(c.subject_id == subject for c in res.candidates)
+
+
+def test_erased_subject_is_unsearchable_even_if_the_wal_checkpoint_fails(
+        store, gallery, monkeypatch) -> None:
+    _enrol_first(store, gallery)
+    subject, template = gallery.subject_ids[4], gallery.templates[4]
+
+    def busy(self: SQLiteBackend) -> None:
+        raise bt.StorageError("checkpoint failed (SQLITE_BUSY)")
+
+    monkeypatch.setattr(SQLiteBackend, "checkpoint", busy)
+    with pytest.raises(bt.StorageError):
+        store.erase_subject(subject, actor="dpo")
+    monkeypatch.undo()
+    assert not _subject_found(store, template, subject)  # committed erasure: gone from the index
+
+
+def test_search_and_verify_log_the_same_probe_digest(store, gallery) -> None:
+    store.enroll(gallery.templates[0], subject_id="V", purposes=["rare"], actor="t")
+    probe = gallery.templates[0] * 3.0  # same direction, other scale: same probe
+    s = store.search(probe, purpose="rare", actor="t")
+    v = store.verify(probe, subject_id="V", purpose="rare", actor="t")
+    digest = store.audit.get(s.audit_seq).fields["probe_digest"]
+    assert digest == store.audit.get(v.audit_seq).fields["probe_digest"]
+
+
+def test_searches_during_a_rebuild_never_see_an_empty_index(store, gallery) -> None:
+    _enrol_first(store, gallery, 100)
+    template, subject = gallery.templates[7], gallery.subject_ids[7]
+    misses: list[int] = []
+    stop = threading.Event()
+
+    def search_loop() -> None:
+        while not stop.is_set():
+            if not _subject_found(store, template, subject):
+                misses.append(1)
+
+    thread = threading.Thread(target=search_loop)
+    thread.start()
+    try:
+        for _ in range(5):
+            store.rebuild_index()
+    finally:
+        stop.set()
+        thread.join()
+    assert misses == []
+
+
+def test_a_lost_commit_after_its_audit_entry_is_marked_rolled_back(
+        store, store_dir, gallery, keys, clock) -> None:
+    ids = _enrol_first(store, gallery, 5)
+    store.close()
+    # simulate a kill between the erase entry and the records commit: the entry says
+    # "erase ok" but the rows are still there
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        ref = s._vault.subject_ref(gallery.subject_ids[0]).hex()
+        s._trail.append("erase", actor="dpo", count=1, subject_ref=ref)
+        s._closed = True  # no close entry: as if killed here
+        s._trail.close()
+        s._vault.close()
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        entries = [s.audit.get(n) for n in range(1, s.audit.verify().entries + 1)]
+        rollbacks = [e for e in entries if e.event == "rollback"]
+        assert len(rollbacks) == 1 and rollbacks[0].fields["of"] == "erase"
+        mine = gallery.subject_ids[:5].count(gallery.subject_ids[0])
+        assert len(s.export_subject(gallery.subject_ids[0], actor="t")) == mine
+    assert ids

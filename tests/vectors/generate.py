@@ -35,8 +35,8 @@ import msgpack
 import numpy as np
 
 from biotemplate import sealing
-from biotemplate.keys import Keyring
-from biotemplate.records import Plain, encode_plain
+from biotemplate.codec import Plain, encode_plain
+from biotemplate.keyring import Keyring
 
 HERE = Path(__file__).resolve().parent
 FILES = ("record_v1.json", "keyring_v1.json", "invalid_v1.json")

@@ -21,9 +21,9 @@ import pytest
 import biotemplate as bt
 from biotemplate import sealing
 from biotemplate.backends.base import RecordRow
-from biotemplate.codec import RecordCodec
-from biotemplate.keys import Keyring, SecretKey
-from biotemplate.records import Plain, decode_plain, encode_plain
+from biotemplate.codec import Plain, RecordCodec, decode_plain, encode_plain
+from biotemplate.keyring import Keyring
+from biotemplate.keys import SecretKey
 
 HERE = Path(__file__).resolve().parent
 H = bytes.fromhex

@@ -1,12 +1,8 @@
-"""Templates and record contents: input validation and the sealed plaintext format.
+"""Input validation: templates, identifiers, free text and metadata from callers.
 
 Validation happens here, once, before anything touches keys or disk: a template must be a
 1-D array-like of the store's dimension, finite (also after the cast to float32) and of
-non-zero norm. The error says what to fix and never echoes template values.
-
-Plaintext inside a sealed record is msgpack: ``{"t": float32 little-endian bytes,
-"s": subject id, "m": metadata, "src": source, "c": created (us)}``. The subject id lives
-only here, inside the ciphertext; rows carry a keyed hash of it.
+non-zero norm. The error says what to fix and never echoes an input value.
 """
 
 from __future__ import annotations
@@ -14,22 +10,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, NewType
+from typing import Any
 
 import msgpack
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import IntegrityError, InvalidInput, InvalidTemplate
-
-RecordId = NewType("RecordId", str)
+from .errors import InvalidInput, InvalidTemplate
 
 MAX_SUBJECT_ID = 256
 MAX_TEXT = 1024
 MAX_METADATA_BYTES = 16 * 1024
-_UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_bin_len": 1 << 20,
+UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_bin_len": 1 << 20,
                   "max_array_len": 1 << 16, "max_map_len": 1 << 12}
 
 
@@ -175,60 +167,10 @@ def check_metadata(metadata: object) -> dict[str, Any]:
     if len(packed) > MAX_METADATA_BYTES:
         raise InvalidInput(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
     try:  # what we seal must decode under the limits we read it back with
-        msgpack.unpackb(packed, raw=False, **_UNPACK_LIMITS)
+        msgpack.unpackb(packed, raw=False, **UNPACK_LIMITS)
     except (ValueError, TypeError, msgpack.ExtraData):
         raise InvalidInput("metadata keys must be strings at every level, "
                            "with at most 4096 entries per mapping") from None
     if any(isinstance(v, float) and not math.isfinite(v) for v in metadata.values()):
         raise InvalidInput("metadata floats must be finite")
     return dict(metadata)
-
-
-@dataclass(frozen=True, slots=True)
-class Plain:
-    """What a sealed record protects."""
-
-    template: NDArray[np.float32]
-    subject_id: str
-    metadata: Mapping[str, Any]
-    source: str | None
-    created_us: int
-
-
-def encode_plain(p: Plain) -> bytes:
-    data = {"t": np.ascontiguousarray(p.template, dtype="<f4").tobytes(), "s": p.subject_id,
-            "m": dict(p.metadata), "src": p.source, "c": p.created_us}
-    return bytes(msgpack.packb(data, use_bin_type=True))
-
-
-def decode_plain(raw: bytes, dim: int) -> Plain:
-    """Authenticated bytes that do not decode mean a bug or a key compromise: fail closed."""
-    try:
-        d = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
-        t = np.frombuffer(d["t"], dtype="<f4")
-        if t.shape != (dim,):
-            raise ValueError
-        return Plain(template=t.astype(np.float32), subject_id=str(d["s"]),
-                     metadata=d["m"], source=d["src"], created_us=int(d["c"]))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
-            msgpack.ExtraData):
-        raise IntegrityError("record content is malformed") from None
-
-
-@dataclass(frozen=True, slots=True)
-class RecordView:
-    """A decrypted record, as returned by ``export_subject`` (access requests, Art. 15)."""
-
-    record_id: str
-    subject_id: str
-    template: NDArray[np.float32]
-    purposes: tuple[str, ...]
-    expires_at: datetime
-    created_at: datetime
-    source: str | None
-    metadata: Mapping[str, Any]
-    held: bool
-
-    def __repr__(self) -> str:  # never print a template or a subject id by accident
-        return (f"RecordView(record_id={self.record_id!r}, purposes={self.purposes!r}, "
-                f"expires_at={self.expires_at.isoformat()}, held={self.held})")

@@ -1,0 +1,165 @@
+"""Every file the library writes goes through here: one way to create, replace and copy.
+
+Why one module: a store's files hold sealed templates and key material, so how they are
+created matters as much as what is in them. The rules, each in one function:
+
+- **New files are created exclusively with mode 0600** (``O_CREAT | O_EXCL``): nothing is
+  ever overwritten by accident and nothing is readable by another user, whatever the umask.
+- **Replacing a file is atomic and durable**: write a temp file in the same folder, fsync
+  it, rename it over the target, fsync the folder (without the last step a power cut can
+  bring the old file back). A temp file left by a killed process is swept by the next
+  replace of the same name, since it may hold key material the new file just retired.
+- **SQLite files** are opened only if they exist (``mode=rw``; SQLite would otherwise
+  create one silently), removed together with their ``-wal`` and ``-shm`` companions, and
+  copied only through SQLite's online backup API (copying a live file can tear it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "atomic_replace",
+    "create_exclusive",
+    "fsync_dir",
+    "fsync_file",
+    "remove_sqlite",
+    "size_of",
+    "sqlite_backup",
+    "sqlite_connect",
+]
+
+SQLITE_SUFFIXES = ("", "-wal", "-shm")
+
+
+def create_exclusive(path: Path) -> None:
+    """Create an empty file of mode 0600; ``FileExistsError`` if anything is there."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def write_exclusive(path: Path, data: bytes) -> None:
+    """Create ``path`` (0600, never overwriting) holding ``data``, fsynced with its folder.
+
+    Raises:
+        FileExistsError: something is already at ``path``.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a new or renamed file) survive a power cut."""
+    fsync_file(folder)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def sweep_temps(path: Path) -> None:
+    """Delete temp files a killed process left beside ``path`` (they may hold keys)."""
+    for stale in path.parent.glob(_temp_prefix(path) + "*"):
+        stale.unlink(missing_ok=True)
+
+
+def atomic_replace(path: Path, write: Callable[[BinaryIO], None] | bytes,
+                   before_rename: Callable[[], None] | None = None) -> None:
+    """Replace ``path`` with what ``write`` puts in a file (or with the given bytes).
+
+    The new file has mode 0600 and is fsynced before the rename; the folder is fsynced
+    after it. ``before_rename`` is a seam for the crash tests (a kill between the two).
+
+    Raises:
+        OSError: the file could not be written; ``path`` is then left as it was.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            if isinstance(write, bytes | bytearray | memoryview):
+                fh.write(write)
+            else:
+                write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sweep_temps(path)
+    fsync_dir(path.parent)
+
+
+def size_of(path: Path) -> int:
+    """Bytes in ``path``; 0 when it does not exist."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def remove_sqlite(path: Path) -> None:
+    """Remove a SQLite file and its log files (a half-made store must not block a retry)."""
+    for suffix in SQLITE_SUFFIXES:
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def remove_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        remove_sqlite(path)
+
+
+def sqlite_connect(path: Path, mode: str = "rw", timeout: float = 5.0) -> sqlite3.Connection:
+    """Connect to an existing file only (``mode=rw`` or ``ro``), autocommit, any thread.
+
+    ``isolation_level=None``: the callers issue BEGIN themselves, so a writer takes its
+    lock up front (``BEGIN IMMEDIATE``) instead of failing halfway.
+    """
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True,
+                           timeout=timeout, isolation_level=None, check_same_thread=False)
+
+
+def sqlite_backup(conn: sqlite3.Connection, dest: Path) -> None:
+    """Copy a live database into a new 0600 file with SQLite's online backup API.
+
+    Raises:
+        FileExistsError: ``dest`` exists (a backup never overwrites).
+        sqlite3.Error, OSError: the copy failed; nothing is left at ``dest``.
+    """
+    create_exclusive(dest)
+    try:
+        target = sqlite_connect(dest)
+        try:
+            conn.backup(target)
+        finally:
+            target.close()
+        fsync_file(dest)
+    except BaseException:
+        remove_sqlite(dest)
+        raise
+    with contextlib.suppress(OSError):
+        fsync_dir(dest.parent)

@@ -1,0 +1,253 @@
+"""The gallery: what search sees, in memory only, and the only owner of it.
+
+It holds the HNSW index (:class:`~.index.TemplateIndex`), the record id -> subject id map
+(subject ids exist in clear only here and inside ciphertext), and what it could not index:
+rows whose key is gone (``shredded``: an old database copy put back) and rows that failed
+authentication (``integrity_failures``: excluded, reported, never served). It is rebuilt
+from the vault's sealed rows, or loaded from a sealed snapshot (``index.snapshot``) and
+brought up to the rows.
+
+The gallery writes no audit entry: it reports what happened and the store audits it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _files, snapshot
+from .backends.base import RecordRow
+from .codec import Plain, Shredded
+from .errors import BiotemplateError, IntegrityError
+from .index import Hit, IndexParams, TemplateIndex
+from .validation import normalised
+from .vault import Vault
+
+__all__ = ["SNAPSHOT", "Gallery", "Progress"]
+
+SNAPSHOT = "index.snapshot"
+Progress = Callable[[int, int], None]  # (done, total), for long operations
+
+
+class Gallery:
+    """The searchable in-memory gallery of one store."""
+
+    def __init__(self, vault: Vault, folder: Path, params: IndexParams | None) -> None:
+        self._vault, self._path, self._params = vault, folder / SNAPSHOT, params
+        self._index = TemplateIndex(vault.dim, params)
+        self._subjects: dict[str, str] = {}  # record id -> subject id
+        self.shredded: set[str] = set()
+        self.integrity_failures: set[str] = set()
+        # Committed rows the index failed to take (e.g. out of memory): until a rebuild,
+        # no snapshot may be written, or the next open would trust it and miss them.
+        self.incomplete = False
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # --- reads --------------------------------------------------------------------------
+
+    def search(self, units: NDArray[np.float32], purpose: str, k: int,
+               now_us: int) -> list[list[Hit]]:
+        """Best record of up to ``k`` subjects per probe (rows already unit vectors)."""
+        return self._index.search_units(units, purpose, k, now_us)
+
+    def subject_of(self, record_id: str) -> str | None:
+        """None for a record removed while a search ran: the caller drops it."""
+        return self._subjects.get(record_id)
+
+    def live_per_purpose(self) -> dict[str, int]:
+        return {p: s["live"] for p, s in self._index.stats().get("purposes", {}).items()}
+
+    def index_stats(self) -> dict[str, Any]:
+        return self._index.stats()
+
+    # --- writes -------------------------------------------------------------------------
+
+    @contextmanager
+    def adding(self, record_ids: list[str], subject_refs: list[bytes], subject_ids: list[str],
+               purposes: Sequence[str], expiry_us: int, units: NDArray[np.float32],
+               progress: Progress | None = None) -> Iterator[None]:
+        """Index records while the ``with`` body seals and commits them: the hnswlib insert
+        runs in a worker meanwhile, and the records become searchable only when both have
+        succeeded (see ``TemplateIndex.adding``)."""
+        n = len(record_ids)
+        with self._index.adding(record_ids, subject_refs, [purposes] * n, [expiry_us] * n,
+                                units, progress=progress, checked=True):
+            yield
+            self._subjects.update(zip(record_ids, subject_ids, strict=True))
+
+    def mark_incomplete(self) -> None:
+        """Rows committed that the index lacks: no snapshot may claim them covered."""
+        self.incomplete = True
+        self.drop_snapshot()
+
+    def forget(self, record_ids: Sequence[str]) -> None:
+        """Out of the index at once (vectors overwritten), and out of every table."""
+        self._index.remove(record_ids)
+        for rid in record_ids:
+            self._subjects.pop(rid, None)
+            self.shredded.discard(rid)
+            self.integrity_failures.discard(rid)
+
+    def drop_snapshot(self) -> None:
+        """After a key destruction the snapshot's key is gone: remove the file too."""
+        with contextlib.suppress(OSError):  # its key is gone either way
+            self._path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        self._index.clear()
+        self._subjects.clear()
+
+    # --- building -----------------------------------------------------------------------
+
+    def rebuild(self, now_us: int, progress: Progress | None = None) -> None:
+        """Build a new index from the sealed rows, then swap it in: searches running
+        meanwhile keep using the old one instead of seeing an empty or partial index."""
+        index = TemplateIndex(self._vault.dim, self._params)
+        subjects: dict[str, str] = {}
+        shredded: set[str] = set()
+        failures: set[str] = set()
+        total, done = self._vault.rows.count(), 0
+        # A two-stage pipeline: this thread decrypts batch i+1 (Python, holds the GIL)
+        # while a worker inserts batch i into hnswlib (native, releases the GIL), so the
+        # per-row decryption hides behind the graph build instead of adding to it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="biotemplate-rebuild") as pool:
+            pending: Future[None] | None = None
+            try:
+                for batch in self._vault.rows.scan():
+                    items = self._open_rows(batch, now_us, shredded, failures)
+                    if pending is not None:
+                        pending.result()
+                        if progress is not None:  # rows indexed so far, not just read
+                            progress(done, total)
+                    pending = pool.submit(_index_rows, index, subjects, items)
+                    done += len(batch)
+                if pending is not None:
+                    pending.result()
+                if progress is not None:
+                    progress(done, total)
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        pending.result()
+                index.clear()  # a half-built index never replaces the old one
+                raise
+        old = self._index
+        self._index, self._subjects = index, subjects
+        self.incomplete = False
+        self.shredded, self.integrity_failures = shredded, failures
+        old.clear()
+
+    def _open_rows(self, rows: Sequence[RecordRow], now_us: int, shredded: set[str],
+                   failures: set[str]) -> list[tuple[RecordRow, Plain]]:
+        """Decrypt rows for the index: shredded rows are counted and skipped, tampered
+        ones are excluded and reported, expired ones are left out."""
+        keep: list[tuple[RecordRow, Plain]] = []
+        for row in rows:
+            try:
+                plain = self._vault.open_row(row)
+            except Shredded:
+                shredded.add(row.record_id)
+                continue
+            except IntegrityError:
+                failures.add(row.record_id)
+                continue
+            if row.expiry_us > now_us:
+                keep.append((row, plain))
+        return keep
+
+    def load_snapshot(self, now_us: int) -> str:
+        """Load the sealed snapshot, then bring it up to the rows: "loaded", "absent" or
+        "rejected" (the file is deleted; the caller rebuilds).
+
+        Every change made through the store is logged in the same transaction as the row
+        (the ``changes`` table), so when the last change is still the one the snapshot
+        covers and the row count agrees, no row was written since and nothing is read
+        (an open then costs one decryption, not a pass over every row). Otherwise every
+        row's clear header and AEAD tag is compared with the fingerprint the snapshot
+        took: changed rows are re-read (and excluded if forged), rows that are gone are
+        dropped. What this does not catch at open is in SECURITY.md."""
+        if not self._path.exists():
+            return "absent"
+        try:
+            with snapshot.opened(self._path, self._vault.keyring) as (seq, state):
+                ids, subject_ids = state.pop("record_ids"), state.pop("subject_ids")
+                if not (len(ids) == len(subject_ids)
+                        and set(map(type, subject_ids)) <= {str}):
+                    raise ValueError("subject map")
+                subjects = dict(zip(ids, subject_ids, strict=True))
+                rows, row_count = bytes(state.pop("rows")), int(state.pop("row_count"))
+                failures = {str(x) for x in state.pop("integrity_failures")}
+                shredded = {str(x) for x in state.pop("shredded")}
+                self._index.import_state(state)
+        except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError,
+                OverflowError):
+            self._index.clear()
+            self.drop_snapshot()
+            return "rejected"
+        self._subjects, self.integrity_failures, self.shredded = subjects, failures, shredded
+        db = self._vault.rows
+        if db.last_change() != seq or db.count() != row_count:
+            self._reconcile(snapshot.unpack_fingerprints(rows), now_us)
+        return "loaded"
+
+    def _reconcile(self, seen: dict[str, bytes], now_us: int) -> None:
+        """Bring a loaded snapshot up to the rows: re-read changed ones, forget gone ones."""
+        db = self._vault.rows
+        current: dict[str, bytes] = {}
+        for batch in db.scan_headers():
+            for row in batch:
+                current[row.record_id] = snapshot.fingerprint(row)
+        changed = [rid for rid, fp in current.items() if seen.get(rid) != fp]
+        self.forget([rid for rid in seen if rid not in current] + changed)
+        rows = [r for r in (db.get(rid) for rid in changed) if r is not None]
+        for stale in (self.integrity_failures, self.shredded):
+            stale.intersection_update(current)
+            stale.difference_update(changed)
+        _index_rows(self._index, self._subjects,
+                    self._open_rows(rows, now_us, self.shredded, self.integrity_failures))
+
+    def write_snapshot(self, now_us: int) -> tuple[int, int]:
+        """Seal the index to ``index.snapshot``; returns (change seq covered, bytes).
+        Expired vectors are overwritten first, so the file holds only live templates."""
+        if self.incomplete:  # rows committed that the index failed to take
+            self.rebuild(now_us)
+        db = self._vault.rows
+        seq = db.last_change()
+        self._index.hide_expired(now_us)  # so export_state overwrites them
+        state = self._index.export_state()
+        state["record_ids"] = list(self._subjects)
+        state["subject_ids"] = list(self._subjects.values())
+        state["integrity_failures"] = sorted(self.integrity_failures)
+        state["shredded"] = sorted(self.shredded)
+        fingerprints = {row.record_id: snapshot.fingerprint(row)
+                        for batch in db.scan_headers() for row in batch}
+        state["rows"] = snapshot.pack_fingerprints(fingerprints)
+        state["row_count"] = len(fingerprints)
+        return seq, snapshot.write(self._path, self._vault.keyring, state, seq)
+
+    def sweep(self) -> None:
+        """Temp snapshots left by a killed process (sealed, but under a key that may be
+        one erasure old): removed on open."""
+        _files.sweep_temps(self._path)
+
+
+def _index_rows(index: TemplateIndex, subjects: dict[str, str],
+                items: Sequence[tuple[RecordRow, Plain]]) -> None:
+    if not items:
+        return
+    units = normalised(np.stack([p.template for _, p in items]))
+    index.add([r.record_id for r, _ in items], [r.subject_ref for r, _ in items],
+              [r.purposes for r, _ in items], [r.expiry_us for r, _ in items], units,
+              checked=True)
+    for r, p in items:
+        subjects[r.record_id] = p.subject_id

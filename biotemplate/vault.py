@@ -1,0 +1,368 @@
+"""The vault: the store's sealed state, and the only owner of it.
+
+It holds the records database (sealed rows, through a :class:`~.backends.base.Backend`),
+the key state (the :class:`~.keyring.Keyring` and the master key that wraps it), the codec
+between the two, and the sealed settings (configuration and retention policy). Nothing
+else in the library reads a key or writes a row: the store asks the vault.
+
+Ordering rules the vault keeps, so that a crash at any point leaves a store that opens:
+
+- key material a commit will need (a new subject key, a hold key) is saved before the
+  commit (:meth:`ensure_subject_keys`, :meth:`open_hold`);
+- key material a commit retires (an erased subject key, an old ratchet state) is
+  destroyed after it (:meth:`shred_subjects`, :meth:`advance_ratchet`, then
+  :meth:`save_keys`);
+- the policy goes through both versions (:meth:`replace_policy`).
+
+Files: ``records.db`` and ``keyring`` in the store folder. Another backend (PostgreSQL)
+plugs in below the vault: the store never sees which one it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _files, sealing
+from .backends.base import Backend, RecordRow
+from .backends.sqlite import SQLiteBackend
+from .clock import StoreClock
+from .codec import Plain, RecordCodec, Shredded
+from .errors import IntegrityError, StoreExists, StoreNotFound
+from .keyring import Keyring
+from .keys import SecretKey
+from .policy import RetentionPolicy
+
+__all__ = ["KEYRING", "RECORDS", "Vault"]
+
+RECORDS, KEYRING = "records.db", "keyring"
+
+
+class Vault:
+    """Sealed rows, key state and sealed settings of one store. Build with :meth:`create`
+    or :meth:`open`; every mutation runs under the store's lock (the caller's)."""
+
+    def __init__(self, folder: Path, db: Backend, keyring: Keyring, kek: SecretKey,
+                 *, dim: int, model: str, policy: RetentionPolicy, clock: StoreClock) -> None:
+        self._folder, self._db, self._keyring, self._kek = folder, db, keyring, kek
+        self._policy, self._clock = policy, clock
+        self.dim, self.model = dim, model
+        self._codec = RecordCodec(keyring, model=model, dim=dim)
+
+    def __repr__(self) -> str:
+        return f"Vault({str(self._folder)!r}, store={self._keyring.store_id.hex()})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a vault holds key material and cannot be pickled")
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, folder: Path, *, kek: SecretKey, dim: int, model: str,
+               policy: RetentionPolicy, clock: StoreClock) -> Vault:
+        """Write a new keyring and records database; nothing is left behind on failure.
+
+        Raises:
+            StoreExists: the folder already holds a keyring or records database.
+        """
+        if any((folder / name).exists() for name in (RECORDS, KEYRING)):
+            raise StoreExists(f"{folder} already holds a store (or part of one)")
+        now_us = clock.now_us()
+        keyring = Keyring.new(sealing.random_id(sealing.STORE_ID_SIZE),
+                              policy.epoch // timedelta(microseconds=1), now_us)
+        keyring.policies = [policy_digest(policy)]
+        created: list[Path] = []
+        try:
+            keyring.save(folder / KEYRING, kek)
+            created.append(folder / KEYRING)
+            db = SQLiteBackend.create(folder / RECORDS)
+            created.append(folder / RECORDS)
+            config = {"v": 1, "dim": dim, "model": model, "metric": "cosine",
+                      "epoch_us": keyring.epoch_us}
+            with db.transaction():
+                db.put_meta("store_id", keyring.store_id)
+                db.put_meta("config", _seal_meta(keyring, "config", config))
+                db.put_meta("policy", _seal_meta(keyring, "policy", policy.to_dict()))
+        except BaseException:
+            _files.remove_all(created)  # no half-made store left to block a retry
+            raise
+        return cls(folder, db, keyring, kek, dim=dim, model=model, policy=policy, clock=clock)
+
+    @classmethod
+    def open(cls, folder: Path, *, kek: SecretKey, clock: StoreClock) -> Vault:
+        """Open the keyring and records database and check they belong together.
+
+        Raises:
+            StoreNotFound: no records database or keyring in ``folder``.
+            KeyUnavailable: wrong master key.
+            IntegrityError: keyring, configuration or policy tampered with, replayed, or
+                of another store.
+        """
+        if not (folder / RECORDS).exists() or not (folder / KEYRING).exists():
+            raise StoreNotFound(f"{folder} holds no biotemplate store")
+        keyring = Keyring.load(folder / KEYRING, kek)
+        _files.sweep_temps(folder / KEYRING)  # a killed save's temp may hold shredded keys
+        clock.raise_to(keyring.high_water_us)
+        db = SQLiteBackend.open(folder / RECORDS)
+        try:
+            if db.get_meta("store_id") != keyring.store_id:
+                raise IntegrityError("the keyring does not belong to this store")
+            config = _open_meta(db, keyring, "config")
+            policy = RetentionPolicy.from_dict(_open_meta(db, keyring, "policy"))
+            vault = cls(folder, db, keyring, kek, dim=int(config["dim"]),
+                        model=str(config["model"]), policy=policy, clock=clock)
+            vault._settle_policy()
+        except BaseException:
+            db.close()
+            raise
+        return vault
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- identity and key state (reads) -------------------------------------------------
+
+    @property
+    def store_id(self) -> bytes:
+        return self._keyring.store_id
+
+    @property
+    def policy(self) -> RetentionPolicy:
+        return self._policy
+
+    @property
+    def rows(self) -> Backend:
+        """The records database, for reads; writes go through :meth:`transaction`."""
+        return self._db
+
+    def subject_ref(self, subject_id: str) -> bytes:
+        return self._keyring.subject_ref(subject_id)
+
+    def probe_digest(self, unit: NDArray[np.float32]) -> bytes:
+        """A keyed digest of a probe: links audit entries of one probe, reveals nothing."""
+        data = np.ascontiguousarray(unit, dtype="<f4").tobytes()
+        return sealing.probe_digest(self._keyring.digest_key, data)
+
+    def held(self, ref: bytes) -> bool:
+        return self._keyring.held(ref)
+
+    def audit_keys(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes, bytes], bool],
+                                  bytes]:
+        """(sign, verify, public key) of the audit trail, from the keyring's seed."""
+        sign, public = sealing.signer_from_seed(self._keyring.audit_seed)
+        return sign, sealing.verifier_for(public), public
+
+    @property
+    def keyring(self) -> Keyring:
+        """For the sealed index snapshot's key only (``snapshot.py``)."""
+        return self._keyring
+
+    def key_stats(self) -> dict[str, int]:
+        k = self._keyring
+        return {"subjects": len(k.subjects),
+                "held_subjects": sum(1 for _, active in k.holds.values() if active),
+                "epoch": k.ratchet_epoch, "epoch_seconds": k.epoch_us // 1_000_000,
+                "erasure_generation": k.erasures}
+
+    # --- records ------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One records transaction: the store appends the audit entry inside it, so the
+        rows commit only after the entry is written (fail closed)."""
+        with self._db.transaction():
+            yield
+
+    def seal(self, *, record_id: str, subject_ref: bytes, purposes: Sequence[str],
+             expiry_us: int, plain: Plain) -> RecordRow:
+        return self._codec.seal(record_id=record_id, subject_ref=subject_ref,
+                                purposes=purposes, expiry_us=expiry_us,
+                                held=self._keyring.held(subject_ref), plain=plain)
+
+    def open_row(self, row: RecordRow) -> Plain:
+        """Raises: Shredded: the key is gone. IntegrityError: the row was tampered with."""
+        return self._codec.open(row)
+
+    def readable(self, row: RecordRow, now_us: int, *, for_export: bool) -> Plain | None:
+        """Open a row if retention lets this call see it; shredded rows read as absent.
+
+        Raises:
+            IntegrityError: the row was tampered with.
+        """
+        if row.expiry_us <= now_us and not (for_export and self._keyring.held(row.subject_ref)):
+            return None
+        try:
+            return self._codec.open(row)
+        except Shredded:
+            return None
+
+    def reseal(self, row: RecordRow, *, held: bool) -> RecordRow:
+        """Move a record between its epoch key and its subject's hold key."""
+        return self._codec.reseal(row, held=held)
+
+    def insert(self, rows: Sequence[RecordRow]) -> None:
+        self._db.insert(rows)
+
+    def update(self, rows: Sequence[RecordRow]) -> None:
+        self._db.update(rows)
+
+    def delete(self, record_ids: Sequence[str]) -> int:
+        return self._db.delete(record_ids)
+
+    def checkpoint(self) -> None:
+        """Truncate the database's log, so deleted ciphertext does not linger in it."""
+        self._db.checkpoint()
+
+    def backup(self, dest: Path) -> None:
+        self._db.backup(dest / RECORDS)
+
+    # --- key state (writes) -------------------------------------------------------------
+
+    def save_keys(self) -> None:
+        """Persist the key state (atomic), with the clock's high-water mark."""
+        k = self._keyring
+        k.high_water_us = max(k.high_water_us, self._clock.high_water_us)
+        k.save(self._folder / KEYRING, self._kek)
+
+    def ensure_subject_keys(self, refs: Iterable[bytes]) -> set[bytes]:
+        """Give every subject without one a key, saved before any row needs it; returns
+        the refs that got a new key (see :meth:`forget_subject_keys`)."""
+        new = {r for r in refs if r not in self._keyring.subjects}
+        for ref in new:
+            self._keyring.subjects[ref] = sealing.random_key()
+        if new:
+            self.save_keys()
+        return new
+
+    def forget_subject_keys(self, refs: Iterable[bytes]) -> None:
+        """Drop keys whose rows never committed (on disk they stay until the next purge
+        sweeps keys without rows: they protect nothing)."""
+        for ref in refs:
+            self._keyring.subjects.pop(ref, None)
+
+    def shred_subjects(self, refs: Iterable[bytes]) -> int:
+        """Destroy subject keys and their hold keys; the caller then calls ``save_keys``.
+
+        Any destruction bumps the erasure generation and replaces the snapshot secret, so
+        an index snapshot that still holds those templates can never be opened again.
+        """
+        destroyed = 0
+        for ref in list(refs):
+            destroyed += self._keyring.subjects.pop(ref, None) is not None
+            self._keyring.holds.pop(ref, None)
+        if destroyed:
+            self._keyring.erasures += 1
+            self._keyring.snapshot_secret = sealing.random_key()
+        return destroyed
+
+    def orphan_subjects(self) -> list[bytes]:
+        """Subjects that have a key but no row (last record purged, an interrupted enrol)."""
+        live = self._db.subject_refs()
+        return [r for r in self._keyring.subjects if r not in live]
+
+    def advance_ratchet(self, to_epoch: int) -> bool:
+        """Ratchet past every epoch before ``to_epoch`` (their keys are gone)."""
+        return self._keyring.advance(to_epoch)
+
+    @property
+    def ratchet_epoch(self) -> int:
+        return self._keyring.ratchet_epoch
+
+    @property
+    def epoch_us(self) -> int:
+        return self._keyring.epoch_us
+
+    def open_hold(self, ref: bytes) -> tuple[bytes, bool] | None:
+        """Activate a subject's hold key (new or kept), saved; returns the previous entry
+        for :meth:`restore_hold` should the hold fail to commit."""
+        previous = self._keyring.holds.get(ref)
+        self._keyring.holds[ref] = (previous[0] if previous else sealing.random_key(), True)
+        self.save_keys()
+        return previous
+
+    def restore_hold(self, ref: bytes, previous: tuple[bytes, bool] | None) -> None:
+        if previous is None:
+            self._keyring.holds.pop(ref, None)
+        else:
+            self._keyring.holds[ref] = previous
+        self.save_keys()
+
+    def close_hold(self, ref: bytes, *, still_sealed: bool) -> None:
+        """Lift a hold: keep its key (inactive) while records are still sealed under it,
+        else destroy it. The caller saves."""
+        key = self._keyring.holds[ref][0]
+        if still_sealed:
+            self._keyring.holds[ref] = (key, False)
+        else:
+            del self._keyring.holds[ref]
+
+    def active_holds(self) -> list[bytes]:
+        return [ref for ref, (_, active) in self._keyring.holds.items() if active]
+
+    def drop_released_holds(self) -> None:
+        """Destroy released hold keys with nothing sealed under them any more."""
+        for ref, (_, active) in list(self._keyring.holds.items()):
+            if not active and not any(r.held for r in self._db.by_subject(ref)):
+                del self._keyring.holds[ref]
+
+    # --- sealed settings ----------------------------------------------------------------
+
+    def _settle_policy(self) -> None:
+        """Refuse a sealed policy replayed from an older database copy (it authenticates,
+        but it is not the one the keyring says is current)."""
+        policies = self._keyring.policies
+        if not policies:
+            return  # a keyring from before policies were tracked
+        found = policy_digest(self._policy)
+        if found not in policies:
+            raise IntegrityError("the stored policy is not the current one (an old copy?)")
+        if len(policies) > 1:  # a set_policy was interrupted: settle on what committed
+            self._keyring.policies = [found]
+            self.save_keys()
+
+    def replace_policy(self, policy: RetentionPolicy, audit: Callable[[], int]) -> int:
+        """Store ``policy`` and call ``audit`` inside the same transaction; returns what
+        ``audit`` returned. Both versions are accepted while the change is in flight, so
+        a crash on either side of the commit leaves a store that opens."""
+        current = policy_digest(self._policy)
+        self._keyring.policies = [current, policy_digest(policy)]
+        self.save_keys()
+        try:
+            with self._db.transaction():
+                self._db.put_meta("policy", _seal_meta(self._keyring, "policy",
+                                                       policy.to_dict()))
+                seq = audit()
+        except BaseException:
+            self._keyring.policies = [current]
+            self.save_keys()
+            raise
+        self._policy = policy
+        self._keyring.policies = [policy_digest(policy)]
+        self.save_keys()
+        return seq
+
+
+def policy_digest(policy: RetentionPolicy) -> bytes:
+    """Names a policy version (not a secret): what the keyring says is current."""
+    return sealing.digest(msgpack.packb(policy.to_dict(), use_bin_type=True))
+
+
+def _seal_meta(keyring: Keyring, name: str, value: Any) -> bytes:
+    """Configuration and policy are authenticated: editing them in the DB is detected."""
+    body = msgpack.packb(value, use_bin_type=True)
+    return sealing.seal_meta(keyring.meta_key, keyring.store_id, name, body)
+
+
+def _open_meta(db: Backend, keyring: Keyring, name: str) -> Any:
+    blob = db.get_meta(name)
+    if blob is None:
+        raise IntegrityError(f"store {name} is missing")
+    return msgpack.unpackb(sealing.open_meta(keyring.meta_key, keyring.store_id, name, blob),
+                           raw=False)
