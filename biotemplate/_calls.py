@@ -1,4 +1,8 @@
-"""The audited-call wrapper: how every public call of the store begins.
+"""What the modules that order a store's calls share: its parts, and how a call begins.
+
+:class:`Parts` is the set of components of one open store (vault, gallery, audit trail,
+clock, and the lock that serialises mutations). The store builds it once and hands it to
+``matching`` and ``retention``, which order their calls over it; nothing else holds it.
 
 A call validates its actor first (an anonymous call is refused outright), then runs its
 body; a refusal the body raises (bad input, a policy violation, an unknown record) is
@@ -10,14 +14,41 @@ audited, and no input value is copied in full.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from .audit import AuditTrail
+from .clock import StoreClock
 from .errors import AuditError, BiotemplateError, InvalidInput, PolicyViolation, RecordNotFound
+from .gallery import Gallery
 from .validation import MAX_SUBJECT_ID, check_text
 from .vault import Vault
+
+
+@dataclass(eq=False)
+class Parts:
+    """The components of one open store. ``closed`` is owned here: set once, by close."""
+
+    vault: Vault
+    gallery: Gallery
+    trail: AuditTrail
+    clock: StoreClock
+    lock: threading.RLock = field(default_factory=threading.RLock)  # serialises mutations
+    closed: bool = False
+
+    def alive(self) -> None:
+        """Raises: InvalidInput: the store is closed."""
+        if self.closed:
+            raise InvalidInput("the store is closed")
+
+    def audited(self, event: str, actor: object, *, who: str = "actor",
+                **fields: Any) -> AbstractContextManager[dict[str, Any]]:
+        """:func:`audited` on this store's trail, once the store is known to be open."""
+        self.alive()
+        return audited(self.trail, event, actor, who=who, **fields)
 
 
 @contextmanager

@@ -1,4 +1,8 @@
-"""The open-set rules of 1:N search and 1:1 verification, as pure functions.
+"""1:N search, 1:1 verification, the human review of candidates, and access requests.
+
+The public methods are on :class:`~.store.TemplateStore`; this module orders them over the
+store's parts. Every search or verification is audited with a keyed digest of the probe
+(never the probe) before it returns.
 
 Open-set by default: "identification" returns only candidates at or above the purpose's
 threshold (an empty list is a normal answer, and the right one for a stranger);
@@ -14,11 +18,20 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import InvalidInput, PolicyViolation
+from ._calls import Parts, subject_field
+from .clock import from_us
+from .errors import InvalidInput, PolicyViolation, RecordNotFound
 from .index import Hit
 from .policy import Purpose, RetentionPolicy
-from .results import Candidate
-from .validation import check_text, normalised
+from .results import Candidate, Confirmation, RecordView, SearchResult, Verification
+from .validation import (
+    MAX_SUBJECT_ID,
+    as_templates,
+    check_text,
+    loggable_record_id,
+    normalised,
+    unit_template,
+)
 
 SEARCH_MODES = ("identification", "investigation")
 
@@ -60,3 +73,106 @@ def cosine(template: NDArray[np.float32], unit: NDArray[np.float32]) -> float:
     """Cosine similarity of a stored template and a unit probe, clipped to [-1, 1]."""
     score = float(np.dot(normalised(template[None, :])[0], unit))
     return max(-1.0, min(1.0, score))
+
+
+def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: str | None,
+           mode: str, *, batch: bool) -> list[SearchResult]:
+    """The ordering of :meth:`TemplateStore.search` (one probe) and ``search_many``."""
+    started = p.clock()
+    with p.audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
+        rule = search_rule(p.vault.policy, purpose, mode, k, reason)
+        units = (normalised(as_templates(probes, p.vault.dim)) if batch
+                 else unit_template(probes, p.vault.dim)[None, :])
+        lists = p.gallery.search(units, purpose, min(k, rule.max_candidates),
+                                 p.clock.now_us())
+        out = []
+        for unit, hits in zip(units, lists, strict=True):
+            cands, decision = candidates(hits, rule, mode,
+                                                  p.gallery.subject_of)
+            seq = p.trail.append(
+                "search", actor=str(actor), started=started, durable=False, k=k,
+                threshold=rule.match_threshold, count=len(cands), decision=decision,
+                probe_digest=p.vault.probe_digest(unit),
+                record_ids=[c.record_id for c in cands],
+                scores=[round(c.score, 6) for c in cands], **f)
+            out.append(SearchResult(candidates=cands, decision=decision,
+                                    threshold=rule.match_threshold, mode=mode,
+                                    purpose=rule.name, audit_seq=seq))
+        return out
+
+
+def verify(p: Parts, probe: object, *, subject_id: str, purpose: str, actor: str,
+           reason: str | None = None) -> Verification:
+    """The ordering of :meth:`TemplateStore.verify`."""
+    started = p.clock()
+    with p.audited("verify", actor, purpose=purpose, reason=reason) as f:
+        check_text(reason, "reason", optional=True)
+        check_text(subject_id, "subject_id", limit=MAX_SUBJECT_ID)
+        rule = p.vault.policy.purpose(purpose)
+        if not rule.allows_mode("verification"):
+            raise PolicyViolation(f"purpose {purpose!r} does not allow verification")
+        unit = unit_template(probe, p.vault.dim)
+        now_us, vault = p.clock.now_us(), p.vault
+        scored = []
+        for row in vault.rows.by_subject(vault.subject_ref(subject_id)):
+            if purpose not in row.purposes:
+                continue  # never decrypt data outside the declared purpose
+            plain = vault.readable(row, now_us, for_export=False)
+            if plain is not None:
+                scored.append((cosine(plain.template, unit), row.record_id))
+        if not scored:
+            raise RecordNotFound(f"no live record of this subject for purpose {purpose!r}")
+        score, record_id = max(scored, key=lambda s: s[0])
+        match = score >= rule.match_threshold
+        seq = p.trail.append("verify", actor=str(actor), started=started,
+                             durable=False, match=match, score=round(score, 6),
+                             record_ids=[record_id],
+                             probe_digest=vault.probe_digest(unit), **f)
+        return Verification(match=match, score=score, record_id=record_id,
+                            threshold=rule.match_threshold, audit_seq=seq)
+
+
+def confirm_match(p: Parts, audit_seq: int, record_id: str, *, reviewer: str) -> Confirmation:
+    """The ordering of :meth:`TemplateStore.confirm_match`."""
+    with p.audited("confirm", reviewer, who="reviewer", search_seq=audit_seq,
+                   record_id=loggable_record_id(record_id)):
+        if isinstance(audit_seq, bool) or not isinstance(audit_seq, int):
+            raise InvalidInput("audit_seq must be the int from SearchResult.audit_seq")
+        if not 1 <= audit_seq < 1 << 63:
+            raise RecordNotFound(f"no audit entry {audit_seq}")
+        entry = p.trail.get(audit_seq)
+        if entry.event != "search" or entry.outcome != "ok":
+            raise RecordNotFound(f"audit entry {audit_seq} is not a completed search")
+        if record_id not in entry.fields.get("record_ids", []):
+            raise PolicyViolation(f"that record was not a candidate of search {audit_seq}")
+        with p.lock:
+            before = {e.actor for e in p.trail.find("confirm", audit_seq)
+                      if e.outcome == "ok" and e.fields.get("record_id") == record_id}
+            who = tuple(sorted({a for a in before if a} | {reviewer}))
+            seq = p.trail.append("confirm", actor=reviewer, ref_seq=audit_seq,
+                                 record_id=record_id, reviewers=len(who),
+                                 two_person=len(who) >= 2)
+        return Confirmation(search_seq=audit_seq, record_id=record_id, reviewers=who,
+                            two_person_confirmed=len(who) >= 2, audit_seq=seq)
+
+
+def export_subject(p: Parts, subject_id: str, *, actor: str,
+                   reason: str | None = None) -> list[RecordView]:
+    """The ordering of :meth:`TemplateStore.export_subject`."""
+    with p.audited("export", actor, reason=reason) as f:
+        check_text(reason, "reason", optional=True)
+        ref = subject_field(p.vault, subject_id, f)
+        now_us, vault, views = p.clock.now_us(), p.vault, []
+        for row in vault.rows.by_subject(ref):
+            plain = vault.readable(row, now_us, for_export=True)
+            if plain is None:
+                continue
+            views.append(RecordView(
+                record_id=row.record_id, subject_id=plain.subject_id,
+                template=plain.template.copy(), purposes=row.purposes,
+                expires_at=from_us(row.expiry_us), created_at=from_us(plain.created_us),
+                source=plain.source, metadata=dict(plain.metadata),
+                held=row.held and vault.held(ref)))
+        p.trail.append("export", actor=str(actor), count=len(views), **f)
+        return views
+

@@ -197,22 +197,6 @@ def fingerprint(row: Any) -> bytes:
     return hashlib.blake2b(msgpack.packb(fields, use_bin_type=True), digest_size=16).digest()
 
 
-def read(path: Path, keyring: Keyring) -> tuple[int, dict[str, Any]]:
-    """:func:`opened`, with every array copied out of the body: for tools and tests that
-    keep the state; the store itself uses ``opened`` to avoid the copy."""
-    def own(value: Any) -> Any:
-        if isinstance(value, np.ndarray):
-            return value.copy()
-        if isinstance(value, dict):
-            return {k: own(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [own(v) for v in value]
-        return value
-
-    with opened(path, keyring) as (seq, state):
-        return seq, own(state)
-
-
 def pack_fingerprints(fingerprints: dict[str, bytes]) -> bytes:
     """Every row's fingerprint, packed as one opaque blob: decoded only when rows changed
     after the snapshot (see ``Gallery.load_snapshot``)."""

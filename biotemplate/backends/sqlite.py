@@ -301,15 +301,6 @@ class SQLiteBackend:
                 deleted += self._write("DELETE FROM records WHERE record_id = ?", [(record_id,)])
         return deleted
 
-    def changes_since(self, seq: int) -> list[tuple[int, str, str]]:
-        """``(seq, record_id, op)`` of every change after ``seq``, oldest first.
-
-        An index snapshot names the last change it covers; replaying the rest brings it up
-        to date without a rebuild.
-        """
-        sql = "SELECT seq, record_id, op FROM changes WHERE seq > ? ORDER BY seq"
-        return [(s, rid, op) for s, rid, op in self._query("changes_since", sql, (seq,))]
-
     def last_change(self) -> int:
         """The newest change sequence number; 0 when nothing was ever written."""
         return int(self._query("last_change", "SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])

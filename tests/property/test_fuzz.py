@@ -646,7 +646,7 @@ SNAPSHOT_BYTES = st.one_of(
 def test_fuzz_snapshot_read(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
     path = tmp_path_factory.getbasetemp() / "fuzz.snapshot"
     path.write_bytes(data)
-    only_biotemplate_errors(lambda: snapshot.read(path, RING))
+    only_biotemplate_errors(lambda: _read_snapshot(path, RING))
 
 
 _CHECKPOINT = {"v": 1, "store": STORE_ID, "seq": 5, "head": bytes(32), "ts": 10**15,
@@ -705,13 +705,13 @@ def _snap_with(**fields: Any) -> bytes:
 
 
 DECODER_EDGES = [
-    pytest.param(lambda tmp: snapshot.read(_write(tmp, _snap_with(seq=INF)), RING),
+    pytest.param(lambda tmp: _read_snapshot(_write(tmp, _snap_with(seq=INF)), RING),
                  id="snapshot-header-seq-inf"),
-    pytest.param(lambda tmp: snapshot.read(_write(tmp, _snap_with(erasures=-INF)), RING),
+    pytest.param(lambda tmp: _read_snapshot(_write(tmp, _snap_with(erasures=-INF)), RING),
                  id="snapshot-header-erasures-minus-inf"),
-    pytest.param(lambda tmp: snapshot.read(_write(tmp, _snap_with(epoch=NAN)), RING),
+    pytest.param(lambda tmp: _read_snapshot(_write(tmp, _snap_with(epoch=NAN)), RING),
                  id="snapshot-header-epoch-nan"),
-    pytest.param(lambda tmp: snapshot.read(_write(tmp, _snapshot_file(
+    pytest.param(lambda tmp: _read_snapshot(_write(tmp, _snapshot_file(
         _pack(_SNAP_HEADER), _pack({"x": {"__nd__": [{-1: "\x00"}, [1], b""]}}), True)), RING),
                  id="snapshot-body-ndarray-dtype-dict"),
     pytest.param(lambda tmp: codec.decode_plain(_pack({**_PLAIN, "c": INF}), DIM),
@@ -769,3 +769,8 @@ def test_clock_edge_case(keys: bt.FileKeyProvider, policy: bt.RetentionPolicy,
 
 def test_create_model_surrogate(keys: bt.FileKeyProvider, policy: bt.RetentionPolicy) -> None:
     test_fuzz_create_and_clock.hypothesis.inner_test(keys, policy, START, None, 8, SURROGATE)
+
+
+def _read_snapshot(path: Any, ring: Any) -> int:
+    with snapshot.opened(path, ring) as (seq, _state):
+        return int(seq)

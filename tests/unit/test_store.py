@@ -1032,11 +1032,11 @@ def test_a_lost_commit_after_its_audit_entry_is_marked_rolled_back(
     # simulate a kill between the erase entry and the records commit: the entry says
     # "erase ok" but the rows are still there
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
-        ref = s._vault.subject_ref(gallery.subject_ids[0]).hex()
-        s._trail.append("erase", actor="dpo", count=1, subject_ref=ref)
-        s._closed = True  # no close entry: as if killed here
-        s._trail.close()
-        s._vault.close()
+        ref = s._p.vault.subject_ref(gallery.subject_ids[0]).hex()
+        s._p.trail.append("erase", actor="dpo", count=1, subject_ref=ref)
+        s._p.closed = True  # no close entry: as if killed here
+        s._p.trail.close()
+        s._p.vault.close()
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
         entries = [s.audit.get(n) for n in range(1, s.audit.verify().entries + 1)]
         rollbacks = [e for e in entries if e.event == "rollback"]
