@@ -25,7 +25,7 @@ from .clock import StoreClock
 from .errors import AuditError, BiotemplateError, InvalidInput, PolicyViolation, RecordNotFound
 from .gallery import Gallery
 from .validation import MAX_SUBJECT_ID, check_text
-from .vault import Vault
+from .vault import KeyChange, Vault
 
 
 @dataclass(eq=False)
@@ -43,6 +43,15 @@ class Parts:
         """Raises: InvalidInput: the store is closed."""
         if self.closed:
             raise InvalidInput("the store is closed")
+
+    def apply_key_change(self) -> KeyChange:
+        """After a commit that staged a key change (``Vault.stage``): apply it, move the
+        audit trail to the new generation, and drop the index snapshot if its key died."""
+        change = self.vault.apply_staged()
+        self.trail.generation = self.vault.generation
+        if change.subjects_destroyed or change.ratchet_moved:
+            self.gallery.drop_snapshot()
+        return change
 
     def audited(self, event: str, actor: object, *, who: str = "actor",
                 **fields: Any) -> AbstractContextManager[dict[str, Any]]:

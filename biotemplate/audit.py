@@ -192,6 +192,10 @@ class AuditTrail:
         self._wake = threading.Event()  # set when an entry awaits the background fsync
         self._stop = threading.Event()  # set by close: the syncer leaves at once
         self._syncer: threading.Thread | None = None  # started by the first search entry
+        # The store's key-state generation, written into every entry as field "gen" (an
+        # entry that stages a change passes its own): open compares it with the keyring's
+        # and records.db's, so an audit.db put back from an older copy is caught.
+        self.generation: int | None = None
 
     @classmethod
     def create(cls, path: Path, *, store_id: bytes, signer: Signer, verifier: Verifier,
@@ -283,6 +287,8 @@ class AuditTrail:
             raise InvalidInput("actor must be None or a string of at most 256 characters")
         if outcome not in _OUTCOMES:
             raise InvalidInput(f"outcome must be one of {sorted(_OUTCOMES)}")
+        if self.generation is not None and "gen" not in fields:
+            fields["gen"] = self.generation
         f = {name: _normalise(fields[name], name, 0) for name in sorted(fields)}
         ref = f.get("ref_seq")
         ts0 = None if started is None else _us(started)

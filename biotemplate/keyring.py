@@ -9,7 +9,10 @@ leaves either the old or the new keyring, never neither and never a blend. It ho
 - the lookup key (subject refs), the digest key (probe digests), the meta key (sealed
   settings), the audit signing seed,
 - the erasure generation and snapshot secret (snapshot keys change with both), the
-  digests of the accepted policy versions, and the time high-water mark.
+  digests of the accepted policy versions, and the time high-water mark;
+- the state generation: how many key-state changes the store has committed. The records
+  database and the audit trail carry it too, so a file put back from an older copy is
+  caught on open (``vault.Vault.open``, docs/architecture.md "Rollback").
 
 Because it is rewritten on every shredding event, back it up on its own short schedule
 (no longer than one epoch): a keyring backup is what could resurrect expired or erased
@@ -62,6 +65,7 @@ class Keyring:
     # erasure generation is only a counter, this makes a snapshot copy from before an
     # erasure unopenable even with the current keyring.
     snapshot_secret: bytes | None = None
+    generation: int = 0
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _epoch_cache: dict[int, bytes] = field(default_factory=dict)
     _state_cache: dict[int, bytes] = field(default_factory=dict)
@@ -141,6 +145,8 @@ class Keyring:
             data["policies"] = self.policies
         if self.snapshot_secret is not None:  # likewise optional
             data["snapshot"] = self.snapshot_secret
+        if self.generation:  # likewise (0 until the first key-state change)
+            data["gen"] = self.generation
         return bytes(msgpack.packb(data, use_bin_type=True))
 
     def to_bytes(self, master_key: SecretKey) -> bytes:
@@ -162,7 +168,8 @@ class Keyring:
                 holds={_key(k): (_key(v[0]), _bool(v[1])) for k, v in d["holds"].items()},
                 erasures=_int(d["erasures"]), high_water_us=_int(d["high_water_us"]),
                 policies=[_key(x) for x in d.get("policies", [])],
-                snapshot_secret=None if "snapshot" not in d else _key(d["snapshot"]))
+                snapshot_secret=None if "snapshot" not in d else _key(d["snapshot"]),
+                generation=_int(d.get("gen", 0)))
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
                 msgpack.ExtraData):
             raise IntegrityError("keyring content is malformed") from None

@@ -173,6 +173,7 @@ class StoreStats:
     epoch: int  # the first epoch whose key still exists
     epoch_seconds: int
     erasure_generation: int
+    generation: int  # key-state changes committed (keyring, records.db, audit.db agree)
     shredded_rows: int  # rows whose key is gone (an old copy put back)
     integrity_failures: int  # rows that failed authentication, excluded from search
     purposes: Mapping[str, Mapping[str, int]]  # per sub-index: live, hidden, deleted, ef...

@@ -38,13 +38,15 @@ def delete(p: Parts, record_id: str, *, actor: str, reason: str | None = None) -
                 raise PolicyViolation(HOLD_REFUSAL)
             with vault.transaction():
                 vault.delete([record_id])
-                seq = p.trail.append("delete", actor=str(actor), **f)
+                # the subject's last record: its key goes too
+                gen = vault.stage(shred=vault.subjects_without_rows([row.subject_ref]))
+                seq = p.trail.append("delete", actor=str(actor), gen=gen, **f)
             p.gallery.forget([record_id])  # committed: out of the index first
-            last = not vault.rows.by_subject(row.subject_ref)
-            # the subject's last record: shred its key
-            destroyed = last and _shred(p, [row.subject_ref]) > 0
+            p.gallery.drop_snapshot()  # it still holds the deleted template
+            change = p.apply_key_change()
             vault.checkpoint()
-            return DeleteReceipt(record_id=record_id, subject_key_destroyed=destroyed,
+            return DeleteReceipt(record_id=record_id,
+                                 subject_key_destroyed=change.subjects_destroyed > 0,
                                  audit_seq=seq)
 
 
@@ -61,23 +63,14 @@ def erase_subject(p: Parts, subject_id: str, *, actor: str,
             ids = [r.record_id for r in vault.rows.by_subject(ref)]
             with vault.transaction():
                 n = vault.delete(ids)
-                seq = p.trail.append("erase", actor=str(actor), count=n, **f)
+                gen = vault.stage(shred=[ref])
+                seq = p.trail.append("erase", actor=str(actor), count=n, gen=gen, **f)
             p.gallery.forget(ids)  # committed: out of the index before anything
-            had_key = _shred(p, [ref]) > 0
+            change = p.apply_key_change()
             vault.checkpoint()
             return ErasureReceipt(subject_ref=ref.hex(), records_erased=n,
-                                  key_destroyed=had_key, at=from_us(p.clock.now_us()),
-                                  audit_seq=seq)
-
-
-def _shred(p: Parts, refs: list[bytes]) -> int:
-    """Destroy subject keys after their rows' deletion committed, and the snapshot
-    that their key destruction made unreadable anyway."""
-    destroyed = p.vault.shred_subjects(refs)
-    if destroyed:
-        p.gallery.drop_snapshot()
-    p.vault.save_keys()
-    return destroyed
+                                  key_destroyed=change.subjects_destroyed > 0,
+                                  at=from_us(p.clock.now_us()), audit_seq=seq)
 
 
 def purge_expired(p: Parts) -> PurgeReport:
@@ -97,20 +90,23 @@ def purge_expired(p: Parts) -> PurgeReport:
         with vault.transaction():
             vault.update(strays)
             n = vault.delete(sorted(doomed))
+            # Keys go only for subjects whose rows this purge deleted and that have none
+            # left: rows that vanished behind the store's back never cost a key.
+            gone = vault.subjects_without_rows(r.subject_ref for r in expired)
+            released = vault.released_holds_without_rows()
+            gen = vault.stage(shred=gone, ratchet_to=target,
+                              holds=dict.fromkeys(released, True))
             seq = p.trail.append("purge", actor=None, count=n, held_retained=len(held),
-                                 epoch_before=before, epoch_after=max(before, target))
+                                 epoch_before=before, epoch_after=max(before, target),
+                                 gen=gen)
         p.gallery.forget(sorted(doomed))  # committed: out of the index first
-        if vault.advance_ratchet(target):
-            p.gallery.drop_snapshot()
-        # keys of subjects with no row left (last record purged, an interrupted enrol)
-        gone = vault.shred_subjects(vault.orphan_subjects())
-        if gone:
-            p.gallery.drop_snapshot()
-        vault.drop_released_holds()
-        vault.save_keys()
+        if doomed:
+            p.gallery.drop_snapshot()  # it may still hold purged templates
+        change = p.apply_key_change()
         vault.checkpoint()
         return PurgeReport(purged=n, held_retained=len(held), epoch_before=before,
-                           epoch_after=vault.ratchet_epoch, subject_keys_destroyed=gone,
+                           epoch_after=vault.ratchet_epoch,
+                           subject_keys_destroyed=change.subjects_destroyed,
                            at=from_us(now_us), audit_seq=seq)
 
 
@@ -171,9 +167,11 @@ def release_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldR
                     if r.epoch >= vault.ratchet_epoch]
             with vault.transaction():
                 vault.update(back)
-                seq = p.trail.append("release", actor=str(actor), count=len(rows), **f)
-            vault.close_hold(ref, still_sealed=len(back) < len(rows))
-            vault.save_keys()
+                # the hold key goes unless expired records are still sealed under it
+                gen = vault.stage(holds={ref: len(back) == len(rows)})
+                seq = p.trail.append("release", actor=str(actor), count=len(rows), gen=gen,
+                                     **f)
+            p.apply_key_change()
             return HoldReceipt(subject_ref=ref.hex(), records=len(rows), active=False,
                                audit_seq=seq)
 
@@ -193,7 +191,8 @@ def set_policy(p: Parts, policy: RetentionPolicy, *, actor: str,
             for name, live in p.gallery.live_per_purpose().items():
                 if name not in policy.purposes and live > 0:
                     raise PolicyViolation(f"purpose {name!r} still has live records")
-            seq = p.vault.replace_policy(policy, lambda: p.trail.append(
-                "policy", actor=str(actor), policy=policy.to_dict(), **f))
+            seq = p.vault.replace_policy(policy, lambda gen: p.trail.append(
+                "policy", actor=str(actor), policy=policy.to_dict(), gen=gen, **f))
+            p.apply_key_change()
             return PolicyReceipt(digest=policy_digest(policy).hex(), audit_seq=seq)
 

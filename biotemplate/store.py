@@ -31,9 +31,9 @@ from typing import Any, Self
 
 from . import enrolment, matching, retention
 from ._calls import Parts, listish
-from .audit import AuditEntry, AuditTrail, AuditView
+from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
 from .clock import Clock, StoreClock, checked_clock, to_us
-from .errors import BiotemplateError, InvalidInput, StoreExists
+from .errors import BiotemplateError, IntegrityError, InvalidInput, StoreExists
 from .gallery import Gallery, Progress
 from .index import IndexParams
 from .keys import KeyProvider
@@ -69,6 +69,7 @@ class TemplateStore:
                  index_params: IndexParams | None, snapshot_on_close: bool) -> None:
         self._folder = folder
         self._p = Parts(vault, Gallery(vault, folder, index_params), trail, clock)
+        trail.generation = vault.generation  # every entry names the key state's generation
         self._snapshot_on_close = snapshot_on_close
         self.dim, self.model = vault.dim, vault.model
         self.audit = AuditView(trail, vault.audit_keys()[2])
@@ -121,23 +122,33 @@ class TemplateStore:
     def open(cls, path: str | os.PathLike[str], *, key_provider: KeyProvider,
              clock: Clock | None = None, index_params: IndexParams | None = None,
              snapshot_on_close: bool = True, progress: Progress | None = None,
-             ) -> TemplateStore:
+             checkpoint: Checkpoint | None = None) -> TemplateStore:
         """Open an existing store. The index comes from the sealed snapshot when one is
         valid for the current epoch and erasure generation (rows changed since are
         re-read), else it is rebuilt from the sealed rows.
 
+        The keyring, ``records.db`` and ``audit.db`` each carry the generation of the key
+        state they have seen; a file put back from an older copy is refused. Given a
+        ``checkpoint`` kept by a witness, a rollback of all three together is refused too.
+
         Raises:
             StoreNotFound: no store in ``path``.
             KeyUnavailable: wrong master key.
-            IntegrityError: the keyring, configuration or policy was tampered with, or the
-                keyring belongs to another store.
+            IntegrityError: the keyring, configuration or policy was tampered with, the
+                keyring belongs to another store, a file is older than the others (the
+                message names it), or the audit trail ends before ``checkpoint``.
         """
         folder = Path(path)
         store_clock = StoreClock(checked_clock(clock))
         vault = Vault.open(folder, kek=key_provider.master_key(), clock=store_clock)
         try:
             trail = _audit_trail(folder, vault, store_clock, create=False)
-            last = trail.last()
+            try:
+                last = trail.last()
+                lost = _check_audit_generation(trail, vault, last, checkpoint)
+            except BaseException:
+                trail.close()
+                raise
         except BaseException:
             vault.close()
             raise
@@ -152,37 +163,16 @@ class TemplateStore:
         if source != "loaded":
             gallery.rebuild(store_clock.now_us(), progress)
         store._report_integrity()
-        lost = None if last is None else store._uncommitted(last)
+        if vault.rolled_forward:
+            trail.append("rollforward", actor=None)
+        if lost is None and last is not None:
+            lost = _uncommitted_enrolment(trail, vault, last)
         if lost is not None:
             trail.append("rollback", actor=None, ref_seq=lost.seq, of=lost.event)
         trail.append("open", actor=None, records=len(gallery),
                      index="snapshot" if source == "loaded" else "rebuild",
                      integrity_failures=len(gallery.integrity_failures))
         return store
-
-    def _uncommitted(self, entry: AuditEntry) -> AuditEntry | None:
-        """The last mutation the trail announced, if it never reached the records database.
-
-        The audit entry is written before the records commit (fail closed), so a process
-        killed between the two leaves an "ok" entry for a change that rolled back; the next
-        open notices and says so in the trail, so the audit never overstates an erasure.
-        """
-        for _ in range(256):  # searches may have been audited after it: look past them
-            if entry.event not in _READS or entry.seq <= 1:
-                break
-            entry = self._p.trail.get(entry.seq - 1)
-        f, rows = entry.fields, self._p.vault.rows
-        if entry.outcome != "ok":
-            return None
-        if entry.event == "enroll" and f.get("record_ids"):
-            done = rows.get(str(f["record_ids"][0])) is not None
-        elif entry.event == "delete" and isinstance(f.get("record_id"), str):
-            done = rows.get(f["record_id"]) is None
-        elif entry.event == "erase" and isinstance(f.get("subject_ref"), str):
-            done = not rows.by_subject(bytes.fromhex(f["subject_ref"]))
-        else:
-            done = True
-        return None if done else entry
 
     def _report_integrity(self) -> None:
         failures = self._p.gallery.integrity_failures
@@ -423,6 +413,58 @@ class TemplateStore:
                               integrity_failures=len(self._p.gallery.integrity_failures),
                               purposes=index["purposes"], index_params=index["params"],
                               **self._p.vault.key_stats())
+
+
+def _last_mutation(trail: AuditTrail, entry: AuditEntry) -> AuditEntry:
+    """The newest entry that is not a read (searches may have been audited after it)."""
+    for _ in range(256):
+        if entry.event not in _READS or entry.seq <= 1:
+            break
+        entry = trail.get(entry.seq - 1)
+    return entry
+
+
+def _check_audit_generation(trail: AuditTrail, vault: Vault, last: AuditEntry | None,
+                            checkpoint: Checkpoint | None) -> AuditEntry | None:
+    """Cross-check audit.db with the key state (already checked against records.db).
+
+    Every entry carries the generation the store had ("gen"; entries that stage a key
+    change carry the one it gives). Returns the last entry if it announced a key change
+    that never committed (a crash between the audit entry and the records commit: the
+    audit must not overstate it). Raises IntegrityError naming the file that is older.
+    """
+    if checkpoint is not None:
+        report = trail.verify(checkpoint=checkpoint)
+        if not report.ok:
+            raise IntegrityError("the audit trail does not reach the checkpoint (all of the "
+                                 "store's files put back from an older copy?)")
+    if last is None:
+        return None
+    found, kept = last.fields.get("gen"), vault.generation
+    if not isinstance(found, int):
+        return None  # a trail from before generations: the next entries carry them
+    if found == kept:
+        return None
+    if found == kept + 1:
+        entry = _last_mutation(trail, last)
+        if entry.fields.get("gen") == found and entry.outcome == "ok":
+            return entry  # staged, audited, never committed
+    if found > kept:
+        raise IntegrityError(f"the keyring and records.db are older than audit.db "
+                             f"(generation {kept} < {found}): were old copies put back?")
+    raise IntegrityError(f"audit.db is older than the keyring and records.db (generation "
+                         f"{found} < {kept}): was an old copy of audit.db put back?")
+
+
+def _uncommitted_enrolment(trail: AuditTrail, vault: Vault,
+                           last: AuditEntry) -> AuditEntry | None:
+    """An enrolment the trail announced that never reached the records database (an
+    enrolment changes no key generation, so it is checked by its first record id)."""
+    entry = _last_mutation(trail, last)
+    ids = entry.fields.get("record_ids")
+    if entry.event == "enroll" and entry.outcome == "ok" and ids:
+        return None if vault.rows.get(str(ids[0])) is not None else entry
+    return None
 
 
 def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool) -> AuditTrail:

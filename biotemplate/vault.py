@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class Vault:
         self._policy, self._clock = policy, clock
         self.dim, self.model = dim, model
         self._codec = RecordCodec(keyring, model=model, dim=dim)
+        self._staged: dict[str, Any] | None = None  # the key change the open tx will make
+        self.rolled_forward = False  # open completed a key change a crash interrupted
 
     def __repr__(self) -> str:
         return f"Vault({str(self._folder)!r}, store={self._keyring.store_id.hex()})"
@@ -90,6 +93,7 @@ class Vault:
                 db.put_meta("store_id", keyring.store_id)
                 db.put_meta("config", _seal_meta(keyring, "config", config))
                 db.put_meta("policy", _seal_meta(keyring, "policy", policy.to_dict()))
+                db.put_meta("state", _seal_meta(keyring, "state", {"gen": 0, "intent": {}}))
         except BaseException:
             _files.remove_all(created)  # no half-made store left to block a retry
             raise
@@ -118,6 +122,7 @@ class Vault:
             policy = RetentionPolicy.from_dict(_open_meta(db, keyring, "policy"))
             vault = cls(folder, db, keyring, kek, dim=int(config["dim"]),
                         model=str(config["model"]), policy=policy, clock=clock)
+            vault.rolled_forward = vault._check_generation()
             vault._settle_policy()
         except BaseException:
             db.close()
@@ -169,7 +174,7 @@ class Vault:
         return {"subjects": len(k.subjects),
                 "held_subjects": sum(1 for _, active in k.holds.values() if active),
                 "epoch": k.ratchet_epoch, "epoch_seconds": k.epoch_us // 1_000_000,
-                "erasure_generation": k.erasures}
+                "erasure_generation": k.erasures, "generation": k.generation}
 
     # --- records ------------------------------------------------------------------------
 
@@ -247,29 +252,11 @@ class Vault:
         for ref in refs:
             self._keyring.subjects.pop(ref, None)
 
-    def shred_subjects(self, refs: Iterable[bytes]) -> int:
-        """Destroy subject keys and their hold keys; the caller then calls ``save_keys``.
-
-        Any destruction bumps the erasure generation and replaces the snapshot secret, so
-        an index snapshot that still holds those templates can never be opened again.
-        """
-        destroyed = 0
-        for ref in list(refs):
-            destroyed += self._keyring.subjects.pop(ref, None) is not None
-            self._keyring.holds.pop(ref, None)
-        if destroyed:
-            self._keyring.erasures += 1
-            self._keyring.snapshot_secret = sealing.random_key()
-        return destroyed
-
-    def orphan_subjects(self) -> list[bytes]:
-        """Subjects that have a key but no row (last record purged, an interrupted enrol)."""
-        live = self._db.subject_refs()
-        return [r for r in self._keyring.subjects if r not in live]
-
-    def advance_ratchet(self, to_epoch: int) -> bool:
-        """Ratchet past every epoch before ``to_epoch`` (their keys are gone)."""
-        return self._keyring.advance(to_epoch)
+    def subjects_without_rows(self, refs: Iterable[bytes]) -> list[bytes]:
+        """Of ``refs``, the subjects with a key and no row left (read inside the
+        transaction that deleted their rows, so it sees those deletions)."""
+        return [r for r in set(refs) if r in self._keyring.subjects
+                and not self._db.by_subject(r)]
 
     @property
     def ratchet_epoch(self) -> int:
@@ -294,23 +281,105 @@ class Vault:
             self._keyring.holds[ref] = previous
         self.save_keys()
 
-    def close_hold(self, ref: bytes, *, still_sealed: bool) -> None:
-        """Lift a hold: keep its key (inactive) while records are still sealed under it,
-        else destroy it. The caller saves."""
-        key = self._keyring.holds[ref][0]
-        if still_sealed:
-            self._keyring.holds[ref] = (key, False)
-        else:
-            del self._keyring.holds[ref]
-
     def active_holds(self) -> list[bytes]:
         return [ref for ref, (_, active) in self._keyring.holds.items() if active]
 
-    def drop_released_holds(self) -> None:
-        """Destroy released hold keys with nothing sealed under them any more."""
-        for ref, (_, active) in list(self._keyring.holds.items()):
-            if not active and not any(r.held for r in self._db.by_subject(ref)):
-                del self._keyring.holds[ref]
+    def released_holds_without_rows(self) -> list[bytes]:
+        """Released hold keys with nothing sealed under them any more (read inside the
+        purge transaction): the purge destroys them."""
+        return [ref for ref, (_, active) in self._keyring.holds.items()
+                if not active and not any(r.held for r in self._db.by_subject(ref))]
+
+    # --- key-state changes: staged inside the records transaction, applied after it -----
+    #
+    # A change that destroys or retires key material (erasure, deletion, purge, lifting a
+    # hold, a new policy) is written down, sealed, in the records database by the same
+    # transaction that commits its rows and audit entry, together with the generation the
+    # key state will have. After the commit the keyring applies it and is saved with that
+    # generation. So the keyring, records.db and the audit trail each name the
+    # generation they have seen: a file put back from an older copy is caught on open,
+    # and a crash between the commit and the keyring save is completed on open.
+
+    def stage(self, *, shred: Iterable[bytes] = (), ratchet_to: int | None = None,
+              holds: dict[bytes, bool] | None = None, policy: bytes | None = None) -> int:
+        """Inside a records transaction: record the key change this commit makes; returns
+        the generation it gives the store, for the audit entry of the same transaction.
+
+        ``holds`` maps a subject to False (hold key kept, inactive) or True (destroyed).
+        """
+        gen = self._keyring.generation + 1
+        intent: dict[str, Any] = {"shred": sorted(set(shred)), "ratchet": ratchet_to,
+                                  "holds": {ref: bool(drop) for ref, drop in (holds or {}).items()},
+                                  "policy": policy}
+        self._db.put_meta("state", _seal_meta(self._keyring, "state",
+                                              {"gen": gen, "intent": intent}))
+        self._staged = {"gen": gen, "intent": intent}
+        return gen
+
+    def apply_staged(self) -> KeyChange:
+        """After the commit: destroy what the staged change retires, save the key state
+        with its generation. Raises RuntimeError if nothing is staged (a bug)."""
+        if self._staged is None:
+            raise RuntimeError("no key change staged")
+        staged, self._staged = self._staged, None
+        change = self._apply(staged["intent"])
+        self._keyring.generation = staged["gen"]
+        self.save_keys()
+        return change
+
+    def _apply(self, intent: dict[str, Any]) -> KeyChange:
+        k = self._keyring
+        destroyed = 0
+        for ref in intent.get("shred", []):
+            destroyed += k.subjects.pop(ref, None) is not None
+            k.holds.pop(ref, None)
+        for ref, drop in intent.get("holds", {}).items():
+            if ref in k.holds:
+                if drop:
+                    del k.holds[ref]
+                else:
+                    k.holds[ref] = (k.holds[ref][0], False)
+        if destroyed:  # snapshots holding those templates can never be opened again
+            k.erasures += 1
+            k.snapshot_secret = sealing.random_key()
+        moved = intent.get("ratchet") is not None and k.advance(int(intent["ratchet"]))
+        if intent.get("policy") is not None:
+            k.policies = [intent["policy"]]
+        return KeyChange(subjects_destroyed=destroyed, ratchet_moved=moved)
+
+    @property
+    def generation(self) -> int:
+        return self._keyring.generation
+
+    def _check_generation(self) -> bool:
+        """Cross-check the keyring with records.db; complete an interrupted key change.
+
+        Returns True when a change was rolled forward. Raises IntegrityError naming the
+        file that is older than the other (put back from a copy)."""
+        blob = self._db.get_meta("state")
+        kept = self._keyring.generation
+        if blob is None:  # a store from before generations: start counting here
+            with self._db.transaction():
+                self._db.put_meta("state", _seal_meta(self._keyring, "state",
+                                                      {"gen": kept, "intent": {}}))
+            return False
+        state = _open_meta(self._db, self._keyring, "state")
+        try:
+            gen, intent = int(state["gen"]), dict(state["intent"])
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError("store state is malformed") from None
+        if gen == kept:
+            return False
+        if gen == kept + 1:  # committed, but the keyring save did not happen (a crash)
+            self._apply(intent)
+            self._keyring.generation = gen
+            self.save_keys()
+            return True
+        if gen > kept:
+            raise IntegrityError(f"the keyring is older than records.db (generation {kept} "
+                                 f"< {gen}): was an old keyring put back?")
+        raise IntegrityError(f"records.db is older than the keyring (generation {gen} < "
+                             f"{kept}): was an old copy of records.db put back?")
 
     # --- sealed settings ----------------------------------------------------------------
 
@@ -327,26 +396,34 @@ class Vault:
             self._keyring.policies = [found]
             self.save_keys()
 
-    def replace_policy(self, policy: RetentionPolicy, audit: Callable[[], int]) -> int:
-        """Store ``policy`` and call ``audit`` inside the same transaction; returns what
-        ``audit`` returned. Both versions are accepted while the change is in flight, so
-        a crash on either side of the commit leaves a store that opens."""
-        current = policy_digest(self._policy)
-        self._keyring.policies = [current, policy_digest(policy)]
+    def replace_policy(self, policy: RetentionPolicy, audit: Callable[[int], int]) -> int:
+        """Store ``policy`` and call ``audit(generation)`` inside the same transaction;
+        returns what ``audit`` returned. The caller then applies the staged change. Both
+        versions are accepted while the change is in flight, so a crash on either side
+        of the commit leaves a store that opens (with the version that committed)."""
+        current, new = policy_digest(self._policy), policy_digest(policy)
+        self._keyring.policies = [current, new]
         self.save_keys()
         try:
             with self._db.transaction():
                 self._db.put_meta("policy", _seal_meta(self._keyring, "policy",
                                                        policy.to_dict()))
-                seq = audit()
+                seq = audit(self.stage(policy=new))
         except BaseException:
+            self._staged = None
             self._keyring.policies = [current]
             self.save_keys()
             raise
         self._policy = policy
-        self._keyring.policies = [policy_digest(policy)]
-        self.save_keys()
         return seq
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """What applying a staged key change destroyed."""
+
+    subjects_destroyed: int
+    ratchet_moved: bool
 
 
 def policy_digest(policy: RetentionPolicy) -> bytes:

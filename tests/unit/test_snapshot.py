@@ -307,9 +307,11 @@ def test_changes_after_the_snapshot_are_applied_on_open(pstores: Stores, clock: 
     new_ids = enrol(s, newcomers)                      # enrolled after the snapshot
     s.delete(ids[6], actor="svc", reason="wrong capture")  # P-000003's first sample
     s.erase_subject("N-000002", actor="dpo")           # erased after the snapshot...
-    s.snapshot()                                       # ...so this one is taken afresh
     s.delete(ids[8], actor="svc")                      # P-000004: then deleted,
-    s.delete(new_ids[0], actor="svc")                  # deleted (a newcomer),
+    s.delete(new_ids[0], actor="svc")                  # deleted (a newcomer): a deletion
+    s.snapshot()                                       # drops the snapshot, so a fresh one
+    more = make_gallery(3, 1, DIM, seed=12, prefix="M-")
+    more_ids = enrol(s, more)                          # then enrolled after it,
     assert s.place_hold("P-000005", actor="legal", reason="case 9").records == 2  # resealed,
     clock.advance(days=2)                              # and the rare records expired
     ps = np.concatenate([probe_set(gallery), probes(newcomers, list(range(10)))])
@@ -324,6 +326,7 @@ def test_changes_after_the_snapshot_are_applied_on_open(pstores: Stores, clock: 
     found = {rid for row in results(s, ps) for rid, _, _ in row}
     assert ids[6] not in found and ids[8] not in found and new_ids[0] not in found
     assert not set(rare) & found
+    assert set(more_ids) <= {rid for row in results(s, more.templates) for rid, _, _ in row}
     assert "N-000005" in subjects_found(s, newcomers.templates[10])
     assert "N-000002" not in subjects_found(s, newcomers.templates[4])
     assert "P-000005" in subjects_found(s, gallery.templates[10])  # held, still live
@@ -969,3 +972,19 @@ def test_a_snapshot_of_the_old_format_is_rebuilt(stores: Stores, gallery: Galler
     s = stores.open()
     assert index_source(s) == "rebuild"
     assert_same(results(s, probe_set(gallery)), want)
+
+
+def test_a_deletion_drops_the_snapshot_before_it_returns(stores: Stores,
+                                                         gallery: Gallery) -> None:
+    """The snapshot on disk holds every indexed template: a deleted record's must not
+    outlive the call (the next open rebuilds instead)."""
+    s = stores.create(snapshot_on_close=False)
+    ids = enrol(s, gallery)
+    s.snapshot()
+    assert stores.snapshot.exists()
+    s.delete(ids[0], actor="svc", reason="wrong capture")
+    assert not stores.snapshot.exists()
+    s.close()
+    s = stores.open()
+    assert index_source(s) == "rebuild"
+    assert ids[0] not in {rid for row in results(s, probe_set(gallery)) for rid, _, _ in row}

@@ -21,10 +21,14 @@ import numpy as np
 import pytest
 
 import biotemplate as bt
+from biotemplate import snapshot as snapshot_module
 from biotemplate.backends.sqlite import SQLiteBackend
+from biotemplate.codec import RecordCodec, Shredded
+from biotemplate.keyring import Keyring
 from biotemplate.synthetic import Gallery, make_gallery, probes, strangers
 
 DIM = 64
+MODEL = "test-model-v1"
 WATCH = {"purposes": ["watchlist"], "ttl": timedelta(days=30), "source": "enrolment-desk-1"}
 
 
@@ -730,22 +734,37 @@ def _erase_and_expire_with_backups(store: bt.TemplateStore, store_dir: Path, clo
 ROWS = {"before-erasure": 105, "before-expiry": 103}
 
 
-def _check_old_copy(old: bt.TemplateStore, gallery: Gallery, rows: int) -> None:
-    stats = old.stats()
-    assert stats.records == rows
-    assert stats.shredded_rows == rows - 98, "counts the dead rows of this copy"
-    assert stats.integrity_failures == 0
-    assert old.export_subject("P-000005", actor="forensics") == []
-    assert "P-000005" not in search_ids(old, probe(gallery, 5))
-    for t in (f"T-{i:06d}" for i in range(5)):
-        assert old.export_subject(t, actor="forensics") == []
-    with pytest.raises(bt.RecordNotFound):
-        old.verify(make_gallery(5, 1, DIM, seed=8).templates[0], subject_id="T-000000",
-                   purpose="border-verification", actor="forensics")
-    assert len(old.export_subject("P-000006", actor="forensics")) == 2
-    res = old.search(probe(gallery, 6), purpose="watchlist", k=5, actor="forensics")
-    assert res.candidates[0].subject_id == "P-000006"
-    assert old.audit.verify().ok
+def _read_with_current_keys(store_dir: Path, keys: Any, copy: Path) -> dict[str, str]:
+    """What an attacker holding the copy, the current keyring and the master key reads:
+    subject id of every row that opens, "shredded" for every row whose key is gone."""
+    ring = Keyring.load(store_dir / "keyring", keys.master_key())
+    codec = RecordCodec(ring, model=MODEL, dim=DIM)
+    db = SQLiteBackend.open(copy)
+    try:
+        out: dict[str, str] = {}
+        for batch in db.scan():
+            for row in batch:
+                try:
+                    out[row.record_id] = codec.open(row).subject_id
+                except Shredded:
+                    out[row.record_id] = "shredded"
+        return out
+    finally:
+        db.close()
+
+
+def _check_old_copy(store_dir: Path, keys: Any, copy: Path, rows: int) -> None:
+    """The copy is refused by open (records.db older than the keyring), and read with
+    the current key state it yields nothing erased or expired."""
+    restore_records(store_dir, copy)
+    with pytest.raises(bt.IntegrityError, match=r"records\.db is older than the keyring"):
+        bt.TemplateStore.open(store_dir, key_provider=keys)
+    seen = _read_with_current_keys(store_dir, keys, store_dir / "records.db")
+    assert len(seen) == rows
+    assert list(seen.values()).count("shredded") == rows - 98, "the dead rows of this copy"
+    assert "P-000005" not in seen.values()
+    assert not any(s.startswith("T-") for s in seen.values())
+    assert list(seen.values()).count("P-000006") == 2
 
 
 @pytest.mark.parametrize("which", sorted(ROWS))
@@ -754,36 +773,31 @@ def test_restored_backup_yields_nothing_erased_or_expired(store: bt.TemplateStor
                                                          clock: Any, tmp_path: Path,
                                                          gallery: Gallery, which: str) -> None:
     copies = _erase_and_expire_with_backups(store, store_dir, clock, tmp_path, gallery)
-    restore_records(store_dir, copies[which])
-    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
-        _check_old_copy(old, gallery, ROWS[which])
-    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
-        _check_old_copy(old, gallery, ROWS[which])  # and again, from its own snapshot
+    _check_old_copy(store_dir, keys, copies[which], ROWS[which])
 
 
 def test_restoring_one_backup_after_another(store: bt.TemplateStore, store_dir: Path,
                                             keys: Any, clock: Any, tmp_path: Path,
                                             gallery: Gallery) -> None:
-    """An operator looks at one copy, closes, then restores another: the second open must
-    describe the second copy (not what an index snapshot remembers of the first)."""
+    """An operator restores one copy, then another: each is refused as older than the
+    keyring, and neither yields what was erased or expired since."""
     copies = _erase_and_expire_with_backups(store, store_dir, clock, tmp_path, gallery)
     for which in ("before-erasure", "before-expiry"):
-        restore_records(store_dir, copies[which])
-        with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
-            _check_old_copy(old, gallery, ROWS[which])
+        _check_old_copy(store_dir, keys, copies[which], ROWS[which])
 
 
-def test_shredded_rows_follow_a_purge(store: bt.TemplateStore, store_dir: Path, keys: Any,
-                                      clock: Any, tmp_path: Path, gallery: Gallery) -> None:
-    """stats().shredded_rows counts dead rows still in records.db: once a purge has
-    deleted the expired ones, only the erased subject's 2 rows are left."""
+def test_the_current_records_db_opens_again_after_a_refused_restore(
+        store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, tmp_path: Path,
+        gallery: Gallery) -> None:
+    """A refused restore changes nothing: putting the current file back opens as before."""
     copies = _erase_and_expire_with_backups(store, store_dir, clock, tmp_path, gallery)
-    restore_records(store_dir, copies["before-erasure"])
-    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
-        assert old.stats().shredded_rows == 7
-        assert old.purge_expired().purged == 5
-        assert old.stats().records == 100
-        assert old.stats().shredded_rows == 2
+    current = backup_records(store_dir, tmp_path / "current.db")
+    _check_old_copy(store_dir, keys, copies["before-erasure"], ROWS["before-erasure"])
+    restore_records(store_dir, current)
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert s.stats().records == 98 and s.stats().shredded_rows == 0
+        assert s.export_subject("P-000005", actor="forensics") == []
+        assert s.audit.verify().ok
 
 
 @pytest.mark.parametrize("how", ["erase", "delete-last-record", "expire-and-purge"])
@@ -792,7 +806,8 @@ def test_old_folder_copy_does_not_resurrect_a_shredded_subject(
         gallery: Gallery, how: str) -> None:
     """A copy of the whole folder (records.db through the backup API, and index.snapshot)
     taken before a subject's key is destroyed must not bring the subject back once it is
-    restored beside the current keyring: the snapshot has to die with the key (§3, §4)."""
+    restored beside the current keyring: open refuses the older records.db, its rows of
+    the subject cannot be opened with the current keys, and neither can the snapshot."""
     enrol_gallery(store, gallery)
     rid = store.enroll(gallery.templates[10], subject_id="X-1", purposes=["watchlist", "rare"],
                        ttl=timedelta(hours=1), source="case-file", actor="svc")
@@ -800,8 +815,8 @@ def test_old_folder_copy_does_not_resurrect_a_shredded_subject(
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
         assert "X-1" in search_ids(s, gallery.templates[10])
         backup_records(store_dir, tmp_path / "old.db")
-        if (store_dir / "index.snapshot").exists():
-            shutil.copy(store_dir / "index.snapshot", tmp_path / "old.snapshot")
+        s.snapshot()
+        shutil.copy(store_dir / "index.snapshot", tmp_path / "old.snapshot")
         if how == "erase":
             s.erase_subject("X-1", actor="dpo")
         elif how == "delete-last-record":
@@ -811,13 +826,15 @@ def test_old_folder_copy_does_not_resurrect_a_shredded_subject(
             s.purge_expired()
         assert s.stats().subjects == 50  # X-1's key is gone
     restore_records(store_dir, tmp_path / "old.db")
-    if (tmp_path / "old.snapshot").exists():
-        shutil.copy(tmp_path / "old.snapshot", store_dir / "index.snapshot")
-    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as old:
-        assert old.export_subject("X-1", actor="forensics") == []
-        assert "X-1" not in search_ids(old, gallery.templates[10])
-        assert "X-1" not in search_ids(old, gallery.templates[10], "rare")
-        assert old.stats().shredded_rows >= 1
+    shutil.copy(tmp_path / "old.snapshot", store_dir / "index.snapshot")
+    with pytest.raises(bt.IntegrityError, match=r"records\.db is older"):
+        bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock)
+    seen = _read_with_current_keys(store_dir, keys, store_dir / "records.db")
+    assert seen[rid] == "shredded" and "X-1" not in seen.values()
+    ring = Keyring.load(store_dir / "keyring", keys.master_key())
+    with pytest.raises(bt.IntegrityError):  # the snapshot's key died with X-1's
+        with snapshot_module.opened(store_dir / "index.snapshot", ring):
+            pass
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -1033,7 +1050,8 @@ def test_a_lost_commit_after_its_audit_entry_is_marked_rolled_back(
     # "erase ok" but the rows are still there
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
         ref = s._p.vault.subject_ref(gallery.subject_ids[0]).hex()
-        s._p.trail.append("erase", actor="dpo", count=1, subject_ref=ref)
+        s._p.trail.append("erase", actor="dpo", count=1, subject_ref=ref,
+                          gen=s._p.vault.generation + 1)  # as staged by an erasure
         s._p.closed = True  # no close entry: as if killed here
         s._p.trail.close()
         s._p.vault.close()
