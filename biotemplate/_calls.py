@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,22 @@ class Parts:
         """Raises: InvalidInput: the store is closed."""
         if self.closed:
             raise InvalidInput("the store is closed")
+
+    @contextmanager
+    def mutation(self) -> Iterator[None]:
+        """A records transaction with the call's audit entry written inside it (so the
+        rows commit only if the entry is written). If the commit then fails, a
+        "rollback" entry follows at once: the audit never claims what did not commit."""
+        head = self.trail.head_seq
+        try:
+            with self.vault.transaction():
+                yield
+        except BaseException:
+            if self.trail.head_seq > head:
+                with suppress(BiotemplateError):  # the original error matters more
+                    self.trail.append("rollback", actor=None, ref_seq=head + 1)
+            self.vault.discard_staged()
+            raise
 
     def apply_key_change(self) -> KeyChange:
         """After a commit that staged a key change (``Vault.stage``): apply it, move the

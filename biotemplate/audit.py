@@ -26,7 +26,7 @@ A chain alone cannot reveal truncation or an old file restored: keep a ``checkpo
 a witness and pass it to ``verify()``. A live trail also compares the file with the head it
 holds in memory, so truncation under a running process is caught without one.
 
-Durability is a measured choice (an fsync costs more than a search, DESIGN §5). The file is
+Durability is a measured choice (an fsync costs more than a search, SECURITY.md §4). The file is
 WAL. ``durable=True`` (mutations) commits under ``synchronous=FULL``: the WAL is fsynced
 before return. ``durable=False`` (searches) commits under ``synchronous=NORMAL``: the entry
 is in the OS page cache before return, so it survives a process crash at once, and a
@@ -328,6 +328,12 @@ class AuditTrail:
                     self._syncer.start()
                 self._wake.set()
             return seq
+
+    @property
+    def head_seq(self) -> int:
+        """The seq of the last entry written (0 before the genesis entry)."""
+        with self._lock:
+            return self._head[0]
 
     def get(self, seq: int) -> AuditEntry:
         """Raises: RecordNotFound: no such entry. IntegrityError: it fails verification."""

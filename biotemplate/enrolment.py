@@ -60,11 +60,12 @@ def enroll(p: Parts, vecs: np.ndarray[Any, Any], subject_ids: list[str],
                                                source=src, created_us=now_us))
                         for rid, vec, sid, ref in zip(ids, vecs, subject_ids, refs,
                                                       strict=True)]
-                with vault.transaction():
+                with p.mutation():
                     vault.insert(rows)
                     p.trail.append("enroll", actor=actor, count=len(rows), expires=expiry_us,
                                    source=src, record_ids=ids[:100], **fields)
                 committed = True
+                p.gallery.remember(rows)  # before the records become searchable
         except BaseException:
             if committed:  # rows the index lacks: no snapshot may claim them covered
                 p.gallery.mark_incomplete()

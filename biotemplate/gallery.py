@@ -43,6 +43,12 @@ class Gallery:
         self._vault, self._path, self._params = vault, folder / SNAPSHOT, params
         self._index = TemplateIndex(vault.dim, params)
         self._subjects: dict[str, str] = {}  # record id -> subject id
+        # record id -> fingerprint of the authentic row it was indexed from (header fields
+        # and AEAD tag): every candidate is confirmed against its row before it is served
+        self._fingerprints: dict[str, bytes] = {}
+        # records a mutation is deleting or resealing right now: a search may meet their
+        # row already changed before the gallery is told (not tampering, a race)
+        self._changing: set[str] = set()
         self.shredded: set[str] = set()
         self.integrity_failures: set[str] = set()
         # Committed rows the index failed to take (e.g. out of memory): until a rebuild,
@@ -62,6 +68,42 @@ class Gallery:
     def subject_of(self, record_id: str) -> str | None:
         """None for a record removed while a search ran: the caller drops it."""
         return self._subjects.get(record_id)
+
+    def confirm(self, lists: list[list[Hit]]) -> tuple[list[list[Hit]], int]:
+        """Keep only hits whose row is still in the records database, unchanged since it
+        was indexed (one query for all of them): a row deleted or edited behind the
+        store's back, or a stale snapshot, never yields a candidate. Returns the kept
+        hits and how many were dropped (each is counted as an integrity failure)."""
+        ids = list({h.record_id for hits in lists for h in hits})
+        if not ids:
+            return lists, 0
+        current = {r.record_id: snapshot.fingerprint(r) for r in self._vault.rows.headers(ids)}
+        known, changing = self._fingerprints, set(self._changing)
+        bad = {rid for rid in ids if rid not in current
+               or (current[rid] != known.get(rid) and rid not in changing)}
+        if not bad:
+            return lists, 0
+        # no failure: a record the store itself is changing or has already forgotten (a
+        # deletion that finished between this search's index lookup and its confirmation)
+        failed = {rid for rid in bad - changing if rid in known}
+        self.integrity_failures.update(failed)
+        return [[h for h in hits if h.record_id not in bad] for hits in lists], len(failed)
+
+    @contextmanager
+    def changing(self, record_ids: Sequence[str]) -> Iterator[None]:
+        """Around a mutation that deletes or reseals these records: a search that meets
+        their rows mid-change drops or keeps them without reporting tampering."""
+        ids = set(record_ids)
+        self._changing |= ids
+        try:
+            yield
+        finally:
+            self._changing -= ids
+
+    def remember(self, rows: Sequence[RecordRow]) -> None:
+        """Rows just committed (sealed or resealed) for records the index holds."""
+        for row in rows:
+            self._fingerprints[row.record_id] = snapshot.fingerprint(row)
 
     def live_per_purpose(self) -> dict[str, int]:
         return {p: s["live"] for p, s in self._index.stats().get("purposes", {}).items()}
@@ -94,6 +136,7 @@ class Gallery:
         self._index.remove(record_ids)
         for rid in record_ids:
             self._subjects.pop(rid, None)
+            self._fingerprints.pop(rid, None)
             self.shredded.discard(rid)
             self.integrity_failures.discard(rid)
 
@@ -105,6 +148,7 @@ class Gallery:
     def clear(self) -> None:
         self._index.clear()
         self._subjects.clear()
+        self._fingerprints.clear()
 
     # --- building -----------------------------------------------------------------------
 
@@ -113,6 +157,7 @@ class Gallery:
         meanwhile keep using the old one instead of seeing an empty or partial index."""
         index = TemplateIndex(self._vault.dim, self._params)
         subjects: dict[str, str] = {}
+        fingerprints: dict[str, bytes] = {}
         shredded: set[str] = set()
         failures: set[str] = set()
         total, done = self._vault.rows.count(), 0
@@ -128,7 +173,7 @@ class Gallery:
                         pending.result()
                         if progress is not None:  # rows indexed so far, not just read
                             progress(done, total)
-                    pending = pool.submit(_index_rows, index, subjects, items)
+                    pending = pool.submit(_index_rows, index, subjects, fingerprints, items)
                     done += len(batch)
                 if pending is not None:
                     pending.result()
@@ -142,7 +187,7 @@ class Gallery:
                 index.clear()  # a half-built index never replaces the old one
                 raise
         old = self._index
-        self._index, self._subjects = index, subjects
+        self._index, self._subjects, self._fingerprints = index, subjects, fingerprints
         self.incomplete = False
         self.shredded, self.integrity_failures = shredded, failures
         old.clear()
@@ -195,9 +240,11 @@ class Gallery:
             self.drop_snapshot()
             return "rejected"
         self._subjects, self.integrity_failures, self.shredded = subjects, failures, shredded
+        seen = snapshot.unpack_fingerprints(rows)
+        self._fingerprints = {rid: seen[rid] for rid in subjects if rid in seen}
         db = self._vault.rows
         if db.last_change() != seq or db.count() != row_count:
-            self._reconcile(snapshot.unpack_fingerprints(rows), now_us)
+            self._reconcile(seen, now_us)
         return "loaded"
 
     def _reconcile(self, seen: dict[str, bytes], now_us: int) -> None:
@@ -213,7 +260,7 @@ class Gallery:
         for stale in (self.integrity_failures, self.shredded):
             stale.intersection_update(current)
             stale.difference_update(changed)
-        _index_rows(self._index, self._subjects,
+        _index_rows(self._index, self._subjects, self._fingerprints,
                     self._open_rows(rows, now_us, self.shredded, self.integrity_failures))
 
     def write_snapshot(self, now_us: int) -> tuple[int, int]:
@@ -242,7 +289,8 @@ class Gallery:
 
 
 def _index_rows(index: TemplateIndex, subjects: dict[str, str],
-                items: Sequence[tuple[RecordRow, Plain]]) -> None:
+                fingerprints: dict[str, bytes], items: Sequence[tuple[RecordRow, Plain]],
+                ) -> None:
     if not items:
         return
     units = normalised(np.stack([p.template for _, p in items]))
@@ -251,3 +299,4 @@ def _index_rows(index: TemplateIndex, subjects: dict[str, str],
               checked=True)
     for r, p in items:
         subjects[r.record_id] = p.subject_id
+        fingerprints[r.record_id] = snapshot.fingerprint(r)

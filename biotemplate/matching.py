@@ -85,10 +85,14 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
                  else unit_template(probes, p.vault.dim)[None, :])
         lists = p.gallery.search(units, purpose, min(k, rule.max_candidates),
                                  p.clock.now_us())
+        if mode == "identification":  # only what can become a candidate is confirmed
+            lists = [[h for h in hits if h.score >= rule.match_threshold] for hits in lists]
+        lists, dropped = p.gallery.confirm(lists)
+        if dropped:
+            f = {**f, "unconfirmed": dropped}
         out = []
         for unit, hits in zip(units, lists, strict=True):
-            cands, decision = candidates(hits, rule, mode,
-                                                  p.gallery.subject_of)
+            cands, decision = candidates(hits, rule, mode, p.gallery.subject_of)
             seq = p.trail.append(
                 "search", actor=str(actor), started=started, durable=False, k=k,
                 threshold=rule.match_threshold, count=len(cands), decision=decision,

@@ -36,13 +36,14 @@ def delete(p: Parts, record_id: str, *, actor: str, reason: str | None = None) -
                 raise RecordNotFound("no record with that id")
             if vault.held(row.subject_ref):
                 raise PolicyViolation(HOLD_REFUSAL)
-            with vault.transaction():
-                vault.delete([record_id])
-                # the subject's last record: its key goes too
-                gen = vault.stage(shred=vault.subjects_without_rows([row.subject_ref]))
-                seq = p.trail.append("delete", actor=str(actor), gen=gen, **f)
-            p.gallery.forget([record_id])  # committed: out of the index first
-            p.gallery.drop_snapshot()  # it still holds the deleted template
+            with p.gallery.changing([record_id]):
+                with p.mutation():
+                    vault.delete([record_id])
+                    # the subject's last record: its key goes too
+                    gen = vault.stage(shred=vault.subjects_without_rows([row.subject_ref]))
+                    seq = p.trail.append("delete", actor=str(actor), gen=gen, **f)
+                p.gallery.forget([record_id])  # committed: out of the index first
+                p.gallery.drop_snapshot()  # it still holds the deleted template
             change = p.apply_key_change()
             vault.checkpoint()
             return DeleteReceipt(record_id=record_id,
@@ -61,11 +62,12 @@ def erase_subject(p: Parts, subject_id: str, *, actor: str,
             if vault.held(ref):
                 raise PolicyViolation(HOLD_REFUSAL)
             ids = [r.record_id for r in vault.rows.by_subject(ref)]
-            with vault.transaction():
-                n = vault.delete(ids)
-                gen = vault.stage(shred=[ref])
-                seq = p.trail.append("erase", actor=str(actor), count=n, gen=gen, **f)
-            p.gallery.forget(ids)  # committed: out of the index before anything
+            with p.gallery.changing(ids):
+                with p.mutation():
+                    n = vault.delete(ids)
+                    gen = vault.stage(shred=[ref])
+                    seq = p.trail.append("erase", actor=str(actor), count=n, gen=gen, **f)
+                p.gallery.forget(ids)  # committed: out of the index before anything
             change = p.apply_key_change()
             vault.checkpoint()
             return ErasureReceipt(subject_ref=ref.hex(), records_erased=n,
@@ -87,19 +89,21 @@ def purge_expired(p: Parts) -> PurgeReport:
                    if not vault.held(r.subject_ref)}
         strays = _unsealed_for_hold(p)
         before = vault.ratchet_epoch
-        with vault.transaction():
-            vault.update(strays)
-            n = vault.delete(sorted(doomed))
-            # Keys go only for subjects whose rows this purge deleted and that have none
-            # left: rows that vanished behind the store's back never cost a key.
-            gone = vault.subjects_without_rows(r.subject_ref for r in expired)
-            released = vault.released_holds_without_rows()
-            gen = vault.stage(shred=gone, ratchet_to=target,
-                              holds=dict.fromkeys(released, True))
-            seq = p.trail.append("purge", actor=None, count=n, held_retained=len(held),
-                                 epoch_before=before, epoch_after=max(before, target),
-                                 gen=gen)
-        p.gallery.forget(sorted(doomed))  # committed: out of the index first
+        with p.gallery.changing([*doomed, *(s.record_id for s in strays)]):
+            with p.mutation():
+                vault.update(strays)
+                n = vault.delete(sorted(doomed))
+                # Keys go only for subjects whose rows this purge deleted and that have none
+                # left: rows that vanished behind the store's back never cost a key.
+                gone = vault.subjects_without_rows(r.subject_ref for r in expired)
+                released = vault.released_holds_without_rows()
+                gen = vault.stage(shred=gone, ratchet_to=target,
+                                  holds=dict.fromkeys(released, True))
+                seq = p.trail.append("purge", actor=None, count=n, held_retained=len(held),
+                                     epoch_before=before, epoch_after=max(before, target),
+                                     gen=gen)
+            p.gallery.forget(sorted(doomed))  # committed: out of the index first
+            p.gallery.remember(strays)  # resealed under their hold key
         if doomed:
             p.gallery.drop_snapshot()  # it may still hold purged templates
         change = p.apply_key_change()
@@ -142,10 +146,12 @@ def place_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldRec
             previous = vault.open_hold(ref)  # the key is saved before rows use it
             try:
                 moved = [vault.reseal(r, held=True) for r in rows if not r.held]
-                with vault.transaction():
-                    vault.update(moved)
-                    seq = p.trail.append("hold", actor=str(actor), count=len(rows),
-                                         **f)
+                with p.gallery.changing([m.record_id for m in moved]):
+                    with p.mutation():
+                        vault.update(moved)
+                        seq = p.trail.append("hold", actor=str(actor), count=len(rows),
+                                             **f)
+                    p.gallery.remember(moved)
             except BaseException:
                 vault.restore_hold(ref, previous)
                 raise
@@ -165,12 +171,14 @@ def release_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldR
             rows = [r for r in vault.rows.by_subject(ref) if r.held]
             back = [vault.reseal(r, held=False) for r in rows
                     if r.epoch >= vault.ratchet_epoch]
-            with vault.transaction():
-                vault.update(back)
-                # the hold key goes unless expired records are still sealed under it
-                gen = vault.stage(holds={ref: len(back) == len(rows)})
-                seq = p.trail.append("release", actor=str(actor), count=len(rows), gen=gen,
-                                     **f)
+            with p.gallery.changing([b.record_id for b in back]):
+                with p.mutation():
+                    vault.update(back)
+                    # the hold key goes unless expired records are still sealed under it
+                    gen = vault.stage(holds={ref: len(back) == len(rows)})
+                    seq = p.trail.append("release", actor=str(actor), count=len(rows), gen=gen,
+                                         **f)
+                p.gallery.remember(back)
             p.apply_key_change()
             return HoldReceipt(subject_ref=ref.hex(), records=len(rows), active=False,
                                audit_seq=seq)
@@ -192,7 +200,8 @@ def set_policy(p: Parts, policy: RetentionPolicy, *, actor: str,
                 if name not in policy.purposes and live > 0:
                     raise PolicyViolation(f"purpose {name!r} still has live records")
             seq = p.vault.replace_policy(policy, lambda gen: p.trail.append(
-                "policy", actor=str(actor), policy=policy.to_dict(), gen=gen, **f))
+                "policy", actor=str(actor), policy=policy.to_dict(), gen=gen, **f),
+                p.mutation)
             p.apply_key_change()
             return PolicyReceipt(digest=policy_digest(policy).hex(), audit_seq=seq)
 

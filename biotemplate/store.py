@@ -447,7 +447,8 @@ def _check_audit_generation(trail: AuditTrail, vault: Vault, last: AuditEntry | 
         return None
     if found == kept + 1:
         entry = _last_mutation(trail, last)
-        if entry.fields.get("gen") == found and entry.outcome == "ok":
+        if (entry.event in _STAGING and entry.outcome == "ok"
+                and entry.fields.get("gen") == found):
             return entry  # staged, audited, never committed
     if found > kept:
         raise IntegrityError(f"the keyring and records.db are older than audit.db "
@@ -474,5 +475,7 @@ def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool)
                    clock=clock)
 
 
+# events whose entry stages a key change (it carries the generation the change gives)
+_STAGING = frozenset({"delete", "erase", "purge", "release", "policy"})
 _READS = frozenset({"search", "verify", "export", "confirm", "snapshot", "integrity",
                     "backup"})

@@ -21,7 +21,7 @@ plugs in below the vault: the store never sees which one it talks to.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -316,6 +316,10 @@ class Vault:
         self._staged = {"gen": gen, "intent": intent}
         return gen
 
+    def discard_staged(self) -> None:
+        """The transaction that staged a change rolled back: forget it."""
+        self._staged = None
+
     def apply_staged(self) -> KeyChange:
         """After the commit: destroy what the staged change retires, save the key state
         with its generation. Raises RuntimeError if nothing is staged (a bug)."""
@@ -396,16 +400,18 @@ class Vault:
             self._keyring.policies = [found]
             self.save_keys()
 
-    def replace_policy(self, policy: RetentionPolicy, audit: Callable[[int], int]) -> int:
-        """Store ``policy`` and call ``audit(generation)`` inside the same transaction;
-        returns what ``audit`` returned. The caller then applies the staged change. Both
-        versions are accepted while the change is in flight, so a crash on either side
-        of the commit leaves a store that opens (with the version that committed)."""
+    def replace_policy(self, policy: RetentionPolicy, audit: Callable[[int], int],
+                       transaction: Callable[[], AbstractContextManager[None]]) -> int:
+        """Store ``policy`` and call ``audit(generation)`` inside ``transaction()`` (the
+        caller's records transaction); returns what ``audit`` returned. The caller then
+        applies the staged change. Both versions are accepted while the change is in
+        flight, so a crash on either side of the commit leaves a store that opens (with
+        the version that committed)."""
         current, new = policy_digest(self._policy), policy_digest(policy)
         self._keyring.policies = [current, new]
         self.save_keys()
         try:
-            with self._db.transaction():
+            with transaction():
                 self._db.put_meta("policy", _seal_meta(self._keyring, "policy",
                                                        policy.to_dict()))
                 seq = audit(self.stage(policy=new))

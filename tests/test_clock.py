@@ -1,4 +1,4 @@
-"""Clock abuse (DESIGN §3, SECURITY.md §4 "Clock").
+"""Clock abuse (docs/architecture.md §2, SECURITY.md §4 "Clock").
 
 The store's time is max(clock(), the highest time it has seen), persisted in the keyring
 and the audit trail, so:

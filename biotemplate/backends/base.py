@@ -69,6 +69,10 @@ class Backend(Protocol):
 
     def get(self, record_id: str) -> RecordRow | None: ...
 
+    def headers(self, record_ids: Sequence[str]) -> list[RecordRow]:
+        """The rows of these ids with ``blob`` cut to its last 16 bytes (the AEAD tag)."""
+        ...
+
     def by_subject(self, subject_ref: bytes) -> list[RecordRow]: ...
 
     def expired(self, now_us: int) -> list[RecordRow]:

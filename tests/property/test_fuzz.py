@@ -1,6 +1,6 @@
 """Fuzz the public API and the decoders with junk and edge-case inputs (SECURITY.md §3,
 "Malformed input": a ``BiotemplateError`` subclass, never a crash, a partial write or a
-changed store; DESIGN §2: "bad input never corrupts the store").
+changed store; docs/architecture.md §4: "bad input never corrupts the store").
 
 Property of every store call: it either returns, or raises a ``bt.BiotemplateError``
 subclass - never another exception type - and a call that raises leaves the store as it

@@ -1,4 +1,4 @@
-"""Tamper suite: an attacker with write access to the store folder (DESIGN §3, SECURITY.md).
+"""Tamper suite: an attacker with write access to the store folder (SECURITY.md §3, §6).
 
 A small store (10 records of 3 subjects) is built once and closed; every test works on a
 copy and edits ``records.db``, ``keyring``, ``audit.db`` or ``index.snapshot`` directly,
@@ -533,7 +533,7 @@ def test_replayed_pre_hold_row_does_not_escape_the_hold(base: Base, work: Path) 
     """place_hold reseals the subject's rows under its hold key (held=1). Putting back a
     row's pre-hold version (authentic blob, held=0) must not take the record out of the
     hold: it must be detected, or the record must still survive purges and stay
-    exportable while the subject is held (DESIGN §2 legal hold; SECURITY.md: a tamperer
+    exportable while the subject is held (README.md, legal hold; SECURITY.md: a tamperer
     replaying old blobs does not get a changed result)."""
     victim = base.recs[0]
     before = get_row(work, victim.rid)

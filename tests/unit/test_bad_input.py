@@ -1,5 +1,5 @@
 """Bad input: every refusal is the right BiotemplateError, says what to fix, and leaves the
-store exactly as it was (DESIGN §2: "bad input never corrupts the store and never leaves
+store as it was (docs/architecture.md §4: "bad input never corrupts the store and never leaves
 partial writes"). Errors and reprs never echo template values or subject ids.
 """
 

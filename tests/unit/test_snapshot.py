@@ -1,4 +1,4 @@
-"""Sealed index snapshots (issue 4, items 3-4; DESIGN §4): written on close and on demand,
+"""Sealed index snapshots (issue 4, items 3-4; SECURITY.md §4): written on close and on demand,
 loaded on open with the changes since applied, rejected (and rebuilt from the sealed rows)
 when tampered with or stale, never holding a template in clear, and progress callbacks.
 

@@ -1,4 +1,4 @@
-"""TemplateStore end to end, against the contract in DESIGN §2 (and the backup rule of §3).
+"""TemplateStore end to end, against the contract in README.md (and SECURITY.md §3 on backups).
 
 Small galleries (50 subjects x 2 samples, dim 64) and a FakeClock keep this fast.
 """
@@ -711,7 +711,7 @@ def test_refused_calls_are_audited(store: bt.TemplateStore, gallery: Gallery) ->
         assert last.outcome == "refused" and last.actor == "nosy"
 
 
-# --- backups: an old copy of records.db yields nothing expired or erased (DESIGN §3) -----
+# --- backups: an old copy of records.db yields nothing expired or erased (SECURITY.md §3) --
 
 
 def _erase_and_expire_with_backups(store: bt.TemplateStore, store_dir: Path, clock: Any,

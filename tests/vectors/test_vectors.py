@@ -229,7 +229,7 @@ def test_invalid_keyring_fails(v: dict[str, Any]) -> None:
 
 
 def test_named_keyring_failures_are_present() -> None:
-    """The two failures that must never be confused (DESIGN §3) are both frozen."""
+    """The two failures that must never be confused (docs/architecture.md §6) are both frozen."""
     by_name = {v["name"]: v for v in BAD_KEYRINGS}
     assert by_name["wrong-master-key"]["from_bytes_error"] == "KeyUnavailable"
     assert by_name["flipped-body-byte"]["from_bytes_error"] == "IntegrityError"

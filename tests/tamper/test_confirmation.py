@@ -1,0 +1,111 @@
+"""Every candidate is confirmed against its live, authentic row before it is returned.
+
+The attacker edits records.db with SQLite's triggers dropped first, so nothing logs the
+change, while a store is open, or before it opens from a snapshot whose change number
+and row count still match. Search must never return a record whose row is gone or was
+changed since it was indexed; each such hit is dropped, counted in
+``stats().integrity_failures`` and noted in the search's audit entry.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import biotemplate as bt
+from biotemplate.synthetic import Gallery, probes
+
+WATCH = {"purposes": ["watchlist"], "ttl": timedelta(days=30), "source": "case-file-1"}
+
+
+def _sql(store_dir: Path, *statements: str, args: tuple[Any, ...] = ()) -> None:
+    """Edit records.db as an attacker would: triggers dropped, then the statements."""
+    con = sqlite3.connect(store_dir / "records.db", isolation_level=None)
+    try:
+        for name in ("records_add", "records_reseal", "records_del"):
+            con.execute(f"DROP TRIGGER IF EXISTS {name}")
+        for sql in statements:
+            con.execute(sql, args if "?" in sql else ())
+    finally:
+        con.close()
+
+
+def _ids(store: bt.TemplateStore, template: Any) -> set[str]:
+    res = store.search(template, purpose="watchlist", k=20, actor="t", mode="investigation")
+    return {c.record_id for c in res.candidates}
+
+
+@pytest.fixture
+def enrolled(store: bt.TemplateStore, gallery: Gallery) -> list[str]:
+    return store.enroll_many(gallery.templates, subject_ids=gallery.subject_ids, actor="t",
+                             **WATCH)
+
+
+def _top(store: bt.TemplateStore, template: Any) -> str:
+    res = store.search(template, purpose="watchlist", k=20, actor="t", mode="investigation")
+    return res.candidates[0].record_id
+
+
+def test_a_row_deleted_under_a_running_store_is_never_returned(
+        store: bt.TemplateStore, store_dir: Path, gallery: Gallery, enrolled: list[str]) -> None:
+    probe = probes(gallery, [0])[0]
+    victim = _top(store, probe)
+    _sql(store_dir, "DELETE FROM records WHERE record_id = ?", args=(victim,))
+    res = store.search(probe, purpose="watchlist", k=20, actor="t", mode="investigation")
+    assert victim not in {c.record_id for c in res.candidates}
+    assert [c.rank for c in res.candidates] == list(range(1, len(res.candidates) + 1))
+    assert store.stats().integrity_failures == 1
+    assert store.audit.get(res.audit_seq).fields["unconfirmed"] == 1
+
+
+@pytest.mark.parametrize("edit", [
+    "UPDATE records SET purposes = 'rare,watchlist' WHERE record_id = ?",
+    "UPDATE records SET expiry_us = expiry_us + 1000000 WHERE record_id = ?",
+    "UPDATE records SET blob = substr(blob, 1, length(blob) - 1) || x'00' WHERE record_id = ?",
+])
+def test_a_row_edited_under_a_running_store_is_never_returned(
+        store: bt.TemplateStore, store_dir: Path, gallery: Gallery, enrolled: list[str],
+        edit: str) -> None:
+    probe = probes(gallery, [0])[0]
+    victim = _top(store, probe)
+    _sql(store_dir, edit, args=(victim,))
+    assert victim not in _ids(store, probe)
+    assert store.stats().integrity_failures == 1
+
+
+def test_identification_confirms_only_what_it_returns(
+        store: bt.TemplateStore, store_dir: Path, gallery: Gallery, enrolled: list[str]) -> None:
+    """An untouched gallery: confirmation drops nothing and the result is unchanged."""
+    probe = probes(gallery, [4])[0]
+    before = store.search(probe, purpose="watchlist", actor="t")
+    _sql(store_dir, "DELETE FROM records WHERE record_id = ?", args=(enrolled[30],))
+    after = store.search(probe, purpose="watchlist", actor="t")
+    assert [c.record_id for c in after.candidates] == [c.record_id for c in before.candidates]
+    assert store.stats().integrity_failures == 0  # the deleted row was never a candidate
+    assert "unconfirmed" not in store.audit.get(after.audit_seq).fields
+
+
+def test_a_snapshot_that_looks_current_cannot_serve_a_vanished_row(
+        store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, gallery: Gallery,
+        enrolled: list[str]) -> None:
+    """With the triggers dropped, one row is deleted and a junk row takes its place: the
+    snapshot's change number and row count still match, so open trusts the snapshot and
+    reads no row. The deleted record is still in the loaded index; confirmation stops
+    it at the first search."""
+    victim = _top(store, probes(gallery, [0])[0])
+    store.close()  # writes index.snapshot
+    _sql(store_dir, "DELETE FROM records WHERE record_id = ?", args=(victim,))
+    _sql(store_dir,
+         "INSERT INTO records (record_id, subject_ref, epoch, expiry_us, purposes, model,"
+         " held, blob) SELECT 'f' || substr(record_id, 2), subject_ref, epoch, expiry_us,"
+         " purposes, model, held, blob FROM records WHERE record_id = ?",
+         args=(enrolled[50],))
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        opened = s.audit.get(s.audit.verify().entries)
+        assert (opened.event, opened.fields["index"]) == ("open", "snapshot")
+        assert victim not in _ids(s, probes(gallery, [0])[0])
+        assert s.stats().integrity_failures >= 1
