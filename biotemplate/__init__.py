@@ -22,6 +22,7 @@ from .errors import (
     StoreExists,
     StoreNotFound,
 )
+from .hsm import Pkcs11KeyProvider
 from .index import IndexParams
 from .keys import EnvKeyProvider, FileKeyProvider, KeyProvider, PassphraseKeyProvider
 from .policy import Purpose, RetentionPolicy
@@ -69,6 +70,7 @@ __all__ = [
     "KeyProvider",
     "KeyUnavailable",
     "PassphraseKeyProvider",
+    "Pkcs11KeyProvider",
     "PolicyReceipt",
     "PolicyViolation",
     "PurgeReport",

@@ -42,7 +42,7 @@ class SecretKey:
 
 
 class KeyProvider(Protocol):
-    """Anything that can hand over the 32-byte master key (file, passphrase, env, KMS)."""
+    """Anything that can hand over the 32-byte master key (file, passphrase, env, HSM)."""
 
     def master_key(self) -> SecretKey: ...
 
@@ -50,6 +50,22 @@ class KeyProvider(Protocol):
 class _NoPickle:
     def __reduce__(self) -> NoReturn:
         raise TypeError("key providers cannot be pickled")
+
+
+def read_private(path: Path, what: str) -> bytes:
+    """The bytes of a secret file (key, PIN) that only its owner may read.
+
+    Raises:
+        KeyUnavailable: missing file, or readable/writable by group or others.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise KeyUnavailable(f"{what} {path} does not exist") from None
+    if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyUnavailable(f"{what} {path} is accessible to group/others "
+                             f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 on it")
+    return path.read_bytes()
 
 
 def _parse_key_text(data: bytes, where: str) -> SecretKey:
@@ -94,14 +110,7 @@ class FileKeyProvider(_NoPickle):
         """Raises:
         KeyUnavailable: missing file, unsafe mode (readable by group/others), bad content.
         """
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            raise KeyUnavailable(f"key file {self.path} does not exist") from None
-        if os.name == "posix" and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyUnavailable(f"key file {self.path} is accessible to group/others "
-                                 f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 on it")
-        return _parse_key_text(self.path.read_bytes(), f"key file {self.path}")
+        return _parse_key_text(read_private(self.path, "key file"), f"key file {self.path}")
 
 
 class EnvKeyProvider(_NoPickle):

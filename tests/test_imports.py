@@ -1,13 +1,15 @@
 """Import rules of the library, checked on the syntax tree (not with regexes):
 
 - the crypto boundary: only ``biotemplate/sealing.py`` (and ``streaming.py``, the STREAM
-  construction beside it) import ``nacl`` or ``cryptography``; no other module imports
+  construction beside it) import ``nacl`` or ``cryptography``, and only ``hsm.py`` imports
+  ``pkcs11`` (python-pkcs11: the token does the crypto there); no other module imports
   ``hmac``, calls a keyed or password hash from ``hashlib``, draws randomness for keys or
   nonces (``os.urandom``, ``secrets``), or spells a key-derivation label
   (``biotemplate/v1/...``): a security reviewer reads every key in one file;
 - only ``biotemplate/index.py`` imports ``hnswlib``;
 - nothing imports ``pickle`` (or its relatives): templates and keys are never pickled;
-- nothing calls ``.save_index(``: hnswlib's serializer writes plaintext vectors to disk.
+- nothing calls ``.save_index(``: hnswlib's serializer writes plaintext vectors to disk;
+- python-pkcs11 is optional (the ``hsm`` extra): ``import biotemplate`` does not import it.
 
 Imports count wherever they appear (module level, in functions, under TYPE_CHECKING or
 try/except), and so do ``__import__("x")`` / ``importlib.import_module("x")`` with a
@@ -17,14 +19,17 @@ constant name.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "biotemplate"
-CRYPTO = {"nacl", "cryptography", "hmac", "secrets"}
+CRYPTO = {"nacl", "cryptography", "hmac", "secrets", "pkcs11"}
 CRYPTO_ALLOWED = {"sealing.py", "streaming.py"}
+PKCS11_ALLOWED = {"hsm.py"}  # and nothing else of CRYPTO
 KEYED_HASHLIB = {"pbkdf2_hmac", "scrypt"}  # and any hashlib call with key=
 HNSW_ALLOWED = {"index.py"}
 PICKLE_LIKE = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "shelve", "joblib"}
@@ -100,11 +105,27 @@ def test_the_package_is_where_we_look() -> None:
     assert any(n.startswith("backends/") for n in names)
 
 
+def crypto_allowed(name: str, root: str) -> bool:
+    return name in (PKCS11_ALLOWED if root == "pkcs11" else CRYPTO_ALLOWED)
+
+
 def test_only_the_crypto_modules_import_crypto_libraries() -> None:
     offenders = [f"{name}:{line} imports {root}" for name, tree in parsed()
                  for root, line in imported_roots(tree)
-                 if root in CRYPTO and name not in CRYPTO_ALLOWED]
+                 if root in CRYPTO and not crypto_allowed(name, root)]
     assert not offenders, offenders
+    hsm_tree = ast.parse((PACKAGE / "hsm.py").read_text(encoding="utf-8"))
+    assert "pkcs11" in {root for root, _ in imported_roots(hsm_tree)}
+
+
+@pytest.mark.parametrize(("name", "root", "allowed"), [
+    ("hsm.py", "pkcs11", True), ("sealing.py", "pkcs11", False), ("keys.py", "pkcs11", False),
+    ("hsm.py", "nacl", False), ("hsm.py", "cryptography", False), ("hsm.py", "hmac", False),
+    ("sealing.py", "nacl", True),
+])
+def test_the_crypto_rule_keeps_pkcs11_in_hsm_and_hsm_off_the_rest(
+        name: str, root: str, allowed: bool) -> None:
+    assert root in CRYPTO and crypto_allowed(name, root) is allowed
 
 
 def test_no_module_outside_the_crypto_boundary_uses_a_primitive() -> None:
@@ -136,6 +157,26 @@ def test_nothing_imports_pickle() -> None:
 def test_nothing_calls_save_index() -> None:
     offenders = [f"{name}:{line}" for name, tree in parsed() for line in save_index_calls(tree)]
     assert not offenders, offenders
+
+
+def test_biotemplate_imports_without_python_pkcs11() -> None:
+    """Nothing imports pkcs11 until an HSM provider is built, and building one without it
+    says what to install."""
+    code = ("import sys; sys.modules['pkcs11'] = None  # as if not installed\n"
+            "import biotemplate as bt\n"
+            "try:\n"
+            "    bt.Pkcs11KeyProvider('x.so', token_label='T', key_label='k', pin='p',\n"
+            "                         wrapped_key_file='w')\n"
+            "except bt.KeyUnavailable as e:\n"
+            "    print(e)\n")
+    root = PACKAGE.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, check=True)
+    assert "pip install 'biotemplate[hsm]'" in out.stdout
+    lazy = subprocess.run([sys.executable, "-c", "import sys, biotemplate; "
+                           "print('pkcs11' in sys.modules)"], cwd=root, capture_output=True,
+                          text=True, check=True)
+    assert lazy.stdout.strip() == "False"
 
 
 # The checker itself must catch what it is meant to catch.
