@@ -4,18 +4,14 @@ This is the module a security reviewer reads (the STREAM construction for snapsh
 sits next to it in ``streaming.py``; a test fails if any other module calls a crypto
 primitive). Every function is a thin, commented use of a well-reviewed primitive.
 
-Threat model (the full one is in SECURITY.md). An attacker holds ``records.db`` and every
-backup of it, and may edit it. Without the keyring (a separate small file, sealed under the
-master key held outside the store) they read nothing. With a keyring copy taken *after* a
-record expired or its subject was erased, they still read nothing of that record: its key
-came from an epoch-ratchet state or a subject key that no longer exists. Editing any
-header field of a row, or moving a blob to another row, is detected: those fields are the
-AEAD's associated data.
+Threat model (in full in SECURITY.md): whoever holds ``records.db`` and its backups reads
+nothing without the keyring (sealed under a master key kept elsewhere); with a keyring
+taken *after* a record expired or its subject was erased, nothing of that record either:
+its epoch state or subject key no longer exists. Header edits are detected (they are AD).
 
-Primitives: XChaCha20-Poly1305 (libsodium; random 192-bit nonces, so nonce reuse is
-negligible even for millions of seals under one key); HKDF-SHA256 with a distinct label
-per use; HMAC-SHA256 (subject refs, probe digests); Ed25519 (audit); SHA-256; Argon2id
-(passphrases).
+Primitives: XChaCha20-Poly1305 (libsodium; random 192-bit nonces: no reuse worth naming
+under millions of seals per key); HKDF-SHA256, one label per use; HMAC-SHA256 (subject
+refs, probe digests); Ed25519 (audit); SHA-256; Argon2id (passphrases).
 
 Sealed record (``blob`` column): version (1 byte, 0x01) | nonce (24) | ciphertext + tag (16).
 record key = HKDF(ikm = scope key || subject key, salt = record id, "record"), where the
@@ -33,10 +29,9 @@ purposes, expiry (us), epoch, held]). Edit or swap a field and ...
     epoch        moving a record to a later epoch key fails (the key differs as well)
     held         claiming a legal hold to dodge a purge fails
 
-Keyring file: "BTKR" | version | store id (16) | check blob | body blob, where check =
-seal(HKDF(master, "keyring-check"), b"", ad = header) lets a wrong master key raise
-KeyUnavailable rather than IntegrityError, and body = seal(HKDF(master, "keyring-wrap"),
-msgpack(key state), ad = header).
+Keyring file: "BTKR" | version | store id (16) | check | body; check = seal(HKDF(master,
+"keyring-check"), b"", ad = header) tells a wrong master key (KeyUnavailable) from
+tampering; body = seal(HKDF(master, "keyring-wrap"), msgpack(key state), ad = header).
 
 Order on open: length and version, key, AEAD, then decode. Every authentication failure
 raises the same bare ``IntegrityError``; nothing here logs.
@@ -74,12 +69,10 @@ KEYRING_MAGIC = b"BTKR"
 
 
 def random_key() -> bytes:
-    """A fresh 256-bit key from the OS CSPRNG."""
-    return os.urandom(KEY_SIZE)
+    return os.urandom(KEY_SIZE)  # the OS CSPRNG, for every key, id, salt and nonce
 
 
 def random_id(size: int = 16) -> bytes:
-    """Random ids and salts (record ids, store ids): unguessable, never reused."""
     return os.urandom(size)
 
 
@@ -103,8 +96,7 @@ def passphrase_key(passphrase: bytes, salt: bytes, ops: int, mem: int) -> bytes:
 
 
 def digest(data: bytes) -> bytes:
-    """SHA-256, for identities that are not secrets (which policy is current)."""
-    return hashlib.sha256(data).digest()
+    return hashlib.sha256(data).digest()  # identities that are not secrets (a policy)
 
 
 def subject_ref(lookup_key: bytes, subject_id: str) -> bytes:
@@ -146,8 +138,7 @@ def snapshot_key(epoch_key: bytes, erasure_generation: int,
     return hkdf(scope, info=b"biotemplate/v1/snapshot/" + str(erasure_generation).encode())
 
 
-def stream_file_key(key: bytes, salt: bytes) -> bytes:
-    """A key per snapshot file, from a fresh random salt (``streaming`` uses it)."""
+def stream_file_key(key: bytes, salt: bytes) -> bytes:  # a key per snapshot file (streaming)
     return hkdf(key, salt=salt, info=b"biotemplate/v1/stream")
 
 
@@ -184,19 +175,16 @@ def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
         raise IntegrityError("sealed data failed authentication") from None
 
 
-def _meta_aad(store_id: bytes, name: str) -> bytes:
-    return b"meta:" + name.encode() + b":" + store_id
-
-
 def seal_meta(meta_key: bytes, store_id: bytes, name: str, body: bytes) -> bytes:
-    """Store settings (configuration, policy) kept in the database, bound to their name
-    and store: editing them, or swapping one for another, is detected."""
-    return seal(hkdf(meta_key, info=b"biotemplate/v1/meta"), body, _meta_aad(store_id, name))
+    """Store settings (configuration, policy, state) kept in the database, bound to their
+    name and store: editing them, or swapping one for another, is detected."""
+    aad = b"meta:" + name.encode() + b":" + store_id
+    return seal(hkdf(meta_key, info=b"biotemplate/v1/meta"), body, aad)
 
 
 def open_meta(meta_key: bytes, store_id: bytes, name: str, blob: bytes) -> bytes:
-    key = hkdf(meta_key, info=b"biotemplate/v1/meta")
-    return open_sealed(key, blob, _meta_aad(store_id, name))
+    aad = b"meta:" + name.encode() + b":" + store_id
+    return open_sealed(hkdf(meta_key, info=b"biotemplate/v1/meta"), blob, aad)
 
 
 # --- keyring envelope -------------------------------------------------------------------
