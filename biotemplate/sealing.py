@@ -232,8 +232,7 @@ def open_keyring(master_key: bytes, data: bytes) -> tuple[bytes, bytes]:
 
 
 def signer_from_seed(seed: bytes) -> tuple[Callable[[bytes], bytes], bytes]:
-    """An Ed25519 signing function and its raw public key, from a 32-byte seed."""
-    private = Ed25519PrivateKey.from_private_bytes(seed)
+    private = Ed25519PrivateKey.from_private_bytes(seed)  # (sign, raw public key)
     return private.sign, private.public_key().public_bytes_raw()
 
 
