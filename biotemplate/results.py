@@ -142,6 +142,14 @@ class PolicyReceipt:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyReceipt:
+    """The key state was sealed under a new master key; ``master_key_id`` names it."""
+
+    master_key_id: str
+    audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class BackupReceipt:
     """Where an online backup of ``records.db`` and ``audit.db`` was written."""
 

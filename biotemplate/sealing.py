@@ -68,21 +68,20 @@ _HEADER = struct.Struct(">B")
 KEYRING_MAGIC = b"BTKR"
 
 
-def random_key() -> bytes:
-    return os.urandom(KEY_SIZE)  # the OS CSPRNG, for every key, id, salt and nonce
+def random_key() -> bytes:  # the OS CSPRNG, for every key, id, salt and nonce
+    return os.urandom(KEY_SIZE)
 
 
-def random_id(size: int = 16) -> bytes:
+def random_id(size: int = 16) -> bytes:  # ids, salts
     return os.urandom(size)
 
 
 def hkdf(ikm: bytes, *, info: bytes, salt: bytes | None = None) -> bytes:
-    """HKDF-SHA256 to 32 bytes. ``info`` separates every use, so no key serves two jobs."""
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(ikm)
+    return HKDF(  # to 32 bytes; ``info`` separates every use: no key serves two jobs
+algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(ikm)
 
 
-def keyed_hash(key: bytes, data: bytes) -> bytes:
-    """HMAC-SHA256: linkable only by whoever holds the key."""
+def keyed_hash(key: bytes, data: bytes) -> bytes:  # HMAC-SHA256: linkable by key holders
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
@@ -99,14 +98,16 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()  # identities that are not secrets (a policy)
 
 
-def subject_ref(lookup_key: bytes, subject_id: str) -> bytes:
-    """What rows and the audit store instead of a subject id (never the id in clear)."""
+def subject_ref(lookup_key: bytes, subject_id: str) -> bytes:  # never the id in clear
     return keyed_hash(lookup_key, b"subject:" + subject_id.encode())
 
 
-def probe_digest(digest_key: bytes, template: bytes) -> bytes:
-    """Links the audit entries of one probe without revealing it (the probe is not kept)."""
+def probe_digest(digest_key: bytes, template: bytes) -> bytes:  # links a probe's entries
     return keyed_hash(digest_key, b"probe:" + template)
+
+
+def master_key_id(master_key: bytes) -> bytes:  # names a master key in the audit, reveals none
+    return hkdf(master_key, info=b"biotemplate/v1/master-key-id")[:16]
 
 
 # --- key hierarchy ----------------------------------------------------------------------
@@ -201,7 +202,7 @@ def seal_keyring(master_key: bytes, store_id: bytes, body: bytes) -> bytes:
 
 def _seal_keyring_with_nonces(master_key: bytes, store_id: bytes, body: bytes,
                               check_nonce: bytes, body_nonce: bytes) -> bytes:
-    """Deterministic seam for the frozen test vectors."""
+    # deterministic seam for the frozen test vectors
     header = _keyring_header(store_id)
     check = _seal_with_nonce(hkdf(master_key, info=b"biotemplate/v1/keyring-check"),
                              b"", header, check_nonce)

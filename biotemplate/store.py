@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Self
 
-from . import enrolment, matching, retention
+from . import enrolment, matching, retention, sealing
 from ._calls import Parts, listish
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
 from .clock import Clock, StoreClock, checked_clock, to_us
@@ -45,6 +45,7 @@ from .results import (
     ErasureReceipt,
     HoldReceipt,
     IndexReport,
+    KeyReceipt,
     PolicyReceipt,
     PurgeReport,
     RecordView,
@@ -166,7 +167,7 @@ class TemplateStore:
         if vault.rolled_forward:
             trail.append("rollforward", actor=None)
         if lost is None and last is not None:
-            lost = _uncommitted_enrolment(trail, vault, last)
+            lost = _uncommitted_change(trail, vault, last)
         if lost is not None:
             trail.append("rollback", actor=None, ref_seq=lost.seq, of=lost.event)
         trail.append("open", actor=None, records=len(gallery),
@@ -353,6 +354,32 @@ class TemplateStore:
         """
         return retention.set_policy(self._p, policy, actor=actor, reason=reason)
 
+    def rotate_master_key(self, new_key_provider: KeyProvider, *, actor: str) -> KeyReceipt:
+        """Seal the key state under a new master key; no record is re-encrypted (they are
+        sealed under keys the key state holds, not under the master key). Afterwards the
+        old master key opens nothing in the store folder; keyring backups made before
+        stay sealed under it (destroy them, or keep them as long as the old key).
+
+        The audit entry (naming both keys by a keyed id, never the keys) is written
+        first: if the process dies before the new keyring is in place, the next open
+        sees the store still under the old key and appends a "rollback" entry.
+
+        Raises:
+            KeyUnavailable: the new provider cannot supply a key.
+            InvalidInput: the new key is the current one.
+        """
+        with self._p.audited("rotate-master-key", actor) as f:
+            new_kek = new_key_provider.master_key()
+            vault = self._p.vault
+            with self._p.lock:
+                old_id, new_id = vault.master_key_id, sealing.master_key_id(new_kek.reveal())
+                if new_id.hex() == old_id:
+                    raise InvalidInput("the new master key is the current one")
+                seq = self._p.trail.append("rotate-master-key", actor=str(actor),
+                                           old_key=old_id, new_key=new_id.hex(), **f)
+                vault.rewrap(new_kek)
+                return KeyReceipt(master_key_id=new_id.hex(), audit_seq=seq)
+
     @property
     def policy(self) -> RetentionPolicy:
         return self._p.vault.policy
@@ -457,14 +484,19 @@ def _check_audit_generation(trail: AuditTrail, vault: Vault, last: AuditEntry | 
                          f"{found} < {kept}): was an old copy of audit.db put back?")
 
 
-def _uncommitted_enrolment(trail: AuditTrail, vault: Vault,
-                           last: AuditEntry) -> AuditEntry | None:
-    """An enrolment the trail announced that never reached the records database (an
-    enrolment changes no key generation, so it is checked by its first record id)."""
+def _uncommitted_change(trail: AuditTrail, vault: Vault,
+                        last: AuditEntry) -> AuditEntry | None:
+    """A change the trail announced that never happened, for changes that move no key
+    generation: an enrolment (checked by its first record id) and a master-key rotation
+    (checked by the id of the key the store was just opened with)."""
     entry = _last_mutation(trail, last)
-    ids = entry.fields.get("record_ids")
-    if entry.event == "enroll" and entry.outcome == "ok" and ids:
-        return None if vault.rows.get(str(ids[0])) is not None else entry
+    f = entry.fields
+    if entry.outcome != "ok":
+        return None
+    if entry.event == "enroll" and f.get("record_ids"):
+        return None if vault.rows.get(str(f["record_ids"][0])) is not None else entry
+    if entry.event == "rotate-master-key":
+        return None if f.get("new_key") == vault.master_key_id else entry
     return None
 
 

@@ -230,6 +230,17 @@ class Vault:
 
     # --- key state (writes) -------------------------------------------------------------
 
+    @property
+    def master_key_id(self) -> str:
+        """Names the master key the key state is sealed under (for the audit trail)."""
+        return sealing.master_key_id(self._kek.reveal()).hex()
+
+    def rewrap(self, new_kek: SecretKey) -> None:
+        """Seal the key state under a new master key (atomic replace of the keyring file):
+        from then on the old master key opens nothing in this folder. No record changes."""
+        self._kek = new_kek
+        self.save_keys()
+
     def save_keys(self) -> None:
         """Persist the key state (atomic), with the clock's high-water mark."""
         k = self._keyring
