@@ -77,8 +77,8 @@ def random_id(size: int = 16) -> bytes:  # ids, salts
 
 
 def hkdf(ikm: bytes, *, info: bytes, salt: bytes | None = None) -> bytes:
-    return HKDF(  # to 32 bytes; ``info`` separates every use: no key serves two jobs
-algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(ikm)
+    # HKDF-SHA256 to 32 bytes; ``info`` separates every use, so no key serves two jobs
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(ikm)
 
 
 def keyed_hash(key: bytes, data: bytes) -> bytes:  # HMAC-SHA256: linkable by key holders
@@ -89,13 +89,12 @@ ARGON2_OPS, ARGON2_MEM = pwhash.argon2id.OPSLIMIT_MODERATE, pwhash.argon2id.MEML
 ARGON2_SALT_SIZE = pwhash.argon2id.SALTBYTES
 
 
-def passphrase_key(passphrase: bytes, salt: bytes, ops: int, mem: int) -> bytes:
-    """Argon2id: a master key from a passphrase, memory-hard against guessing."""
+def passphrase_key(passphrase: bytes, salt: bytes, ops: int, mem: int) -> bytes:  # Argon2id
     return bytes(pwhash.argon2id.kdf(KEY_SIZE, passphrase, salt, opslimit=ops, memlimit=mem))
 
 
-def digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()  # identities that are not secrets (a policy)
+def digest(data: bytes) -> bytes:  # identities that are not secrets (a policy)
+    return hashlib.sha256(data).digest()
 
 
 def subject_ref(lookup_key: bytes, subject_id: str) -> bytes:  # never the id in clear
