@@ -96,8 +96,10 @@ class Vault:
         return cls(folder, db, keyring, kek, dim=dim, model=model, policy=policy, clock=clock)
 
     @classmethod
-    def open(cls, folder: Path, *, kek: SecretKey, clock: StoreClock) -> Vault:
+    def open(cls, folder: Path, *, kek: SecretKey, clock: StoreClock,
+             read_only: bool = False) -> Vault:
         """Open the keyring and records database and check they belong together.
+        ``read_only``: write nothing (no temp sweep, no keyring save, ``mode=ro``).
 
         Raises:
             StoreNotFound: no records database or keyring in ``folder``.
@@ -108,9 +110,10 @@ class Vault:
         if not (folder / RECORDS).exists() or not (folder / KEYRING).exists():
             raise StoreNotFound(f"{folder} holds no biotemplate store")
         keyring = Keyring.load(folder / KEYRING, kek)
-        _files.sweep_temps(folder / KEYRING)  # a killed save's temp may hold shredded keys
+        if not read_only:
+            _files.sweep_temps(folder / KEYRING)  # a killed save's temp may hold shredded keys
         clock.raise_to(keyring.high_water_us)
-        db = SQLiteBackend.open(folder / RECORDS)
+        db = SQLiteBackend.open(folder / RECORDS, read_only=read_only)
         try:
             if db.get_meta("store_id") != keyring.store_id:
                 raise IntegrityError("the keyring does not belong to this store")
@@ -118,7 +121,7 @@ class Vault:
             policy = RetentionPolicy.from_dict(_open_meta(db, keyring, "policy"))
             vault = cls(folder, db, keyring, kek, dim=int(config["dim"]),
                         model=str(config["model"]), policy=policy, clock=clock)
-            vault._settle_policy()
+            vault._settle_policy(save=not read_only)
         except BaseException:
             db.close()
             raise
@@ -314,7 +317,7 @@ class Vault:
 
     # --- sealed settings ----------------------------------------------------------------
 
-    def _settle_policy(self) -> None:
+    def _settle_policy(self, *, save: bool) -> None:
         """Refuse a sealed policy replayed from an older database copy (it authenticates,
         but it is not the one the keyring says is current)."""
         policies = self._keyring.policies
@@ -323,7 +326,7 @@ class Vault:
         found = policy_digest(self._policy)
         if found not in policies:
             raise IntegrityError("the stored policy is not the current one (an old copy?)")
-        if len(policies) > 1:  # a set_policy was interrupted: settle on what committed
+        if len(policies) > 1 and save:  # a set_policy was interrupted: settle on it
             self._keyring.policies = [found]
             self.save_keys()
 
