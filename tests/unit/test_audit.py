@@ -847,3 +847,7 @@ def test_verify_audit_on_a_store_folder(store: Any, store_dir: Path, tmp_path: P
     assert verify_audit(backup.path, cp).ok
     store.close()
     assert verify_audit(store_dir, cp).ok
+    body = row(store_dir / "audit.db", 2)[0]
+    tamper(store_dir / "audit.db", "UPDATE entries SET body = ? WHERE seq = 2", (flip(body),))
+    report = verify_audit(store_dir, cp)
+    assert report.ok is False and "seq 2: hash mismatch" in report.problems

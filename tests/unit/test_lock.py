@@ -183,7 +183,7 @@ def test_a_second_process_is_refused_and_told_who_holds_it(
         message = str(refused.value)
         assert f"process {holder.pid} on host {socket.gethostname()} since " in message
         assert "this process" not in message
-        assert Holder(store_dir, keys.path, expect="LOCKED")  # and a third process too
+        Holder(store_dir, keys.path, expect="LOCKED").close()  # a third process too
     finally:
         holder.close()
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as again:
