@@ -6,7 +6,7 @@ See the README for a quickstart, SECURITY.md for the threat model and docs/archi
 for how the parts fit together.
 """
 
-from .audit import AuditEntry, AuditReport, AuditView, Checkpoint
+from .audit import AuditEntry, AuditReport, AuditView, Checkpoint, verify_audit
 from .errors import (
     AuditError,
     BiotemplateError,
@@ -17,9 +17,11 @@ from .errors import (
     KeyFileExists,
     KeyUnavailable,
     PolicyViolation,
+    ReadOnlyStore,
     RecordNotFound,
     StorageError,
     StoreExists,
+    StoreLocked,
     StoreNotFound,
 )
 from .hsm import Pkcs11KeyProvider
@@ -77,15 +79,18 @@ __all__ = [
     "PolicyViolation",
     "PurgeReport",
     "Purpose",
+    "ReadOnlyStore",
     "RecordNotFound",
     "RecordView",
     "RetentionPolicy",
     "SearchResult",
     "StorageError",
     "StoreExists",
+    "StoreLocked",
     "StoreNotFound",
     "StoreStats",
     "TemplateStore",
     "Verification",
     "__version__",
+    "verify_audit",
 ]

@@ -1,8 +1,15 @@
 """What the modules that order a store's calls share: its parts, and how a call begins.
 
 :class:`Parts` is the set of components of one open store (vault, gallery, audit trail,
-clock, and the lock that serialises mutations). The store builds it once and hands it to
-``matching`` and ``retention``, which order their calls over it; nothing else holds it.
+clock, the store's writer lock, and the lock that serialises mutations). The store builds
+it once and hands it to ``matching`` and ``retention``, which order their calls over it;
+nothing else holds it.
+
+One writer per store: a writable handle holds an exclusive OS lock on ``<store>/lock``
+(:func:`writer_lock`) from before its first read to its close, so a second writer, in this
+process or another, is refused with ``StoreLocked`` instead of racing the first one's
+keyring saves and ratchet steps. A handle without it (``read_only=True``) is refused every
+call that writes or touches templates or subject ids, here, in :meth:`Parts.alive`.
 
 A call validates its actor first (an anonymous call is refused outright), then runs its
 body; a refusal the body raises (bad input, a policy violation, an unknown record) is
@@ -14,18 +21,39 @@ audited, and no input value is copied in full.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from ._files import FileLock, read_note
 from .audit import AuditTrail
 from .clock import StoreClock
-from .errors import AuditError, BiotemplateError, InvalidInput, PolicyViolation, RecordNotFound
+from .errors import (
+    AuditError,
+    BiotemplateError,
+    InvalidInput,
+    PolicyViolation,
+    ReadOnlyStore,
+    RecordNotFound,
+    StorageError,
+    StoreLocked,
+    StoreNotFound,
+)
 from .gallery import Gallery
 from .validation import MAX_SUBJECT_ID, check_text
 from .vault import KeyChange, Vault
+
+LOCK = "lock"
+READ_ONLY = ("this store was opened with read_only=True: it offers stats() and the audit "
+             "trail (verify, checkpoint, get); calls that write, or read templates or "
+             "subject ids, belong to the one writable handle")
 
 
 @dataclass(eq=False)
@@ -36,13 +64,22 @@ class Parts:
     gallery: Gallery
     trail: AuditTrail
     clock: StoreClock
+    writer: FileLock | None  # the store's writer lock; None for a read-only handle
     lock: threading.RLock = field(default_factory=threading.RLock)  # serialises mutations
     closed: bool = False
 
-    def alive(self) -> None:
-        """Raises: InvalidInput: the store is closed."""
+    def alive(self, *, needs_writer: bool = True) -> None:
+        """Check that the store may take this call: every call asks, before anything else.
+
+        Raises:
+            InvalidInput: the store is closed.
+            ReadOnlyStore: the handle is read-only and the call is not one of the few
+                (``needs_writer=False``) that read only counts and the audit trail.
+        """
         if self.closed:
             raise InvalidInput("the store is closed")
+        if needs_writer and self.writer is None:
+            raise ReadOnlyStore(READ_ONLY)
 
     @contextmanager
     def mutation(self) -> Iterator[None]:
@@ -71,9 +108,64 @@ class Parts:
 
     def audited(self, event: str, actor: object, *, who: str = "actor",
                 **fields: Any) -> AbstractContextManager[dict[str, Any]]:
-        """:func:`audited` on this store's trail, once the store is known to be open."""
+        """:func:`audited` on this store's trail, once the store is known to be open and
+        writable (every audited call writes its entry; a read-only handle writes none)."""
         self.alive()
         return audited(self.trail, event, actor, who=who, **fields)
+
+    def release(self) -> None:
+        """Close the files, then give up the writer lock; writes nothing (used by close,
+        and by an open that fails midway). Everything is released even if a step fails."""
+        self.closed = True
+        with ExitStack() as stack:  # callbacks run last-in first-out
+            if self.writer is not None:
+                stack.callback(self.writer.release)
+            stack.callback(self.vault.close)
+            stack.callback(self.trail.close)
+            self.gallery.clear()
+
+
+def writer_lock(folder: Path) -> FileLock:
+    """Take the store's writer lock, before anything in ``folder`` is read or written.
+
+    The lock file holds a note naming the holder (pid, host, since when: wall-clock time,
+    for the operator who must find that process, not the store's clock).
+
+    Raises:
+        StoreLocked: another handle holds it; the message names the holder.
+        StoreNotFound: ``folder`` is not a folder.
+        StorageError: the lock file could not be created or locked (e.g. no permission:
+            auditors open with ``read_only=True``).
+    """
+    note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": datetime.now(UTC).isoformat(timespec="seconds")})
+    try:
+        return FileLock.acquire(folder / LOCK, note.encode())
+    except BlockingIOError:
+        raise StoreLocked(_locked_message(folder)) from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreNotFound(f"{folder} holds no biotemplate store") from None
+    except OSError as exc:
+        raise StorageError(f"cannot take the store's writer lock ({exc.strerror})") from None
+
+
+def _locked_message(folder: Path) -> str:
+    """Who holds the lock, from its note (checked: the file is not ours to trust)."""
+    try:
+        note = json.loads(read_note(folder / LOCK))
+        pid, host, since = note["pid"], note["host"], note["since"]
+        if type(pid) is not int or not (isinstance(host, str) and host.isprintable()):
+            raise ValueError
+        since = datetime.fromisoformat(since).isoformat()
+        holder = f"process {pid} on host {host[:255]} since {since}"
+        if pid == os.getpid() and host == socket.gethostname():
+            holder += " (this process: another TemplateStore handle)"
+    except (ValueError, TypeError, KeyError, RecursionError):
+        holder = "a process that has not written its note yet"
+    return (f"the store at {folder} is open for writing by {holder}: close the other handle "
+            "or stop that process. A SQLite store folder has one writer; auditors open it "
+            "with read_only=True or use biotemplate.verify_audit; several workers share a "
+            "store through the PostgreSQL backend (planned), not one SQLite folder")
 
 
 @contextmanager

@@ -12,11 +12,14 @@ created matters as much as what is in them. The rules, each in one function:
 - **SQLite files** are opened only if they exist (``mode=rw``; SQLite would otherwise
   create one silently), removed together with their ``-wal`` and ``-shm`` companions, and
   copied only through SQLite's online backup API (copying a live file can tear it).
+- **A lock file** (:class:`FileLock`) is held with ``flock``, which the kernel drops with
+  its holder's last descriptor: a killed holder leaves no stale lock behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import tempfile
@@ -25,10 +28,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
+    "FileLock",
     "atomic_replace",
     "create_exclusive",
     "fsync_dir",
     "fsync_file",
+    "read_note",
     "remove_sqlite",
     "size_of",
     "sqlite_backup",
@@ -163,3 +168,70 @@ def sqlite_backup(conn: sqlite3.Connection, dest: Path) -> None:
         raise
     with contextlib.suppress(OSError):
         fsync_dir(dest.parent)
+
+
+class FileLock:
+    """An exclusive ``flock`` on a file, held until :meth:`release` or the holder's death.
+
+    Why ``flock``: the kernel drops it with the holder's last descriptor, so a crashed
+    (SIGKILLed) holder leaves no stale lock; and it belongs to an open file description,
+    so two ``open()`` calls conflict even inside one process. The holder writes a short
+    note (who, since when) into the file for whoever is refused. ``release`` removes the
+    file while still holding the lock; an opener that locked a file removed meanwhile
+    finds another file (or none) at the path, and tries again.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path, self._fd = path, fd
+
+    def __repr__(self) -> str:
+        return f"FileLock({str(self._path)!r}, held={self._fd >= 0})"
+
+    @classmethod
+    def acquire(cls, path: Path, note: bytes) -> FileLock:
+        """Create (0600) or open ``path``, lock it without waiting, write ``note`` into it.
+
+        Raises:
+            BlockingIOError: another open file holds the lock (its note: :func:`read_note`).
+            OSError: the file could not be created or locked (no folder, no permission).
+        """
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not _same_file(fd, path):  # released and removed meanwhile: try again
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, note, 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            return cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the file (still under the lock), then drop the lock. Idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        try:
+            if _same_file(fd, path := self._path):
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def read_note(path: Path, limit: int = 4096) -> bytes:
+    """What a lock's holder wrote into it; empty if there is none (yet) or it is gone."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(limit)
+    except OSError:
+        return b""
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False

@@ -26,6 +26,15 @@ A chain alone cannot reveal truncation or an old file restored: keep a ``checkpo
 a witness and pass it to ``verify()``. A live trail also compares the file with the head it
 holds in memory, so truncation under a running process is caught without one.
 
+The public key travels with the trail, so an auditor needs no master key
+(:func:`verify_audit`): ``meta(key, value)`` holds ``store_id`` and ``public_key`` in the
+clear, and the same key is a signed field of the genesis entry ("create"; a trail created
+before keys were published gets an "audit-key" entry on its next writable open), so editing
+the clear copy is detected. A checkpoint (version 2) carries the key too: a whole file
+re-signed under another key verifies on its own, but not against a witness's checkpoint.
+A read-only trail (``open(..., read_only=True)``) connects with ``mode=ro`` and writes
+nothing; its ``checkpoint()`` signs the head as it is in the file now.
+
 Durability is a measured choice (an fsync costs more than a search, SECURITY.md §4). The file is
 WAL. ``durable=True`` (mutations) commits under ``synchronous=FULL``: the WAL is fsynced
 before return. ``durable=False`` (searches) commits under ``synchronous=NORMAL``: the entry
@@ -48,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -60,7 +70,7 @@ from typing import Any
 
 import msgpack
 
-from biotemplate import _files
+from biotemplate import _files, sealing
 from biotemplate.errors import (
     AuditError,
     IntegrityError,
@@ -71,7 +81,7 @@ from biotemplate.errors import (
 )
 
 __all__ = ["AuditEntry", "AuditReport", "AuditTrail", "AuditView", "Checkpoint", "Signer",
-           "Verifier"]
+           "Verifier", "verify_audit"]
 
 Signer = Callable[[bytes], bytes]
 Verifier = Callable[[bytes, bytes], bool]
@@ -86,6 +96,7 @@ _KEYS = frozenset({"v", "seq", "prev", "store", "ts0", "ts1", "event", "actor", 
 _MAX_BODY = 16 << 20  # bytes: a purge listing ~400k record ids still fits
 SYNC_WINDOW = 0.05  # seconds: a non-durable entry is fsynced at most this long after it
 _MAX_PROBLEMS = 100
+_CHECKPOINT_FIELDS = frozenset({"v", "store", "seq", "head", "ts", "sig"})  # "key" in v2
 _COLS = "SELECT seq, ref_seq, body, hash, sig FROM entries"
 _SCHEMA = """
 CREATE TABLE entries(seq INTEGER PRIMARY KEY, ref_seq INTEGER, body BLOB NOT NULL,
@@ -97,6 +108,16 @@ CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
   BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 PRAGMA user_version = 1;
 """
+# Write-once, clear copies of what an auditor needs without the master key; added to a
+# trail created before it existed on its next writable open.
+_META = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS meta_no_update BEFORE UPDATE ON meta
+  BEGIN SELECT RAISE(ABORT, 'the audit meta table is write-once'); END;
+CREATE TRIGGER IF NOT EXISTS meta_no_delete BEFORE DELETE ON meta
+  BEGIN SELECT RAISE(ABORT, 'the audit meta table is write-once'); END;
+"""
+_KEY_EVENTS = ("create", "audit-key")  # entries whose "public_key" field is the signed copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,66 +144,85 @@ class AuditReport:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A signed (store, seq, head hash, time), to be kept by a witness outside the host."""
+    """A signed (store, seq, head hash, time, public key), to be kept by a witness outside
+    the host. Version 2 carries (and signs) the audit public key, so a witness can check it
+    and :func:`verify_audit` can check that it is the file's; version 1 (no key, written
+    before keys were published) is still read and verified."""
 
     store_id: bytes
     seq: int
     head: bytes
     ts: datetime
     signature: bytes
+    public_key: bytes | None = None  # Ed25519, raw 32 bytes; None in version 1
 
     def message(self) -> bytes:
         """The signed bytes; their length (> 32) keeps them apart from entry signatures."""
-        return _CHECKPOINT_DOMAIN + _pack([self.store_id, self.seq, self.head, _us(self.ts)])
+        signed = [self.store_id, self.seq, self.head, _us(self.ts)]
+        return _CHECKPOINT_DOMAIN + _pack(signed if self.public_key is None
+                                          else [*signed, self.public_key])
 
     def to_bytes(self) -> bytes:
-        return _pack({"v": 1, "store": self.store_id, "seq": self.seq, "head": self.head,
-                      "ts": _us(self.ts), "sig": self.signature})
+        d = {"v": 1, "store": self.store_id, "seq": self.seq, "head": self.head,
+             "ts": _us(self.ts), "sig": self.signature}
+        if self.public_key is not None:
+            d.update(v=2, key=self.public_key)
+        return _pack(d)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Checkpoint:
         """Raises: IntegrityError: malformed (the signature is checked by ``verify``)."""
         try:
             d = _unpack(data, 4096)
-            if not isinstance(d, dict) or set(d) != {"v", "store", "seq", "head", "ts", "sig"}:
+            if not isinstance(d, dict) or set(d) - {"key"} != _CHECKPOINT_FIELDS:
                 raise ValueError
-            return cls._build(d["v"], d["store"], d["seq"], d["head"], d["ts"], d["sig"])
+            return cls._build(d["v"], d["store"], d["seq"], d["head"], d["ts"], d["sig"],
+                              d.get("key"))
         except ValueError:
             raise IntegrityError("malformed checkpoint") from None
 
     def to_json(self) -> str:
-        return json.dumps({"v": 1, "store_id": self.store_id.hex(), "seq": self.seq,
-                           "head": self.head.hex(), "ts": self.ts.isoformat(),
-                           "signature": self.signature.hex()}, sort_keys=True)
+        d = {"v": 1, "store_id": self.store_id.hex(), "seq": self.seq,
+             "head": self.head.hex(), "ts": self.ts.isoformat(),
+             "signature": self.signature.hex()}
+        if self.public_key is not None:
+            d.update(v=2, public_key=self.public_key.hex())
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Checkpoint:
         """Raises: IntegrityError: malformed (the signature is checked by ``verify``)."""
         try:
             d = json.loads(text[:4096])
+            key = d.get("public_key")
             return cls._build(d["v"], bytes.fromhex(d["store_id"]), d["seq"],
                               bytes.fromhex(d["head"]), _us(datetime.fromisoformat(d["ts"])),
-                              bytes.fromhex(d["signature"]))
-        except (ValueError, TypeError, KeyError, RecursionError):
+                              bytes.fromhex(d["signature"]),
+                              None if key is None else bytes.fromhex(key))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             raise IntegrityError("malformed checkpoint") from None
 
     @classmethod
-    def _build(cls, v: Any, store: Any, seq: Any, head: Any, ts: Any, sig: Any) -> Checkpoint:
-        if not (v == 1 and isinstance(store, bytes) and 1 <= len(store) <= 64
-                and type(seq) is int and seq >= 1 and isinstance(head, bytes)
-                and len(head) == 32 and type(ts) is int and isinstance(sig, bytes)
-                and len(sig) == 64):
+    def _build(cls, v: Any, store: Any, seq: Any, head: Any, ts: Any, sig: Any,
+               key: Any) -> Checkpoint:
+        if not (v == (1 if key is None else 2) and isinstance(store, bytes)
+                and 1 <= len(store) <= 64 and type(seq) is int and seq >= 1
+                and isinstance(head, bytes) and len(head) == 32 and type(ts) is int
+                and isinstance(sig, bytes) and len(sig) == 64
+                and (key is None or (isinstance(key, bytes) and len(key) == 32))):
             raise ValueError
-        return cls(store, seq, head, _dt(ts), sig)
+        return cls(store, seq, head, _dt(ts), sig, key)
 
 
 class AuditTrail:
     """The audit trail of one store; build it with ``create`` or ``open``."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, store_id: bytes,
-                 signer: Signer, verifier: Verifier, clock: Callable[[], datetime]) -> None:
+                 signer: Signer, verifier: Verifier, clock: Callable[[], datetime], *,
+                 public_key: bytes | None = None, read_only: bool = False) -> None:
         self._conn, self._path, self._store_id = conn, path, store_id
         self._signer, self._verifier, self._clock = signer, verifier, clock
+        self._public_key, self._read_only = public_key, read_only
         self._head: tuple[int, bytes] = (0, _ZERO)  # (seq, hash) of the last entry
         self._lock = threading.Lock()
         self._full: bool | None = None  # the connection's synchronous setting
@@ -199,8 +239,9 @@ class AuditTrail:
 
     @classmethod
     def create(cls, path: Path, *, store_id: bytes, signer: Signer, verifier: Verifier,
-               clock: Callable[[], datetime]) -> AuditTrail:
+               clock: Callable[[], datetime], public_key: bytes | None = None) -> AuditTrail:
         """Create the file and write its genesis entry (event "create"); all or nothing.
+        ``public_key`` (the signer's) goes into ``meta`` and into the genesis entry.
 
         Raises:
             StoreExists: the file exists. InvalidInput: bad store_id, or a naive clock.
@@ -219,11 +260,12 @@ class AuditTrail:
             raise AuditError("cannot create the audit database") from exc
         trail = None
         try:
-            trail = cls(_files.sqlite_connect(path), path, store_id, signer, verifier, clock)
+            trail = cls(_files.sqlite_connect(path), path, store_id, signer, verifier, clock,
+                        public_key=public_key)
             if trail._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
                 raise AuditError("the audit database needs WAL mode")
             trail._conn.executescript(_SCHEMA)
-            trail.append("create", actor=None)
+            trail._publish_key(genesis=True)
             _files.fsync_dir(path.parent)  # the new directory entry must survive a power cut
             return trail
         except BaseException as exc:
@@ -236,8 +278,13 @@ class AuditTrail:
 
     @classmethod
     def open(cls, path: Path, *, store_id: bytes, signer: Signer, verifier: Verifier,
-             clock: Callable[[], datetime]) -> AuditTrail:
+             clock: Callable[[], datetime], public_key: bytes | None = None,
+             read_only: bool = False) -> AuditTrail:
         """Open a trail; its last entry is verified before anything is chained to it.
+
+        A writable open of a trail that does not name ``public_key`` yet (created before
+        keys were published) appends an "audit-key" entry carrying it, then stores it in
+        ``meta``. ``read_only``: connect with ``mode=ro``; append nothing, ever.
 
         Raises:
             StoreNotFound: no file. AuditError: not a readable audit database.
@@ -248,15 +295,16 @@ class AuditTrail:
             raise StoreNotFound(f"no audit trail at {path}")
         trail = None
         try:
-            trail = cls(_files.sqlite_connect(path), path, store_id, signer, verifier, clock)
-            if trail._conn.execute("PRAGMA user_version").fetchone()[0] != 1:
+            conn = _files.sqlite_connect(path, "ro" if read_only else "rw")
+            trail = cls(conn, path, store_id, signer, verifier, clock,
+                        public_key=public_key, read_only=read_only)
+            if conn.execute("PRAGMA user_version").fetchone()[0] != 1:
                 raise AuditError("not a biotemplate audit database")
-            trail._conn.execute("PRAGMA journal_mode=WAL")
-            row = trail._conn.execute(f"{_COLS} ORDER BY seq DESC LIMIT 1").fetchone()
-            if row is None:
-                raise IntegrityError("the audit trail has no entries: genesis missing")
-            trail._checked(row)
-            trail._head = (row[0], row[3])
+            if not read_only:
+                conn.execute("PRAGMA journal_mode=WAL")
+            trail._head = trail._read_head()
+            if not read_only and public_key is not None:
+                trail._publish_key(genesis=False)
             return trail
         except BaseException as exc:
             if trail is not None:
@@ -264,6 +312,35 @@ class AuditTrail:
             if isinstance(exc, sqlite3.Error):
                 raise AuditError("cannot read the audit database") from exc
             raise
+
+    def _read_head(self) -> tuple[int, bytes]:
+        """(seq, hash) of the newest entry in the file, verified.
+
+        Raises:
+            IntegrityError: no entries, or the newest is forged or another store's.
+        """
+        row = self._conn.execute(f"{_COLS} ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None:
+            raise IntegrityError("the audit trail has no entries: genesis missing")
+        self._checked(row)
+        return row[0], row[3]
+
+    def _publish_key(self, *, genesis: bool) -> None:
+        """Sign the public key into the trail (genesis, or an "audit-key" entry), then put
+        the clear copy in ``meta``, in that order: a crash in between leaves a signed copy,
+        and the next writable open adds the clear one. Nothing to do once it is there."""
+        key = self._public_key
+        if genesis:
+            fields: dict[str, Any] = {} if key is None else {"public_key": key}
+            self.append("create", actor=None, **fields)
+        elif key is None or _meta(self._conn).get("public_key") is not None:
+            return
+        else:
+            self.append("audit-key", actor=None, public_key=key)
+        if key is not None:
+            self._conn.executescript(_META)
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?), "
+                               "('public_key', ?)", (self._store_id, key))
 
     def append(self, event: str, *, actor: str | None, outcome: str = "ok",
                started: datetime | None = None, durable: bool = True, **fields: Any) -> int:
@@ -296,6 +373,8 @@ class AuditTrail:
             raise InvalidInput("ref_seq must be an int (the seq of the entry referred to)")
         with self._lock:  # a refused call may name a bogus ref_seq: audit it as given
             self._ensure_open()
+            if self._read_only:
+                raise AuditError("the audit trail is open read-only")
             ts1 = _us(self._clock())
             seq = self._head[0] + 1
             body = _pack({"v": 1, "seq": seq, "prev": self._head[1], "store": self._store_id,
@@ -381,30 +460,38 @@ class AuditTrail:
                 ro = _files.sqlite_connect(self._path, "ro")
                 ro.execute("BEGIN")
                 ro.execute("SELECT max(seq) FROM entries").fetchone()
+                named = _meta(ro).get("public_key")  # the clear copy, in the same snapshot
             except sqlite3.Error:
                 if ro is not None:
                     ro.close()
                 return AuditReport(False, 0, ("audit database unreadable",))
         count, prev_seq, prev_hash = 0, 0, _ZERO
         seen: dict[int, bytes] = {}  # recomputed hashes of the held head and checkpoint seq
+        signed: set[bytes] = set()  # the public keys that entries carry (signed copies)
         try:
             for row in ro.execute(f"{_COLS} ORDER BY seq"):
                 count, seq = count + 1, row[0]
                 if seq != prev_seq + 1:
                     add(f"gap after seq {prev_seq}")
-                found, _, actual, prev = self._inspect(row)
+                found, entry, actual, prev = self._inspect(row)
                 if seq == prev_seq + 1 and prev is not None and prev != prev_hash:
                     found.append("chain broken")
                 for problem in found:
                     add(f"seq {seq}: {problem}")
                 if seq in (held_seq, checkpoint and checkpoint.seq):
                     seen[seq] = actual
+                if entry is not None and entry.event in _KEY_EVENTS:
+                    key = entry.fields.get("public_key")
+                    if isinstance(key, bytes):
+                        signed.add(key)
                 prev_seq, prev_hash = seq, actual
         except sqlite3.Error:
             add("audit database unreadable")
             return AuditReport(False, count, tuple(problems))
         finally:
             ro.close()
+        for problem in self._key_problems(named, signed):
+            add(problem)
         if count == 0:
             add("no entries: the genesis entry is missing")
         if held_seq > prev_seq:
@@ -414,6 +501,8 @@ class AuditTrail:
         if checkpoint is not None:
             if checkpoint.store_id != self._store_id:
                 add("checkpoint is for another store")
+            elif checkpoint.public_key not in (None, self._public_key):
+                add("checkpoint names another audit public key")
             elif not self._sig_ok(checkpoint.message(), checkpoint.signature):
                 add("checkpoint signature invalid")
             elif checkpoint.seq > prev_seq:
@@ -427,15 +516,23 @@ class AuditTrail:
         """Sign the current head; appends nothing, so ``verify(cp)`` is exact.
 
         Syncs first: a witness must never hold a checkpoint that a power cut could falsify.
+        A read-only trail signs the head in the file now (the writer appends on), once it
+        has checked that the file still holds the head it saw before.
 
         Raises:
             AuditError: sync or signing failed. InvalidInput: the clock returned a naive time.
+            IntegrityError: (read-only) the newest entry is forged, or the file lost
+                entries this trail saw.
         """
         with self._lock:
             self._ensure_open()
-            self._sync_files()
-            cp = Checkpoint(self._store_id, *self._head, _dt(_us(self._clock())), bytes(64))
-            return Checkpoint(cp.store_id, cp.seq, cp.head, cp.ts, self._sign(cp.message()))
+            if self._read_only:
+                self._head = self._newer_head()
+            self._sync_files()  # after the head is read: the fsync covers it
+            cp = Checkpoint(self._store_id, *self._head, _dt(_us(self._clock())), bytes(64),
+                            self._public_key)
+            return Checkpoint(cp.store_id, cp.seq, cp.head, cp.ts, self._sign(cp.message()),
+                              cp.public_key)
 
     def sync(self) -> None:
         """Make every appended entry durable now. Raises: AuditError: the fsync failed."""
@@ -460,7 +557,8 @@ class AuditTrail:
                 raise AuditError("the audit trail could not be backed up") from exc
 
     def close(self) -> None:
-        """Sync and close; idempotent. Raises: AuditError: the final fsync failed."""
+        """Sync and close; idempotent. Raises: AuditError: the final fsync failed.
+        (A read-only trail wrote nothing and syncs nothing.)"""
         with self._lock:
             if self._closed:
                 return
@@ -471,9 +569,39 @@ class AuditTrail:
             self._syncer.join()
         with self._lock:
             try:
-                self._sync_files()
+                if not self._read_only:
+                    self._sync_files()
             finally:
                 self._conn.close()
+
+    def _newer_head(self) -> tuple[int, bytes]:
+        """The head in the file, if it extends the head held (read-only trails)."""
+        seq, digest = self._head
+        try:
+            head = self._read_head()
+            held = self._conn.execute("SELECT hash FROM entries WHERE seq = ?",
+                                      (seq,)).fetchone()
+        except sqlite3.Error as exc:
+            raise AuditError("cannot read the audit trail") from exc
+        if head[0] < seq or held is None or held[0] != digest:
+            raise IntegrityError(f"audit entry {seq} is missing or rewritten since this "
+                                 "trail read it")
+        return head
+
+    def _key_problems(self, named: object, signed: set[bytes]) -> list[str]:
+        """The public key's copies must agree: the clear one in ``meta``, the signed ones
+        in entries, and the key this trail verifies with."""
+        if named is None and not signed:
+            return []  # a trail from before keys were published (a writable open adds it)
+        if named is None:
+            return ["the public key is missing from the meta table"]
+        if not signed:
+            return ["no signed entry carries the public key of the meta table"]
+        if signed != {named}:
+            return ["the public key in the meta table differs from the signed one"]
+        if self._public_key is not None and named != self._public_key:
+            return ["the trail names another public key than this store's"]
+        return []
 
     def _ensure_open(self) -> None:
         if self._closed:
@@ -575,10 +703,12 @@ class AuditView:
         return self._trail.verify(checkpoint=checkpoint)
 
     def checkpoint(self) -> Checkpoint:
-        """A signed (seq, head hash): keep it outside this host (a witness).
+        """A signed (seq, head hash, public key): keep it outside this host (a witness).
+        A read-only handle signs the head the file has now.
 
         Raises:
             AuditError: the trail could not be synced or signed.
+            IntegrityError: (read-only) the file lost entries this handle saw.
         """
         return self._trail.checkpoint()
 
@@ -591,7 +721,74 @@ class AuditView:
         return self._trail.get(seq)
 
 
+def verify_audit(path: str | os.PathLike[str],
+                 checkpoint: Checkpoint | None = None) -> AuditReport:
+    """Verify a store's audit trail without its master key: for auditors, off the host.
+
+    ``path`` is the store folder (or a backup folder), or the ``audit.db`` file itself. The
+    file is opened read-only (``mode=ro``; it may be live under a writer) and every entry's
+    chain link and signature is checked against the public key the file names, whose clear
+    copy must equal the signed one. Problems are reported, not raised.
+
+    Without a checkpoint this shows the trail is whole and consistent *under the key it
+    names*: a file rewritten from scratch under a new key passes. Pass the newest
+    checkpoint a witness holds: its key must be the file's, and truncation or an old
+    file restored is then found too.
+
+    A trail created before public keys were published names none: open its store once
+    writable (that adds it), or verify with the master key (``store.audit.verify()``).
+
+    Raises:
+        StoreNotFound: no audit trail at ``path``.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / "audit.db"
+    if not file.is_file():
+        raise StoreNotFound(f"no audit trail at {file}")
+    conn = None
+    try:
+        conn = _files.sqlite_connect(file, "ro")
+        meta = _meta(conn)
+    except sqlite3.Error:
+        if conn is not None:
+            conn.close()
+        return AuditReport(False, 0, ("audit database unreadable",))
+    key, store = meta.get("public_key"), meta.get("store_id")
+    try:
+        verifier = sealing.verifier_for(key) if isinstance(key, bytes) else None
+    except ValueError:
+        verifier = None
+    if verifier is None or not isinstance(store, bytes):
+        conn.close()
+        return AuditReport(False, 0, ("audit.db names no usable public key (a trail created "
+                                      "before keys were published gets one on its store's "
+                                      "next writable open)",))
+    trail = AuditTrail(conn, file, store, _cannot_sign, verifier, _no_clock, public_key=key,
+                       read_only=True)
+    try:
+        return trail.verify(checkpoint)
+    finally:
+        trail.close()
+
+
+def _cannot_sign(message: bytes) -> bytes:
+    raise AuditError("an offline verification signs nothing")
+
+
+def _no_clock() -> datetime:
+    raise AuditError("an offline verification reads no clock")
+
+
 _fsync = _files.fsync_file  # a name the durability tests can spy on
+
+
+def _meta(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The ``meta`` rows; {} for a trail created before the table existed."""
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+    if found.fetchone() is None:
+        return {}
+    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
 
 
 def _us(moment: object) -> int:

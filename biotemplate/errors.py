@@ -18,6 +18,8 @@ translated where they occur and never leak.
     ├── KeyFileExists (FileExistsError)    refusing to overwrite an existing key file
     ├── StoreExists (FileExistsError)      ``create`` on a folder that already holds a store
     ├── StoreNotFound (FileNotFoundError)  ``open`` on a folder that holds no store
+    ├── StoreLocked                        another handle has the store open for writing
+    ├── ReadOnlyStore                      a read-only handle refuses the call
     ├── StorageError (OSError)             the database could not be read or written
     └── AuditError                         the audit trail cannot be written or read
 
@@ -37,9 +39,11 @@ __all__ = [
     "KeyFileExists",
     "KeyUnavailable",
     "PolicyViolation",
+    "ReadOnlyStore",
     "RecordNotFound",
     "StorageError",
     "StoreExists",
+    "StoreLocked",
     "StoreNotFound",
 ]
 
@@ -86,6 +90,17 @@ class StoreExists(BiotemplateError, FileExistsError):
 
 class StoreNotFound(BiotemplateError, FileNotFoundError):
     """``TemplateStore.open`` was pointed at a folder that holds no store."""
+
+
+class StoreLocked(BiotemplateError):
+    """Another handle (in this process or another) has the store open for writing: a
+    SQLite store folder has one writer. The message names the holder (pid, host, since)."""
+
+
+class ReadOnlyStore(BiotemplateError):
+    """The store was opened with ``read_only=True``: it offers ``stats()`` and the audit
+    trail (verify, checkpoint, get), and refuses every call that writes or reads templates
+    or subject ids. Nothing was written (not even an audit entry)."""
 
 
 class StorageError(BiotemplateError, OSError):

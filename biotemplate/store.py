@@ -18,7 +18,9 @@ The calls are ordered in one module per job, ``enrolment``, ``matching`` and
   commits only once the entry is written (if the audit fails, the rows roll back);
 - key material a commit needs is saved before it, what it retires is destroyed after it.
 
-One lock serialises mutations; searches take only the index's read lock.
+One lock serialises mutations; searches take only the index's read lock. One writer per
+store: a writable handle holds the folder's OS lock from open to close (``_calls``); a
+read-only handle (``open(..., read_only=True)``) builds no index and writes nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from . import enrolment, matching, retention, sealing
-from ._calls import Parts, listish
+from ._calls import Parts, listish, writer_lock
+from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
 from .clock import Clock, StoreClock, checked_clock, to_us
 from .errors import BiotemplateError, IntegrityError, InvalidInput, StoreExists
@@ -67,9 +70,10 @@ class TemplateStore:
     """
 
     def __init__(self, folder: Path, vault: Vault, trail: AuditTrail, clock: StoreClock,
-                 index_params: IndexParams | None, snapshot_on_close: bool) -> None:
+                 index_params: IndexParams | None, snapshot_on_close: bool,
+                 writer: FileLock | None) -> None:
         self._folder = folder
-        self._p = Parts(vault, Gallery(vault, folder, index_params), trail, clock)
+        self._p = Parts(vault, Gallery(vault, folder, index_params), trail, clock, writer)
         trail.generation = vault.generation  # every entry names the key state's generation
         self._snapshot_on_close = snapshot_on_close
         self.dim, self.model = vault.dim, vault.model
@@ -92,6 +96,7 @@ class TemplateStore:
 
         Raises:
             StoreExists: the folder already holds a store (or part of one).
+            StoreLocked: another handle is creating or has opened a store there.
             InvalidInput: bad dim, model, policy or clock.
             KeyUnavailable: the key provider cannot supply the master key.
         """
@@ -107,8 +112,13 @@ class TemplateStore:
         kek = key_provider.master_key()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)  # also when it existed: the folder holds the store's files only
-        vault = Vault.create(folder, kek=kek, dim=dim, model=model, policy=policy,
-                             clock=store_clock)
+        writer = writer_lock(folder)  # before anything in the folder is written
+        try:
+            vault = Vault.create(folder, kek=kek, dim=dim, model=model, policy=policy,
+                                 clock=store_clock)
+        except BaseException:
+            writer.release()
+            raise
         try:
             trail = _audit_trail(folder, vault, store_clock, create=True)
         except BaseException:
@@ -116,14 +126,16 @@ class TemplateStore:
             for name in (RECORDS, KEYRING):
                 for suffix in ("", "-wal", "-shm"):
                     (folder / (name + suffix)).unlink(missing_ok=True)
+            writer.release()
             raise
-        return cls(folder, vault, trail, store_clock, index_params, snapshot_on_close)
+        return cls(folder, vault, trail, store_clock, index_params, snapshot_on_close, writer)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, key_provider: KeyProvider,
              clock: Clock | None = None, index_params: IndexParams | None = None,
              snapshot_on_close: bool = True, progress: Progress | None = None,
-             checkpoint: Checkpoint | None = None) -> TemplateStore:
+             checkpoint: Checkpoint | None = None, read_only: bool = False,
+             ) -> TemplateStore:
         """Open an existing store. The index comes from the sealed snapshot when one is
         valid for the current epoch and erasure generation (rows changed since are
         re-read), else it is rebuilt from the sealed rows.
@@ -132,18 +144,46 @@ class TemplateStore:
         state they have seen; a file put back from an older copy is refused. Given a
         ``checkpoint`` kept by a witness, a rollback of all three together is refused too.
 
+        ``read_only=True`` is for auditors and reports, also beside a running writer: no
+        writer lock, nothing written (no audit entry, keyring save, snapshot or database
+        checkpoint), no index built, no template decrypted. It offers :meth:`stats`
+        (``indexed``, ``purposes``, ``shredded_rows`` and ``integrity_failures`` stay
+        empty: they come from decrypting) and ``audit.verify()``, ``audit.checkpoint()``
+        (signed from the file's head now) and ``audit.get()``; every other call raises
+        ``ReadOnlyStore``.
+
         Raises:
             StoreNotFound: no store in ``path``.
+            StoreLocked: another handle has the store open for writing (not raised with
+                ``read_only=True``).
             KeyUnavailable: wrong master key.
             IntegrityError: the keyring, configuration or policy was tampered with, the
                 keyring belongs to another store, a file is older than the others (the
                 message names it), or the audit trail ends before ``checkpoint``.
         """
+        if not isinstance(read_only, bool):
+            raise InvalidInput("read_only must be True or False")
+        writer = None if read_only else writer_lock(Path(path))  # before anything is read
+        try:
+            return cls._open(path, key_provider, clock, index_params, snapshot_on_close,
+                             progress, writer, checkpoint)
+        except BaseException:
+            if writer is not None:
+                writer.release()
+            raise
+
+    @classmethod
+    def _open(cls, path: str | os.PathLike[str], key_provider: KeyProvider,
+              clock: Clock | None, index_params: IndexParams | None, snapshot_on_close: bool,
+              progress: Progress | None, writer: FileLock | None,
+              checkpoint: Checkpoint | None) -> TemplateStore:
         folder = Path(path)
         store_clock = StoreClock(checked_clock(clock))
-        vault = Vault.open(folder, kek=key_provider.master_key(), clock=store_clock)
+        vault = Vault.open(folder, kek=key_provider.master_key(), clock=store_clock,
+                           read_only=writer is None)
         try:
-            trail = _audit_trail(folder, vault, store_clock, create=False)
+            trail = _audit_trail(folder, vault, store_clock, create=False,
+                                 read_only=writer is None)
             try:
                 last = trail.last()
                 lost = _check_audit_generation(trail, vault, last, checkpoint)
@@ -155,7 +195,9 @@ class TemplateStore:
             raise
         if last is not None:  # the clock never runs back past what the audit has seen
             store_clock.raise_to(to_us(last.ts_end))
-        store = cls(folder, vault, trail, store_clock, index_params, snapshot_on_close)
+        store = cls(folder, vault, trail, store_clock, index_params, snapshot_on_close, writer)
+        if writer is None:  # read-only: no index, no temp swept, no entry written
+            return store
         gallery = store._p.gallery
         gallery.sweep()
         source = gallery.load_snapshot(store_clock.now_us())
@@ -182,7 +224,8 @@ class TemplateStore:
                                record_ids=sorted(failures)[:100])
 
     def close(self) -> None:
-        """Audit the close, make the audit durable, release files. Safe to call twice."""
+        """Audit the close, make the audit durable, release files and the writer lock.
+        Safe to call twice. A read-only handle only releases its files."""
         with self._p.lock:
             if self._p.closed:
                 return
@@ -190,14 +233,12 @@ class TemplateStore:
                 try:
                     self.snapshot()
                 except BiotemplateError:
-                    pass  # a snapshot is an optimisation: the next open rebuilds instead
+                    pass  # an optimisation (the next open rebuilds), refused when read-only
             try:
-                self._p.trail.append("close", actor=None)
+                if self._p.writer is not None:
+                    self._p.trail.append("close", actor=None)
             finally:
-                self._p.closed = True
-                self._p.gallery.clear()
-                self._p.trail.close()
-                self._p.vault.close()
+                self._p.release()
 
     def __enter__(self) -> Self:
         return self
@@ -431,7 +472,7 @@ class TemplateStore:
 
     def stats(self) -> StoreStats:
         """Counts and sizes for operators. No keys, templates or subject ids."""
-        self._p.alive()
+        self._p.alive(needs_writer=False)
         with self._p.lock:  # a consistent picture, not one taken mid-mutation
             index = self._p.gallery.index_stats()
             return StoreStats(dim=self.dim, model=self.model, records=self._p.vault.rows.count(),
@@ -500,14 +541,17 @@ def _uncommitted_change(trail: AuditTrail, vault: Vault,
     return None
 
 
-def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool) -> AuditTrail:
-    sign, verify, _ = vault.audit_keys()
-    factory = AuditTrail.create if create else AuditTrail.open
-    return factory(folder / AUDIT, store_id=vault.store_id, signer=sign, verifier=verify,
-                   clock=clock)
+def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool,
+                 read_only: bool = False) -> AuditTrail:
+    sign, verify, public = vault.audit_keys()
+    if create:
+        return AuditTrail.create(folder / AUDIT, store_id=vault.store_id, signer=sign,
+                                 verifier=verify, clock=clock, public_key=public)
+    return AuditTrail.open(folder / AUDIT, store_id=vault.store_id, signer=sign,
+                           verifier=verify, clock=clock, public_key=public, read_only=read_only)
 
 
 # events whose entry stages a key change (it carries the generation the change gives)
 _STAGING = frozenset({"delete", "erase", "purge", "release", "policy"})
 _READS = frozenset({"search", "verify", "export", "confirm", "snapshot", "integrity",
-                    "backup"})
+                    "backup", "audit-key"})

@@ -100,8 +100,10 @@ class Vault:
         return cls(folder, db, keyring, kek, dim=dim, model=model, policy=policy, clock=clock)
 
     @classmethod
-    def open(cls, folder: Path, *, kek: SecretKey, clock: StoreClock) -> Vault:
+    def open(cls, folder: Path, *, kek: SecretKey, clock: StoreClock,
+             read_only: bool = False) -> Vault:
         """Open the keyring and records database and check they belong together.
+        ``read_only``: write nothing (no temp sweep, no keyring save, ``mode=ro``).
 
         Raises:
             StoreNotFound: no records database or keyring in ``folder``.
@@ -112,9 +114,10 @@ class Vault:
         if not (folder / RECORDS).exists() or not (folder / KEYRING).exists():
             raise StoreNotFound(f"{folder} holds no biotemplate store")
         keyring = Keyring.load(folder / KEYRING, kek)
-        _files.sweep_temps(folder / KEYRING)  # a killed save's temp may hold shredded keys
+        if not read_only:
+            _files.sweep_temps(folder / KEYRING)  # a killed save's temp may hold shredded keys
         clock.raise_to(keyring.high_water_us)
-        db = SQLiteBackend.open(folder / RECORDS)
+        db = SQLiteBackend.open(folder / RECORDS, read_only=read_only)
         try:
             if db.get_meta("store_id") != keyring.store_id:
                 raise IntegrityError("the keyring does not belong to this store")
@@ -122,8 +125,8 @@ class Vault:
             policy = RetentionPolicy.from_dict(_open_meta(db, keyring, "policy"))
             vault = cls(folder, db, keyring, kek, dim=int(config["dim"]),
                         model=str(config["model"]), policy=policy, clock=clock)
-            vault.rolled_forward = vault._check_generation()
-            vault._settle_policy()
+            vault.rolled_forward = vault._check_generation(read_only=read_only)
+            vault._settle_policy(save=not read_only)
         except BaseException:
             db.close()
             raise
@@ -366,14 +369,17 @@ class Vault:
     def generation(self) -> int:
         return self._keyring.generation
 
-    def _check_generation(self) -> bool:
+    def _check_generation(self, *, read_only: bool) -> bool:
         """Cross-check the keyring with records.db; complete an interrupted key change.
 
-        Returns True when a change was rolled forward. Raises IntegrityError naming the
-        file that is older than the other (put back from a copy)."""
+        Returns True when a change was rolled forward (a read-only open applies it in
+        memory only, writing nothing). Raises IntegrityError naming the file that is
+        older than the other (put back from a copy)."""
         blob = self._db.get_meta("state")
         kept = self._keyring.generation
         if blob is None:  # a store from before generations: start counting here
+            if read_only:
+                return False
             with self._db.transaction():
                 self._db.put_meta("state", _seal_meta(self._keyring, "state",
                                                       {"gen": kept, "intent": {}}))
@@ -388,7 +394,8 @@ class Vault:
         if gen == kept + 1:  # committed, but the keyring save did not happen (a crash)
             self._apply(intent)
             self._keyring.generation = gen
-            self.save_keys()
+            if not read_only:
+                self.save_keys()
             return True
         if gen > kept:
             raise IntegrityError(f"the keyring is older than records.db (generation {kept} "
@@ -398,7 +405,7 @@ class Vault:
 
     # --- sealed settings ----------------------------------------------------------------
 
-    def _settle_policy(self) -> None:
+    def _settle_policy(self, *, save: bool) -> None:
         """Refuse a sealed policy replayed from an older database copy (it authenticates,
         but it is not the one the keyring says is current)."""
         policies = self._keyring.policies
@@ -407,7 +414,7 @@ class Vault:
         found = policy_digest(self._policy)
         if found not in policies:
             raise IntegrityError("the stored policy is not the current one (an old copy?)")
-        if len(policies) > 1:  # a set_policy was interrupted: settle on what committed
+        if len(policies) > 1 and save:  # a set_policy was interrupted: settle on it
             self._keyring.policies = [found]
             self.save_keys()
 

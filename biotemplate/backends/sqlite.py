@@ -15,6 +15,13 @@ Durability and erasure choices, and why:
 * Copies only through SQLite's backup API (:meth:`SQLiteBackend.backup`): copying the file
   under a live writer can capture a torn database.
 
+A read-only open (``open(path, read_only=True)``, for auditors beside a running writer)
+connects with ``mode=ro`` and ``query_only``, and writes nothing to the database: no
+schema upgrade, no checkpoint on close. SQLite's WAL needs the ``-wal`` and ``-shm`` files
+to read: while a writer holds the database they exist and the reader shares them; when
+none does, SQLite creates them empty (with the database's permissions) and leaves them
+for the next writer, which checkpoints and removes them when it closes.
+
 The connection is in autocommit mode and ``transaction()`` issues ``BEGIN IMMEDIATE``, so
 a writer takes the lock up front instead of failing halfway. A re-entrant lock, held by a
 transaction from BEGIN to COMMIT, serialises threads, so none reads uncommitted rows.
@@ -121,9 +128,10 @@ def _new_file(path: Path, what: str) -> None:
         raise StorageError(f"cannot create {what} ({exc.strerror})") from None
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open an existing file only (``mode=rw``): SQLite must never create one implicitly."""
-    return _files.sqlite_connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+def _connect(path: Path, mode: str = "rw") -> sqlite3.Connection:
+    """Open an existing file only (``mode=rw`` or ``ro``): SQLite must never create one
+    implicitly."""
+    return _files.sqlite_connect(path, mode, timeout=BUSY_TIMEOUT_MS / 1000)
 
 
 def _configure(conn: sqlite3.Connection) -> None:
@@ -133,12 +141,13 @@ def _configure(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA {pragma}")
 
 
-def _start(path: Path, *, new: bool) -> sqlite3.Connection:
-    """Connect; a new file gets page size and schema, an old one is checked before writing."""
+def _start(path: Path, *, new: bool, read_only: bool = False) -> sqlite3.Connection:
+    """Connect; a new file gets page size and schema, an old one is checked before writing
+    (a read-only connection is checked and then only configured to read)."""
     conn: sqlite3.Connection | None = None
     try:
         with _mapped("open"):
-            conn = _connect(path)
+            conn = _connect(path, "ro" if read_only else "rw")
             if new:
                 conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before WAL and any table
             else:
@@ -147,6 +156,11 @@ def _start(path: Path, *, new: bool) -> sqlite3.Connection:
                     raise IntegrityError("records database is corrupt")
                 if version != SCHEMA_VERSION:
                     raise StorageError("unsupported records database schema version")
+            if read_only:
+                for pragma in ("query_only=ON", "trusted_schema=OFF",
+                               f"busy_timeout={BUSY_TIMEOUT_MS}"):
+                    conn.execute(f"PRAGMA {pragma}")
+                return conn
             _configure(conn)
             conn.execute("BEGIN IMMEDIATE")
             # a file from before the triggers existed gets them here (IF NOT EXISTS)
@@ -205,8 +219,9 @@ class SQLiteBackend:
             raise
 
     @classmethod
-    def open(cls, path: Path) -> SQLiteBackend:
+    def open(cls, path: Path, *, read_only: bool = False) -> SQLiteBackend:
         """Open an existing records database, checking it before anything is written.
+        ``read_only``: never write to it (``mode=ro``); writes raise ``StorageError``.
 
         Raises:
             StoreNotFound: there is no file at ``path``.
@@ -216,7 +231,7 @@ class SQLiteBackend:
         path = Path(path)
         if not path.is_file():
             raise StoreNotFound(f"no records database at {path}")
-        return cls(_start(path, new=False), path)
+        return cls(_start(path, new=False, read_only=read_only), path)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -11,12 +11,13 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey
 
-from biotemplate.audit import AuditTrail, Checkpoint
+from biotemplate.audit import AuditTrail, Checkpoint, verify_audit
 from biotemplate.errors import (
     AuditError,
     IntegrityError,
@@ -663,3 +664,190 @@ def test_close_right_after_a_search_entry_does_not_wait_for_the_window(path: Pat
     trail.close()
     assert time.monotonic() - t0 < 5  # a stop event, not a sleep: no hang
     assert make(path, create=False).last().seq == 2  # type: ignore[union-attr]
+
+
+# --- the public key, and verification without the master key -------------------------------
+
+
+PUBLIC = SigningKey(SEED).verify_key.encode()
+
+
+def make_keyed(path: Path, *, create: bool = True, read_only: bool = False,
+               store: bytes = STORE, seed: bytes = SEED) -> AuditTrail:
+    """A trail that publishes its public key (as every store's trail does)."""
+    sign, verify = keypair(seed)
+    public = SigningKey(seed).verify_key.encode()
+    if create:
+        return AuditTrail.create(path, store_id=store, signer=sign, verifier=verify,
+                                 clock=Clock(), public_key=public)
+    return AuditTrail.open(path, store_id=store, signer=sign, verifier=verify, clock=Clock(),
+                           public_key=public, read_only=read_only)
+
+
+def meta(path: Path) -> dict[str, bytes]:
+    conn = sqlite3.connect(path)
+    found = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    conn.close()
+    return found
+
+
+def tamper_meta(path: Path, sql: str, params: tuple[object, ...] = ()) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript("DROP TRIGGER IF EXISTS meta_no_update;"
+                       "DROP TRIGGER IF EXISTS meta_no_delete;")
+    conn.execute(sql, params)
+    conn.commit()
+    conn.close()
+
+
+@pytest.fixture
+def keyed(path: Path) -> Iterator[AuditTrail]:
+    t = make_keyed(path)
+    fill(t, 5)
+    yield t
+    t.close()
+
+
+def test_the_public_key_is_in_meta_and_signed_into_the_genesis(path: Path,
+                                                               keyed: AuditTrail) -> None:
+    assert meta(path) == {"store_id": STORE, "public_key": PUBLIC}
+    assert dict(keyed.get(1).fields) == {"public_key": PUBLIC}
+    report = verify_audit(path)
+    assert report.ok and report.entries == 6
+    assert verify_audit(path.parent).ok  # the folder names its audit.db
+    with pytest.raises(StoreNotFound):
+        verify_audit(path.parent / "elsewhere")
+    junk = path.with_name("junk.db")
+    junk.write_bytes(b"not a database at all" * 100)
+    assert verify_audit(junk).problems == ("audit database unreadable",)
+
+
+def test_checkpoints_carry_the_key(keyed: AuditTrail) -> None:
+    cp = keyed.checkpoint()
+    assert cp.public_key == PUBLIC
+    assert Checkpoint.from_bytes(cp.to_bytes()) == cp
+    assert Checkpoint.from_json(cp.to_json()) == cp
+    assert '"v": 2' in cp.to_json() and PUBLIC.hex() in cp.to_json()
+    assert keyed.verify(cp).ok
+    assert keyed.verify(dataclasses.replace(cp, public_key=None)).problems == (
+        "checkpoint signature invalid",)  # the key is signed: dropping it is seen
+    with pytest.raises(IntegrityError):
+        Checkpoint.from_json(cp.to_json().replace('"v": 2', '"v": 1'))
+    with pytest.raises(IntegrityError):
+        Checkpoint.from_json(cp.to_json().replace(PUBLIC.hex(), PUBLIC.hex()[:-2]))
+
+
+def test_verify_audit_finds_a_flipped_byte(path: Path, keyed: AuditTrail) -> None:
+    keyed.close()
+    body, _, sig = row(path, 3)
+    tamper(path, "UPDATE entries SET body = ? WHERE seq = 3", (flip(body, 40),))
+    report = verify_audit(path)
+    assert report.ok is False and "seq 3: hash mismatch" in report.problems
+    tamper(path, "UPDATE entries SET body = ? WHERE seq = 3", (body,))
+    assert verify_audit(path).ok
+    tamper(path, "UPDATE entries SET sig = ? WHERE seq = 3", (flip(sig),))
+    assert verify_audit(path).problems == ("seq 3: signature invalid",)
+
+
+def test_verify_audit_finds_truncation_with_a_checkpoint(path: Path, keyed: AuditTrail) -> None:
+    cp = keyed.checkpoint()
+    keyed.close()
+    tamper(path, "DELETE FROM entries WHERE seq > 4")
+    assert verify_audit(path).ok is True  # a chain alone cannot tell
+    assert verify_audit(path, cp).problems == (
+        "trail ends at seq 4, before checkpoint seq 6: truncated or an old file restored",)
+
+
+def test_verify_audit_refuses_another_stores_checkpoint(path: Path, keyed: AuditTrail,
+                                                        tmp_path: Path) -> None:
+    other = make_keyed(tmp_path / "other.db", store=b"\x02" * 16, seed=bytes(32))
+    fill(other, 5)
+    assert verify_audit(path, other.checkpoint()).problems == (
+        "checkpoint is for another store",)
+    twin = make_keyed(tmp_path / "twin.db", seed=bytes(32))  # same store id, another key
+    fill(twin, 5)
+    assert verify_audit(path, twin.checkpoint()).problems == (
+        "checkpoint names another audit public key",)
+    assert keyed.verify(twin.checkpoint()).problems == (
+        "checkpoint names another audit public key",)
+    other.close()
+    twin.close()
+
+
+def test_an_edited_public_key_is_found(path: Path, keyed: AuditTrail) -> None:
+    other = SigningKey(bytes(32)).verify_key.encode()
+    tamper_meta(path, "UPDATE meta SET value = ? WHERE key = 'public_key'", (other,))
+    report = verify_audit(path)  # every signature now fails, and the copies disagree
+    assert "seq 1: signature invalid" in report.problems
+    assert "the public key in the meta table differs from the signed one" in report.problems
+    assert keyed.verify().problems == (
+        "the public key in the meta table differs from the signed one",)
+    tamper_meta(path, "DELETE FROM meta WHERE key = 'public_key'")
+    assert keyed.verify().problems == ("the public key is missing from the meta table",)
+    assert verify_audit(path).ok is False
+
+
+def test_a_trail_from_before_keys_gets_its_key_on_a_writable_open(path: Path) -> None:
+    old = make(path)  # no public key: a trail created before keys were published
+    fill(old, 2)
+    cp_v1 = old.checkpoint()
+    assert cp_v1.public_key is None and '"v": 1' in cp_v1.to_json()
+    old.close()
+    report = verify_audit(path)
+    assert report.ok is False and "names no usable public key" in report.problems[0]
+    ro = make_keyed(path, create=False, read_only=True)  # a reader adds nothing
+    assert ro.verify().ok and ro.verify(cp_v1).ok
+    ro.close()
+    assert verify_audit(path).ok is False
+
+    upgraded = make_keyed(path, create=False)
+    added = upgraded.last()
+    assert added is not None and (added.seq, added.event) == (4, "audit-key")
+    assert dict(added.fields) == {"public_key": PUBLIC}
+    upgraded.close()
+    assert meta(path) == {"store_id": STORE, "public_key": PUBLIC}
+    assert verify_audit(path).ok and verify_audit(path, cp_v1).ok  # old checkpoints still do
+    again = make_keyed(path, create=False)
+    assert again.checkpoint().seq == 4  # published once
+    again.close()
+
+
+def test_a_read_only_trail_writes_nothing_and_follows_the_head(path: Path,
+                                                               keyed: AuditTrail) -> None:
+    ro = make_keyed(path, create=False, read_only=True)
+    before = path.read_bytes()
+    with pytest.raises(AuditError, match="read-only"):
+        ro.append("search", actor="x")
+    assert ro.checkpoint().seq == 6
+    fill(keyed, 2)  # the writer goes on
+    cp = ro.checkpoint()
+    assert cp.seq == 8 and keyed.verify(cp).ok and ro.verify(cp).ok
+    ro.close()
+    assert path.read_bytes() == before  # the writer's entries are in its WAL
+
+
+def test_a_read_only_trail_refuses_to_sign_a_shortened_file(path: Path,
+                                                            keyed: AuditTrail) -> None:
+    ro = make_keyed(path, create=False, read_only=True)
+    tamper(path, "DELETE FROM entries WHERE seq > 4")
+    with pytest.raises(IntegrityError, match="entry 6 is missing or rewritten"):
+        ro.checkpoint()
+    ro.close()
+
+
+# --- a store's trail, offline ------------------------------------------------------------
+
+
+def test_verify_audit_on_a_store_folder(store: Any, store_dir: Path, tmp_path: Path) -> None:
+    assert verify_audit(store_dir).ok  # beside the live writer
+    cp = store.audit.checkpoint()
+    assert cp.public_key == store.audit.public_key
+    assert verify_audit(store_dir / "audit.db", cp).ok
+    backup = store.backup(tmp_path / "backup", actor="ops")
+    assert verify_audit(backup.path, cp).ok
+    store.close()
+    assert verify_audit(store_dir, cp).ok
+    body = row(store_dir / "audit.db", 2)[0]
+    tamper(store_dir / "audit.db", "UPDATE entries SET body = ? WHERE seq = 2", (flip(body),))
+    report = verify_audit(store_dir, cp)
+    assert report.ok is False and "seq 2: hash mismatch" in report.problems

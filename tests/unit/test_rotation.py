@@ -93,6 +93,8 @@ def test_a_rotation_killed_before_the_new_keyring_is_marked_rolled_back(
     store._p.closed = True  # no close entry: the process is gone
     store._p.trail.close()
     store._p.vault.close()
+    assert store._p.writer is not None
+    store._p.writer.release()  # a killed process's lock dies with it
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
         events = _events(s)
         rotate = events.index("rotate-master-key")

@@ -1055,6 +1055,7 @@ def test_a_lost_commit_after_its_audit_entry_is_marked_rolled_back(
         s._p.closed = True  # no close entry: as if killed here
         s._p.trail.close()
         s._p.vault.close()
+        s._p.writer.release()  # a killed process's lock dies with it
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
         entries = [s.audit.get(n) for n in range(1, s.audit.verify().entries + 1)]
         rollbacks = [e for e in entries if e.event == "rollback"]
