@@ -11,12 +11,15 @@ process or another, is refused with ``StoreLocked`` instead of racing the first 
 keyring saves and ratchet steps. A handle without it (``read_only=True``) is refused every
 call that writes or touches templates or subject ids, here, in :meth:`Parts.alive`.
 
-A call validates its actor first (an anonymous call is refused outright), then runs its
-body; a refusal the body raises (bad input, a policy violation, an unknown record) is
-written to the audit trail as "refused" before it reaches the caller, so an operator
-probing outside their purpose leaves a trace. Fields of a refused call are trimmed to
-audit-safe primitives first: a malformed value must not stop the refusal from being
-audited, and no input value is copied in full.
+A call validates its actor first, then runs its body; a refusal the body raises (bad
+input, a policy violation, an unknown record) is written to the audit trail as "refused"
+before it reaches the caller, so an operator probing outside their purpose leaves a trace.
+A call with an invalid actor (None, blank, not a str, too long) is refused too, and audited
+as refused with no actor and ``actor_invalid=True``: the README promises that every refused
+call is audited. Fields of a refused call are trimmed to audit-safe primitives first: a
+malformed value must not stop the refusal from being audited, and no input value is copied
+beyond a short prefix of a str (a template passed by mistake as a purpose, a mode or a
+reason leaves only its type's name).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .errors import (
     StoreNotFound,
 )
 from .gallery import Gallery
-from .validation import MAX_SUBJECT_ID, check_text
+from .validation import check_subject_id, check_text
 from .vault import KeyChange, Vault
 
 LOCK = "lock"
@@ -175,7 +178,12 @@ def audited(trail: AuditTrail, event: str, actor: object, *, who: str = "actor",
 
     The body fills the yielded dict with fields for its own success entry.
     """
-    name = check_text(actor, who, limit=256)
+    try:
+        name = check_text(actor, who, limit=256)
+    except InvalidInput as exc:
+        trail.append(event, actor=None, outcome="refused", error=type(exc).__name__,
+                     actor_invalid=True, **_safe(fields))
+        raise
     try:
         yield fields
     except AuditError:
@@ -188,30 +196,37 @@ def audited(trail: AuditTrail, event: str, actor: object, *, who: str = "actor",
 
 
 def subject_field(vault: Vault, subject_id: object, fields: dict[str, Any]) -> bytes:
-    """Validate a subject id and return its keyed ref, also recorded in the call's audit
-    fields (the audit names subjects only by ref, never in clear)."""
-    check_text(subject_id, "subject_id", limit=MAX_SUBJECT_ID)
-    ref = vault.subject_ref(str(subject_id))
+    """Validate a subject id (normalised to NFC) and return its keyed ref, also recorded in
+    the call's audit fields (the audit names subjects only by ref, never in clear)."""
+    ref = vault.subject_ref(check_subject_id(subject_id))
     fields["subject_ref"] = ref.hex()
     return ref
 
 
 def listish(purposes: object) -> list[str]:
-    """Purpose tags as the audit may record them: strings only, at most 16."""
+    """Purpose tags as the audit may record them: strings only (each cut to 64
+    characters), at most 16; anything else in the list is left out."""
     if isinstance(purposes, list | tuple):
-        return [p for p in purposes if isinstance(p, str)][:16]
+        return [_text(p, 64) for p in purposes if isinstance(p, str)][:16]
     return []
 
 
 def _safe(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a refused call as the audit may record them: a str cut to 64
+    characters (a reason to 256), an int, bool or None as given, a list as its str items
+    (:func:`listish`); any other value (a float, an array, an object) only as its type's
+    name, so a template passed by mistake never lands in the audit."""
     out: dict[str, Any] = {}
     for key, value in fields.items():
         if isinstance(value, str):
-            out[key] = _text(value, 256)
-        elif isinstance(value, int | float | bool) or value is None:
+            out[key] = _text(value, 256 if key == "reason" else 64)
+        elif value is None or type(value) is bool or (
+                type(value) is int and -(1 << 63) <= value < 1 << 63):
             out[key] = value
-        elif isinstance(value, list):
-            out[key] = [_text(str(v), 64) for v in value[:16]]
+        elif isinstance(value, list | tuple):
+            out[key] = listish(value)
+        else:
+            out[key] = f"<{type(value).__name__[:64]}>"  # e.g. "<ndarray>", "<float>"
     return out
 
 

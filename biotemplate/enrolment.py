@@ -22,7 +22,7 @@ from ._calls import Parts
 from .codec import Plain
 from .errors import PolicyViolation
 from .gallery import Progress
-from .validation import MAX_SUBJECT_ID, check_metadata, check_text, normalised
+from .validation import check_metadata, check_subject_id, check_text, normalised
 
 
 def enroll(p: Parts, vecs: np.ndarray[Any, Any], subject_ids: list[str],
@@ -31,8 +31,7 @@ def enroll(p: Parts, vecs: np.ndarray[Any, Any], subject_ids: list[str],
            progress: Progress | None = None) -> list[str]:
     """Seal and commit a batch whose templates are validated: all rows or none; returns
     the record ids. ``fields`` are the audit fields the store's wrapper collected."""
-    for sid in subject_ids:
-        check_text(sid, "subject_id", limit=MAX_SUBJECT_ID)
+    subject_ids = [check_subject_id(sid) for sid in subject_ids]  # NFC, before any ref
     src = check_text(source, "source", optional=True)
     meta = check_metadata(metadata)
     vault = p.vault

@@ -25,11 +25,12 @@ from .index import Hit
 from .policy import Purpose, RetentionPolicy
 from .results import Candidate, Confirmation, RecordView, SearchResult, Verification
 from .validation import (
-    MAX_SUBJECT_ID,
     as_templates,
+    check_subject_id,
     check_text,
     loggable_record_id,
     normalised,
+    shown,
     unit_template,
 )
 
@@ -45,8 +46,8 @@ def search_rule(policy: RetentionPolicy, purpose: str, mode: str, k: object,
             mode is not allowed for it.
     """
     check_text(reason, "reason", optional=True)
-    if mode not in SEARCH_MODES:
-        raise InvalidInput(f"mode must be one of {SEARCH_MODES}")
+    if not isinstance(mode, str) or mode not in SEARCH_MODES:  # an array must not compare
+        raise InvalidInput(f"mode must be one of {SEARCH_MODES}, got {shown(mode)}")
     rule = policy.purpose(purpose)
     if not rule.allows_mode(mode):
         raise PolicyViolation(f"mode {mode!r} is not allowed for purpose {rule.name!r}")
@@ -111,7 +112,7 @@ def verify(p: Parts, probe: object, *, subject_id: str, purpose: str, actor: str
     started = p.clock()
     with p.audited("verify", actor, purpose=purpose, reason=reason) as f:
         check_text(reason, "reason", optional=True)
-        check_text(subject_id, "subject_id", limit=MAX_SUBJECT_ID)
+        subject_id = check_subject_id(subject_id)
         rule = p.vault.policy.purpose(purpose)
         if not rule.allows_mode("verification"):
             raise PolicyViolation(f"purpose {purpose!r} does not allow verification")

@@ -42,6 +42,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from biotemplate.errors import InvalidInput, InvalidPolicy, PolicyViolation
+from biotemplate.validation import MAX_SHOWN, shown
 
 __all__ = ["MODES", "Purpose", "RetentionPolicy", "format_duration", "parse_duration"]
 
@@ -71,15 +72,15 @@ def parse_duration(text: str) -> timedelta:
         InvalidPolicy: the text is not a positive duration in this grammar; names the text.
     """
     match = _DURATION_RE.fullmatch(text) if isinstance(text, str) and len(text) <= 64 else None
-    if not text or match is None:
-        raise InvalidPolicy(f"invalid duration {text!r}: expected <positive integer><unit> "
+    if match is None or not text:
+        raise InvalidPolicy(f"invalid duration {shown(text)}: expected <positive integer><unit> "
                             "parts, largest unit first, with units s, m (minutes), h, d, w, "
                             "y (365 days), e.g. '12h', '30d', '1d12h'")
     seconds = sum(int(n) * size for n, (_, size) in zip(match.groups(), _UNITS, strict=True) if n)
     try:
         return timedelta(seconds=seconds)
     except OverflowError:
-        raise InvalidPolicy(f"invalid duration {text!r}: too long") from None
+        raise InvalidPolicy(f"invalid duration {shown(text)}: too long") from None
 
 
 def format_duration(td: timedelta) -> str:
@@ -94,7 +95,8 @@ def format_duration(td: timedelta) -> str:
         InvalidInput: ``td`` is not a positive whole number of seconds.
     """
     if not isinstance(td, timedelta) or td <= timedelta(0) or td.microseconds:
-        raise InvalidInput(f"cannot format {td!r}: need a positive whole number of seconds")
+        raise InvalidInput(f"cannot format {_shown_span(td)}: need a positive whole number "
+                           "of seconds")
     best = min(_spellings(td.days * 86400 + td.seconds, 0),
                key=lambda parts: (sum(map(len, parts)), len(parts)))  # min keeps the first tie
     return "".join(best)
@@ -115,6 +117,16 @@ def _spellings(seconds: int, index: int) -> Iterator[tuple[str, ...]]:
     yield from _spellings(seconds, index + 1)
 
 
+def _name(key: object) -> str:
+    """A field or purpose name as a message's field path may spell it (bounded)."""
+    return key if isinstance(key, str) and len(key) <= MAX_SHOWN else shown(key)
+
+
+def _shown_span(value: object) -> str:
+    """A duration as a message may quote it: a timedelta in full, anything else bounded."""
+    return repr(value) if isinstance(value, timedelta) else shown(value)
+
+
 def _show(td: timedelta) -> str:
     """Format for messages: canonical when possible, never raising."""
     return format_duration(td) if td > timedelta(0) and not td.microseconds else str(td)
@@ -123,7 +135,8 @@ def _show(td: timedelta) -> str:
 def _check_span(value: object, path: str) -> timedelta:
     """Check a typed duration field: persisted as text, so positive whole seconds only."""
     if not isinstance(value, timedelta) or value <= timedelta(0) or value.microseconds:
-        raise InvalidPolicy(f"{path}: must be a positive duration in whole seconds, got {value!r}")
+        raise InvalidPolicy(f"{path}: must be a positive duration in whole seconds, "
+                            f"got {_shown_span(value)}")
     return value
 
 
@@ -132,7 +145,8 @@ def _duration(value: object, path: str) -> timedelta:
     if isinstance(value, timedelta):
         return _check_span(value, path)
     if not isinstance(value, str):
-        raise InvalidPolicy(f"{path}: must be a duration string such as '30d', got {value!r}")
+        raise InvalidPolicy(f"{path}: must be a duration string such as '30d', "
+                            f"got {shown(value)}")
     try:
         return parse_duration(value)
     except InvalidPolicy as exc:
@@ -144,8 +158,8 @@ def _modes(value: object, path: str) -> frozenset[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not value:
         raise InvalidPolicy(f"{path}: must be a non-empty list drawn from {list(MODES)}")
     for mode in value:
-        if mode not in MODES:
-            raise InvalidPolicy(f"{path}: unknown mode {mode!r}; allowed: {list(MODES)}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise InvalidPolicy(f"{path}: unknown mode {shown(mode)}; allowed: {list(MODES)}")
     if len(set(value)) != len(value):
         raise InvalidPolicy(f"{path}: lists a mode more than once")
     return frozenset(value)
@@ -157,9 +171,10 @@ def _check_keys(raw: Mapping[Any, Any], allowed: frozenset[str], required: froze
     prefix = f"{path}." if path else ""
     for key in raw:
         if not isinstance(key, str) or key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            close = difflib.get_close_matches(key, sorted(allowed), n=1) if isinstance(
+                key, str) and len(key) <= 64 else []
             hint = f"did you mean {close[0]!r}?" if close else f"allowed: {sorted(allowed)}"
-            raise InvalidPolicy(f"{prefix}{key}: unknown key; {hint}")
+            raise InvalidPolicy(f"{prefix}{_name(key)}: unknown key; {hint}")
     for key in sorted(required.difference(raw)):
         raise InvalidPolicy(f"{prefix}{key}: required key is missing")
 
@@ -186,7 +201,7 @@ class Purpose:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
-            raise InvalidPolicy(f"purposes.{self.name}: a purpose name must match "
+            raise InvalidPolicy(f"purposes.{_name(self.name)}: a purpose name must match "
                                 f"{_NAME_RE.pattern} (lower case, digits, '.', '_', '-')")
         path = f"purposes.{self.name}"
         _check_span(self.max_retention, f"{path}.max_retention")
@@ -200,13 +215,13 @@ class Purpose:
         if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                 or not math.isfinite(threshold) or not -1.0 <= float(threshold) <= 1.0):
             raise InvalidPolicy(f"{path}.match_threshold: must be a number in [-1, 1] "
-                                f"(cosine similarity), got {threshold!r}")
+                                f"(cosine similarity), got {shown(threshold)}")
         object.__setattr__(self, "match_threshold", float(threshold))
         cap: object = self.max_candidates
         if (isinstance(cap, bool) or not isinstance(cap, numbers.Integral)
                 or not 1 <= int(cap) <= _MAX_CANDIDATES):
             raise InvalidPolicy(f"{path}.max_candidates: must be an integer in "
-                                f"[1, {_MAX_CANDIDATES}], got {cap!r}")
+                                f"[1, {_MAX_CANDIDATES}], got {shown(cap)}")
         object.__setattr__(self, "max_candidates", int(cap))
         if not isinstance(self.description, str):
             raise InvalidPolicy(f"{path}.description: must be a string")
@@ -271,7 +286,8 @@ class RetentionPolicy:
             raise InvalidPolicy("purposes: must be a non-empty table of purposes")
         for name, purpose in self.purposes.items():
             if not isinstance(purpose, Purpose) or purpose.name != name:
-                raise InvalidPolicy(f"purposes.{name}: must be a Purpose named {name!r}")
+                raise InvalidPolicy(f"purposes.{_name(name)}: must be a Purpose named "
+                                    f"{shown(name)}")
         object.__setattr__(self, "purposes", MappingProxyType(dict(self.purposes)))
 
     def __hash__(self) -> int:
@@ -297,7 +313,7 @@ class RetentionPolicy:
             raise InvalidPolicy("purposes: must be a non-empty table of purposes")
         purposes: dict[str, Purpose] = {}
         for name, raw in raw_purposes.items():
-            path = f"purposes.{name}"
+            path = f"purposes.{_name(name)}"
             if not isinstance(raw, Mapping):
                 raise InvalidPolicy(f"{path}: must be a table")
             _check_keys(raw, _PURPOSE_KEYS, _PURPOSE_REQUIRED, path)
@@ -365,9 +381,8 @@ class RetentionPolicy:
         try:
             return self.purposes[name]
         except (KeyError, TypeError):
-            shown = repr(name) if isinstance(name, str) and len(name) <= 64 else (
-                f"of type {type(name).__name__}")  # never echo a template passed by mistake
-            raise PolicyViolation(f"unknown purpose {shown}; the policy defines: "
+            # never echo a template passed by mistake, nor a long string in full
+            raise PolicyViolation(f"unknown purpose {shown(name)}; the policy defines: "
                                   f"{', '.join(sorted(self.purposes))}") from None
 
     def resolve_ttl(self, purposes: Sequence[str], ttl: timedelta | None) -> timedelta:
@@ -418,5 +433,6 @@ class RetentionPolicy:
             raise InvalidInput(f"purposes must be strings, got {', '.join(kinds)}")
         repeated = sorted({name for name in purposes if purposes.count(name) > 1})
         if repeated:
-            raise InvalidInput(f"purposes lists {', '.join(map(repr, repeated))} more than once")
+            raise InvalidInput(f"purposes lists {', '.join(map(shown, repeated[:4]))} "
+                               "more than once")
         return [self.purpose(name) for name in purposes]

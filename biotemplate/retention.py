@@ -30,7 +30,7 @@ def delete(p: Parts, record_id: str, *, actor: str, reason: str | None = None) -
         check_text(reason, "reason", optional=True)
         vault = p.vault
         with p.lock:
-            well_formed = loggable_record_id(record_id) == record_id
+            well_formed = isinstance(record_id, str) and loggable_record_id(record_id) == record_id
             row = vault.rows.get(str(record_id)) if well_formed else None
             if row is None:
                 raise RecordNotFound("no record with that id")

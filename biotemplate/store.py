@@ -39,7 +39,7 @@ from .clock import Clock, StoreClock, checked_clock, to_us
 from .errors import BiotemplateError, IntegrityError, InvalidInput, StoreExists
 from .gallery import Gallery, Progress
 from .index import IndexParams
-from .keys import KeyProvider
+from .keys import KeyProvider, check_key_location
 from .policy import RetentionPolicy
 from .results import (
     BackupReceipt,
@@ -109,6 +109,7 @@ class TemplateStore:
         store_clock = StoreClock(checked_clock(clock))
         if (folder / AUDIT).exists():
             raise StoreExists(f"{folder} already holds a store (or part of one)")
+        check_key_location(key_provider, folder)  # not in the folder, not via a link
         kek = key_provider.master_key()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder.chmod(0o700)  # also when it existed: the folder holds the store's files only
@@ -179,6 +180,7 @@ class TemplateStore:
               checkpoint: Checkpoint | None) -> TemplateStore:
         folder = Path(path)
         store_clock = StoreClock(checked_clock(clock))
+        check_key_location(key_provider, folder)  # not in the folder, not via a link
         vault = Vault.open(folder, kek=key_provider.master_key(), clock=store_clock,
                            read_only=writer is None)
         try:

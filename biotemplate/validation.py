@@ -2,13 +2,20 @@
 
 Validation happens here, once, before anything touches keys or disk: a template must be a
 1-D array-like of the store's dimension, finite (also after the cast to float32) and of
-non-zero norm. The error says what to fix and never echoes an input value.
+non-zero norm. The error says what to fix and never echoes an input value: where a message
+must name what it got, :func:`shown` gives a bounded, safe form (a short prefix of a str,
+a plain number, else only the type's name: never the repr of an array, list or object).
+
+Subject ids are normalised to Unicode NFC where they enter (:func:`check_subject_id`),
+before a keyed subject ref is computed from them: "José" typed as one code point or as "e"
+plus a combining accent names the same subject.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +27,7 @@ from .errors import InvalidInput, InvalidTemplate
 
 MAX_SUBJECT_ID = 256
 MAX_TEXT = 1024
+MAX_SHOWN = 80  # characters of a caller's string an error message may quote
 MAX_METADATA_BYTES = 16 * 1024
 UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_bin_len": 1 << 20,
                   "max_array_len": 1 << 16, "max_map_len": 1 << 12}
@@ -140,6 +148,36 @@ def check_text(value: object, name: str, *, optional: bool = False,
     except UnicodeEncodeError:
         raise InvalidInput(f"{name} must be valid Unicode (no lone surrogates)") from None
     return value
+
+
+def check_subject_id(value: object, name: str = "subject_id") -> str:
+    """A subject id as the store keys it: :func:`check_text`, then Unicode NFC.
+
+    Every call that takes a subject id (enrol, verify, export, erase, holds) goes through
+    here, so canonically equivalent spellings reach the same records.
+
+    Raises:
+        InvalidInput: not a non-empty str of at most ``MAX_SUBJECT_ID`` characters (also
+            after normalisation), or not valid Unicode.
+    """
+    text = unicodedata.normalize("NFC", str(check_text(value, name, limit=MAX_SUBJECT_ID)))
+    if len(text) > MAX_SUBJECT_ID:
+        raise InvalidInput(f"{name} is longer than {MAX_SUBJECT_ID} characters")
+    return text
+
+
+def shown(value: object) -> str:
+    """A caller's value as an error message may quote it: the repr of a str cut to
+    ``MAX_SHOWN`` characters, a Python int, float, bool or None, else only its type's name
+    in angle brackets, e.g. ``<ndarray>`` (a template passed by mistake must not be echoed,
+    whole or in part)."""
+    if isinstance(value, str):  # repr escapes what a terminal or log could misread
+        return repr(value[:MAX_SHOWN]) + ("..." if len(value) > MAX_SHOWN else "")
+    if value is None or type(value) in (bool, float):
+        return repr(value)
+    if isinstance(value, int) and type(value) is int and abs(value) < 10**18:
+        return repr(value)
+    return f"<{type(value).__name__[:MAX_SHOWN]}>"
 
 
 _RECORD_ID = re.compile(r"[0-9a-f]{32}")

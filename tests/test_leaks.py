@@ -35,13 +35,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import nacl.pwhash
 import numpy as np
 import pytest
 
 import biotemplate as bt
 from biotemplate.keyring import Keyring
-from biotemplate.keys import SecretKey
+from biotemplate.keys import ARGON2_MIN_MEM, ARGON2_MIN_OPS, SecretKey
 from biotemplate.synthetic import make_gallery, probes, strangers
 from biotemplate.validation import normalised
 
@@ -54,8 +53,7 @@ SUBJECT_IDS = [f"{MARK}-SUBJ-{i // SAMPLES:04d}" for i in range(N_SUBJECTS * SAM
 BATCH_META = {"note": f"{MARK}-META-xyz", "site": f"{MARK}-META-site-42", "n": 7}
 PASSPHRASE = f"{MARK}-PASSPHRASE-correct-horse"
 STORE_FILES = {"records.db", "audit.db", "keyring", "index.snapshot"}
-FAST_ARGON = {"ops_limit": nacl.pwhash.argon2id.OPSLIMIT_MIN,
-              "mem_limit": nacl.pwhash.argon2id.MEMLIMIT_MIN}
+ARGON_FLOOR = {"ops_limit": ARGON2_MIN_OPS, "mem_limit": ARGON2_MIN_MEM}  # the cheapest allowed
 
 
 def single_meta(i: int) -> dict[str, Any]:
@@ -251,15 +249,15 @@ def failure_workload(store: bt.TemplateStore, store_dir: Path, keys: bt.FileKeyP
     nan_probe = TEMPLATES[5].copy()
     nan_probe[20] = np.nan
     short = TEMPLATES[6][:-1].copy()
-    master_hex = keys.path.read_text().strip()
+    master_text = keys.path.read_text().strip()  # biotemplate-key-v1:<base64>
     other_key = bt.FileKeyProvider.generate(tmp_path / "other.key")
     open_key = tmp_path / "open.key"
-    open_key.write_text(master_hex + "\n")
+    open_key.write_text(master_text + "\n")
     open_key.chmod(0o644)
     bad_key = tmp_path / "bad.key"
-    bad_key.write_text(master_hex[:-2] + "\n")
+    bad_key.write_text(master_text[:-2] + "\n")
     bad_key.chmod(0o600)
-    monkeypatch.setenv("BT_TEST_BAD_ENV_KEY", master_hex[:-1])
+    monkeypatch.setenv("BT_TEST_BAD_ENV_KEY", master_text[:-1])
     sid = SUBJECT_IDS[0]
     calls: list[Callable[[], Any]] = [
         lambda: store.enroll(nan_probe, subject_id=sid, purposes=["rare"], actor="a"),
@@ -301,7 +299,7 @@ def failure_workload(store: bt.TemplateStore, store_dir: Path, keys: bt.FileKeyP
         lambda: bt.FileKeyProvider(open_key).master_key(),
         lambda: bt.FileKeyProvider(bad_key).master_key(),
         lambda: bt.EnvKeyProvider("BT_TEST_BAD_ENV_KEY").master_key(),
-        lambda: SecretKey(bytes.fromhex(master_hex)[:-1]),
+        lambda: SecretKey(keys.master_key().reveal()[:-1]),
         lambda: Keyring.from_bytes(_flipped(store_dir / "keyring"), keys.master_key()),
     ]
     raised = []
@@ -493,12 +491,12 @@ def _scan_copies(scanner: Scanner, copies: dict[Path, bytes], label: str) -> Non
 @pytest.fixture
 def providers(tmp_path: Path, keys: bt.FileKeyProvider,
               monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    master_hex = keys.path.read_text().strip()
-    monkeypatch.setenv("BT_TEST_ENV_KEY", master_hex)
+    master_text = keys.path.read_text().strip()  # biotemplate-key-v1:<base64>
+    monkeypatch.setenv("BT_TEST_ENV_KEY", master_text)
     return {
         "file": keys,
         "passphrase": bt.PassphraseKeyProvider(PASSPHRASE, salt_file=tmp_path / "salt",
-                                               **FAST_ARGON),
+                                               **ARGON_FLOOR),
         "env": bt.EnvKeyProvider("BT_TEST_ENV_KEY"),
     }
 
@@ -595,3 +593,129 @@ def test_subject_id_given_where_a_record_id_belongs_is_not_written_in_clear(
         for form in exception_texts(exc):
             problems += text_problems(type(exc).__name__, form, {sid: "the subject id"})
     assert not problems, "\n".join(problems)
+
+
+# --- a template passed where a name belongs --------------------------------------------------
+
+FACE = np.random.default_rng(20_260_101).standard_normal(512)  # a 512-float template
+
+
+def decimal_renderings(values: Iterable[float]) -> set[str]:
+    """Every 6-decimal rendering of each value (rounded and truncated; as float64 and as
+    float32), without the sign: what an echo of the value in text would contain."""
+    out = set()
+    for v in values:
+        for x in (abs(float(v)), abs(float(np.float32(v)))):
+            out.add(f"{x:.6f}")
+            for text in (repr(x), str(np.float32(x))):
+                if "." in text and "e" not in text:
+                    out.add(text[: text.index(".") + 7])
+    return {s for s in out if len(s) >= 8}  # "0.123456": 6 decimals
+
+
+def misplaced_template_calls(store: bt.TemplateStore, dest: Path) -> list[tuple[str, Any]]:
+    """(label, call) for every argument that takes a name, given the template (as an array
+    and as a list) instead."""
+    t = FACE
+    calls: list[tuple[str, Any]] = []
+    for form_name, x in (("array", FACE), ("list", FACE.tolist())):
+        calls += [(f"{label} ({form_name})", call) for label, call in [
+            ("search purpose", lambda x=x: store.search(t, purpose=x, actor="a")),
+            ("search_many purpose", lambda x=x: store.search_many(t[None], purpose=x,
+                                                                  actor="a")),
+            ("verify purpose", lambda x=x: store.verify(t, subject_id="F-1", purpose=x,
+                                                        actor="a")),
+            ("enroll purposes", lambda x=x: store.enroll(t, subject_id="F-2", purposes=x,
+                                                         actor="a")),
+            ("enroll purposes=[t]", lambda x=x: store.enroll(t, subject_id="F-2",
+                                                             purposes=[x], actor="a")),
+            ("enroll purposes=[ok, t]", lambda x=x: store.enroll(
+                t, subject_id="F-2", purposes=["rare", x], actor="a")),
+            ("enroll_many purposes", lambda x=x: store.enroll_many(
+                t[None], subject_ids=["F-2"], purposes=x, actor="a")),
+            ("search mode", lambda x=x: store.search(t, purpose="watchlist", mode=x,
+                                                     actor="a")),
+            ("search_many mode", lambda x=x: store.search_many(t[None], purpose="watchlist",
+                                                               mode=x, actor="a")),
+            ("enroll subject_id", lambda x=x: store.enroll(t, subject_id=x, purposes=["rare"],
+                                                           actor="a")),
+            ("enroll_many subject_ids=[t]", lambda x=x: store.enroll_many(
+                t[None], subject_ids=[x], purposes=["rare"], actor="a")),
+            ("enroll_many subject_ids=t", lambda x=x: store.enroll_many(
+                t[None], subject_ids=x, purposes=["rare"], actor="a")),
+            ("verify subject_id", lambda x=x: store.verify(t, subject_id=x, purpose="rare",
+                                                           actor="a")),
+            ("export subject_id", lambda x=x: store.export_subject(x, actor="a")),
+            ("erase subject_id", lambda x=x: store.erase_subject(x, actor="a")),
+            ("hold subject_id", lambda x=x: store.place_hold(x, actor="a", reason="r")),
+            ("release subject_id", lambda x=x: store.release_hold(x, actor="a", reason="r")),
+            ("delete record_id", lambda x=x: store.delete(x, actor="a")),
+            ("search reason", lambda x=x: store.search(t, purpose="watchlist", actor="a",
+                                                       reason=x)),
+            ("verify reason", lambda x=x: store.verify(t, subject_id="F-1", purpose="rare",
+                                                       actor="a", reason=x)),
+            ("export reason", lambda x=x: store.export_subject("F-1", actor="a", reason=x)),
+            ("erase reason", lambda x=x: store.erase_subject("F-1", actor="a", reason=x)),
+            ("hold reason", lambda x=x: store.place_hold("F-1", actor="a", reason=x)),
+            ("policy reason", lambda x=x: store.set_policy(store.policy, actor="a",
+                                                           reason=x)),
+            ("search actor", lambda x=x: store.search(t, purpose="watchlist", actor=x)),
+            ("enroll actor", lambda x=x: store.enroll(t, subject_id="F-2", purposes=["rare"],
+                                                      actor=x)),
+            ("verify actor", lambda x=x: store.verify(t, subject_id="F-1", purpose="rare",
+                                                      actor=x)),
+            ("export actor", lambda x=x: store.export_subject("F-1", actor=x)),
+            ("erase actor", lambda x=x: store.erase_subject("F-1", actor=x)),
+            ("backup actor", lambda x=x: store.backup(dest, actor=x)),
+            ("confirm reviewer", lambda x=x: store.confirm_match(1, "0" * 32, reviewer=x)),
+        ]]
+    return calls
+
+
+def _floats_in(value: object) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [f for v in value for f in _floats_in(v)]
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _floats_in(v)]
+    return []
+
+
+def test_a_template_passed_as_a_name_is_never_echoed(tmp_path: Path,
+                                                     policy: bt.RetentionPolicy) -> None:
+    """Review finding (issue 9, item 7.1): a template passed by mistake as ``mode`` was
+    echoed in full in the error, and as ``purpose`` left 16 of its values in audit.db."""
+    keys = bt.FileKeyProvider.generate(tmp_path / "master.key")
+    folder = tmp_path / "store"
+    store = bt.TemplateStore.create(folder, dim=512, model=MODEL, policy=policy,
+                                    key_provider=keys)
+    store.enroll(FACE, subject_id="F-1", purposes=["rare"], actor="svc")
+    needles = decimal_renderings(FACE)
+    assert len(needles) > 500
+    problems: list[str] = []
+    refused = []
+    for label, call in misplaced_template_calls(store, tmp_path / "backup"):
+        before = store.audit.verify().entries
+        try:
+            call()
+        except bt.BiotemplateError as exc:
+            if len(str(exc)) >= 300:
+                problems.append(f"{label}: a {len(str(exc))}-character message")
+            problems += [f"{label}: {type(exc).__name__} echoes {n}"
+                         for form in exception_texts(exc) for n in needles if n in form]
+        else:
+            problems.append(f"{label}: not refused")
+        after = store.audit.verify().entries
+        if after != before + 1:
+            problems.append(f"{label}: {after - before} audit entries, expected 1")
+        refused += [store.audit.get(seq) for seq in range(before + 1, after + 1)]
+    for entry in refused:
+        if entry.outcome != "refused" or _floats_in(dict(entry.fields)):
+            problems.append(f"audit entry {entry.seq} ({entry.event}): {entry.outcome}, "
+                            f"floats {_floats_in(dict(entry.fields))[:3]}")
+    store.close()
+    for path in sorted(folder.iterdir()):  # audit.db and every other file of the store
+        data = path.read_bytes()
+        problems += [f"{path.name} holds {n}" for n in needles if n.encode() in data]
+    assert not problems, "\n".join(problems[:40])

@@ -101,7 +101,7 @@ def test_a_snapshot_that_looks_current_cannot_serve_a_vanished_row(
     _sql(store_dir, "DELETE FROM records WHERE record_id = ?", args=(victim,))
     _sql(store_dir,
          "INSERT INTO records (record_id, subject_ref, epoch, expiry_us, purposes, model,"
-         " held, blob) SELECT 'f' || substr(record_id, 2), subject_ref, epoch, expiry_us,"
+         " held, blob) SELECT '0123456789abcdef0123456789abcdef', subject_ref, epoch, expiry_us,"
          " purposes, model, held, blob FROM records WHERE record_id = ?",
          args=(enrolled[50],))
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:

@@ -433,6 +433,38 @@ def test_bad_actor(loaded: bt.TemplateStore, call: Callable[..., Any], actor: ob
     refused(loaded, lambda s: call(s, actor), bt.InvalidInput, keyword)
 
 
+ACTOR_EVENTS = {"enroll": "enroll", "enroll_many": "enroll", "search": "search",
+                "verify": "verify", "export": "export", "erase": "erase", "delete": "delete",
+                "hold": "hold", "release": "release", "set_policy": "policy",
+                "confirm": "confirm"}
+
+
+@pytest.mark.parametrize("actor", [
+    pytest.param(None, id="None"),
+    pytest.param("", id="empty"),
+    pytest.param("  ", id="blank"),
+    pytest.param(17, id="int"),
+    pytest.param("x" * 5000, id="5000-chars"),
+])
+@pytest.mark.parametrize("call", ACTOR_CALLS)
+def test_a_call_refused_for_its_actor_is_audited(loaded: bt.TemplateStore,
+                                                 call: Callable[..., Any], actor: object,
+                                                 request: pytest.FixtureRequest) -> None:
+    """Review finding (issue 9, item 7.2): "every refused call is audited" held only for
+    callers with a valid actor. The refusal is audited with no actor and a flag."""
+    before = loaded.audit.verify().entries
+    with pytest.raises(bt.InvalidInput):
+        call(loaded, actor)
+    assert loaded.audit.verify().entries == before + 1
+    entry = loaded.audit.get(before + 1)
+    name = request.node.callspec.id.split("-")[0]
+    assert entry.event == ACTOR_EVENTS[name]
+    assert entry.outcome == "refused" and entry.actor is None
+    assert entry.fields["actor_invalid"] is True and entry.fields["error"] == "InvalidInput"
+    if isinstance(actor, str) and actor.strip():
+        assert actor[:16] not in repr(dict(entry.fields))
+
+
 @pytest.mark.parametrize("reviewer", [None, "", 17])
 def test_bad_reviewer_is_named_reviewer(loaded: bt.TemplateStore, reviewer: object) -> None:
     # confirm_match has no ``actor`` argument: the message must name the one to fix.

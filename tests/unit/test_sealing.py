@@ -1,31 +1,24 @@
 """The crypto module and the keys it uses: record sealing, associated data, the keyring
-envelope, the epoch ratchet, key hygiene (no pickles, no key bytes in reprs), nonces and
-Ed25519 signatures."""
+envelope, the epoch ratchet, keyring hygiene (no pickles, no key bytes in reprs), nonces
+and Ed25519 signatures. Key providers and ``SecretKey`` are tested in ``test_keys.py``."""
 
 from __future__ import annotations
 
 import os
 import pickle
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-from nacl import pwhash
 
 from biotemplate import sealing, streaming
 from biotemplate.backends.base import RecordRow
 from biotemplate.codec import Plain, RecordCodec, Shredded
 from biotemplate.errors import IntegrityError, KeyUnavailable
 from biotemplate.keyring import Keyring
-from biotemplate.keys import (
-    EnvKeyProvider,
-    FileKeyProvider,
-    PassphraseKeyProvider,
-    SecretKey,
-)
+from biotemplate.keys import SecretKey
 
 EPOCH_US = 3_600_000_000  # 1 h
 NOW_US = 1_772_000_000_000_000
@@ -52,8 +45,6 @@ AAD_EDITS: dict[str, Any] = {
     "epoch": AAD_FIELDS["epoch"] + 1,
     "held": True,
 }
-FAST_ARGON = {"ops_limit": pwhash.argon2id.OPSLIMIT_MIN,
-              "mem_limit": pwhash.argon2id.MEMLIMIT_MIN}
 
 
 def aad(**changes: Any) -> bytes:
@@ -290,38 +281,6 @@ def _no_key_in(text: str, raw: bytes) -> None:
     assert repr(raw) not in text
 
 
-def test_secret_key_refuses_pickling_and_hides_bytes() -> None:
-    raw = sealing.random_key()
-    sk = SecretKey(raw)
-    for shown in (repr(sk), str(sk), f"{sk!r}", repr([sk])):
-        _no_key_in(shown, raw)
-    with pytest.raises(TypeError):
-        pickle.dumps(sk)
-    assert sk.reveal() == raw
-
-
-@pytest.mark.parametrize("kind", ["file", "env", "passphrase"])
-def test_key_providers_refuse_pickling_and_hide_key(kind: str, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    if kind == "file":
-        provider: Any = FileKeyProvider.generate(tmp_path / "master.key")
-    elif kind == "env":
-        monkeypatch.setenv("BT_TEST_MASTER_KEY", sealing.random_key().hex())
-        provider = EnvKeyProvider("BT_TEST_MASTER_KEY")
-    else:
-        provider = PassphraseKeyProvider("correct horse battery staple",
-                                         salt_file=tmp_path / "salt", **FAST_ARGON)
-    raw = provider.master_key().reveal()
-    for shown in (repr(provider), str(provider), repr(provider.master_key())):
-        _no_key_in(shown, raw)
-        assert "correct horse" not in shown
-    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        with pytest.raises(TypeError):
-            pickle.dumps(provider, protocol=protocol)
-    with pytest.raises(TypeError):
-        pickle.dumps(provider.master_key())
-
-
 def test_keyring_refuses_pickling_and_hides_keys() -> None:
     kr = _keyring()
     kr.subjects[kr.subject_ref("P-1")] = sub = sealing.random_key()
@@ -330,12 +289,6 @@ def test_keyring_refuses_pickling_and_hides_keys() -> None:
         _no_key_in(repr(kr), raw)
     with pytest.raises(TypeError):
         pickle.dumps(kr)
-
-
-def test_secret_key_rejects_wrong_length() -> None:
-    for bad in (b"", os.urandom(31), os.urandom(33)):
-        with pytest.raises(KeyUnavailable):
-            SecretKey(bad)
 
 
 # --- signatures --------------------------------------------------------------------------

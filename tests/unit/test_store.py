@@ -5,18 +5,16 @@ Small galleries (50 subjects x 2 samples, dim 64) and a FakeClock keep this fast
 
 from __future__ import annotations
 
-import base64
-import os
 import shutil
 import sqlite3
 import threading
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import nacl.pwhash
 import numpy as np
 import pytest
 
@@ -506,6 +504,48 @@ def test_export_subject(store: bt.TemplateStore, clock: Any, gallery: Gallery) -
     assert store.export_subject("P-000001", actor="dpo") == []
 
 
+NFC, NFD = unicodedata.normalize("NFC", "José Müller"), unicodedata.normalize("NFD",
+                                                                              "José Müller")
+
+
+@pytest.mark.parametrize(("enrolled", "asked"), [(NFC, NFD), (NFD, NFC)],
+                         ids=["enrolled-NFC-asked-NFD", "enrolled-NFD-asked-NFC"])
+def test_subject_ids_are_normalised_to_nfc(store: bt.TemplateStore, gallery: Gallery,
+                                           enrolled: str, asked: str) -> None:
+    """Review finding (issue 9, item 7.3): erase_subject("José") in NFD erased 0 records
+    of an NFC-enrolled "José", silently. Canonically equivalent ids name one subject."""
+    assert enrolled != asked and len(enrolled) != len(asked)
+    store.enroll(gallery.templates[0], subject_id=enrolled, purposes=["rare"], actor="svc")
+    store.enroll_many(gallery.templates[1:3], subject_ids=[asked, enrolled],
+                      purposes=["rare"], actor="svc")
+    assert store.stats().subjects == 1
+    views = store.export_subject(asked, actor="dpo")
+    assert len(views) == 3 and {v.subject_id for v in views} == {NFC}  # stored as NFC
+    (cand,) = store.search(probe(gallery, 0), purpose="rare", actor="a").candidates
+    assert cand.subject_id == NFC
+    assert store.verify(probe(gallery, 0), subject_id=asked, purpose="rare", actor="a").match
+    held = store.place_hold(asked, actor="legal", reason="case 1")
+    assert held.records == 3
+    with pytest.raises(bt.PolicyViolation):
+        store.erase_subject(enrolled, actor="dpo")
+    store.release_hold(enrolled, actor="legal", reason="case 1 closed")
+    receipt = store.erase_subject(asked, actor="dpo")
+    assert receipt.records_erased == 3 and receipt.key_destroyed
+    assert receipt.subject_ref == held.subject_ref
+    assert store.export_subject(enrolled, actor="dpo") == []
+    assert store.stats().records == 0
+
+
+def test_a_subject_id_over_the_limit_after_nfc_is_refused(store: bt.TemplateStore,
+                                                          gallery: Gallery) -> None:
+    # U+0958 has no composed form: NFC spells it as two code points
+    sid = "\u0958" * 200
+    assert len(unicodedata.normalize("NFC", sid)) == 400
+    with pytest.raises(bt.InvalidInput, match="longer than"):
+        store.enroll(gallery.templates[0], subject_id=sid, purposes=["rare"], actor="svc")
+    assert store.stats().records == 0
+
+
 def test_delete(sstore: bt.TemplateStore, gallery: Gallery) -> None:
     store = sstore
     ids = enrol_gallery(store, gallery)
@@ -846,69 +886,6 @@ def test_wrong_master_key(store: bt.TemplateStore, store_dir: Path, tmp_path: Pa
     with pytest.raises(bt.KeyUnavailable) as err:
         bt.TemplateStore.open(store_dir, key_provider=other)
     assert not isinstance(err.value, bt.IntegrityError)
-
-
-def test_key_file_mode(tmp_path: Path, store: bt.TemplateStore, store_dir: Path,
-                       keys: bt.FileKeyProvider) -> None:
-    assert (keys.path.stat().st_mode & 0o777) == 0o600
-    with pytest.raises(bt.KeyFileExists):
-        bt.FileKeyProvider.generate(keys.path)
-    assert isinstance(bt.KeyFileExists("x"), FileExistsError)
-    store.close()
-    before = keys.path.read_bytes()
-    os.chmod(keys.path, 0o644)
-    with pytest.raises(bt.KeyUnavailable, match="chmod"):
-        keys.master_key()
-    with pytest.raises(bt.KeyUnavailable):
-        bt.TemplateStore.open(store_dir, key_provider=keys)
-    assert keys.path.read_bytes() == before  # nothing rewrote the key
-    os.chmod(keys.path, 0o600)
-    bt.TemplateStore.open(store_dir, key_provider=keys).close()
-    with pytest.raises(bt.KeyUnavailable):
-        bt.FileKeyProvider(tmp_path / "absent.key").master_key()
-
-
-def test_env_key_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                          policy: bt.RetentionPolicy, clock: Any, gallery: Gallery) -> None:
-    raw = os.urandom(32)
-    monkeypatch.setenv("BT_TEST_KEY", raw.hex())
-    provider = bt.EnvKeyProvider("BT_TEST_KEY")
-    with bt.TemplateStore.create(tmp_path / "s", dim=DIM, model="m", policy=policy,
-                                 key_provider=provider, clock=clock) as s:
-        s.enroll(gallery.templates[0], subject_id="S", purposes=["rare"], actor="svc")
-    monkeypatch.setenv("BT_TEST_KEY", base64.b64encode(raw).decode())
-    with bt.TemplateStore.open(tmp_path / "s", key_provider=provider, clock=clock) as s:
-        assert len(s.export_subject("S", actor="dpo")) == 1
-    monkeypatch.setenv("BT_TEST_KEY", os.urandom(32).hex())
-    with pytest.raises(bt.KeyUnavailable):
-        bt.TemplateStore.open(tmp_path / "s", key_provider=provider, clock=clock)
-    monkeypatch.delenv("BT_TEST_KEY")
-    with pytest.raises(bt.KeyUnavailable):
-        provider.master_key()
-    with pytest.raises(bt.KeyUnavailable):
-        bt.TemplateStore.open(tmp_path / "s", key_provider=provider, clock=clock)
-    monkeypatch.setenv("BT_TEST_KEY", "not a key")
-    with pytest.raises(bt.KeyUnavailable):
-        provider.master_key()
-
-
-def test_passphrase_key_provider(tmp_path: Path, policy: bt.RetentionPolicy, clock: Any,
-                                 gallery: Gallery) -> None:
-    limits = {"ops_limit": nacl.pwhash.argon2id.OPSLIMIT_MIN,
-              "mem_limit": nacl.pwhash.argon2id.MEMLIMIT_MIN}
-    salt = tmp_path / "salt"
-    good = bt.PassphraseKeyProvider("correct horse battery staple", salt_file=salt, **limits)
-    with bt.TemplateStore.create(tmp_path / "s", dim=DIM, model="m", policy=policy,
-                                 key_provider=good, clock=clock) as s:
-        s.enroll(gallery.templates[0], subject_id="S", purposes=["rare"], actor="svc")
-    assert salt.exists()
-    again = bt.PassphraseKeyProvider("correct horse battery staple", salt_file=salt, **limits)
-    with bt.TemplateStore.open(tmp_path / "s", key_provider=again, clock=clock) as s:
-        assert len(s.export_subject("S", actor="dpo")) == 1
-    wrong = bt.PassphraseKeyProvider("wrong horse", salt_file=salt, **limits)
-    with pytest.raises(bt.KeyUnavailable):
-        bt.TemplateStore.open(tmp_path / "s", key_provider=wrong, clock=clock)
-    assert "correct horse" not in repr(good)
 
 
 # --- enrolment overlaps sealing with the index insert: what each failure leaves ---------
