@@ -149,12 +149,14 @@ def place_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldRec
                 with p.gallery.changing([m.record_id for m in moved]):
                     with p.mutation():
                         vault.update(moved)
+                        gen = vault.stage()  # no key destroyed, but a generation: a hold
                         seq = p.trail.append("hold", actor=str(actor), count=len(rows),
-                                             **f)
-                    p.gallery.remember(moved)
+                                             gen=gen, **f)  # that never committed is
+                    p.gallery.remember(moved)  # seen on open like any other change
             except BaseException:
                 vault.restore_hold(ref, previous)
                 raise
+            p.apply_key_change()
             return HoldReceipt(subject_ref=ref.hex(), records=len(rows), active=True,
                                audit_seq=seq)
 

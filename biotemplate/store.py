@@ -554,6 +554,6 @@ def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool,
 
 
 # events whose entry stages a key change (it carries the generation the change gives)
-_STAGING = frozenset({"delete", "erase", "purge", "release", "policy"})
+_STAGING = frozenset({"delete", "erase", "purge", "hold", "release", "policy"})
 _READS = frozenset({"search", "verify", "export", "confirm", "snapshot", "integrity",
                     "backup", "audit-key"})
