@@ -2,8 +2,8 @@
 
 :class:`Parts` is the set of components of one open store (vault, gallery, audit trail,
 clock, the store's writer lock, and the lock that serialises mutations). The store builds
-it once and hands it to ``matching`` and ``retention``, which order their calls over it;
-nothing else holds it.
+it once and hands it to ``enrolment``, ``matching`` and ``retention``, which order their
+calls over it; nothing else holds it.
 
 One writer per store: a writable handle holds an exclusive OS lock on ``<store>/lock``
 (:func:`writer_lock`) from before its first read to its close, so a second writer, in this

@@ -31,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Self
 
-from . import enrolment, matching, retention, sealing
+from . import _files, enrolment, matching, retention, sealing
 from ._calls import Parts, listish, writer_lock
 from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
@@ -124,9 +124,7 @@ class TemplateStore:
             trail = _audit_trail(folder, vault, store_clock, create=True)
         except BaseException:
             vault.close()
-            for name in (RECORDS, KEYRING):
-                for suffix in ("", "-wal", "-shm"):
-                    (folder / (name + suffix)).unlink(missing_ok=True)
+            _files.remove_all([folder / RECORDS, folder / KEYRING])  # no half-made store
             writer.release()
             raise
         return cls(folder, vault, trail, store_clock, index_params, snapshot_on_close, writer)
