@@ -159,11 +159,11 @@ def test_file_provider_refuses_untyped_keys(tmp_path: Path, content: bytes) -> N
         assert tail.decode("latin-1") not in message  # never the content
 
 
-@pytest.mark.parametrize("content", REFUSED)
+@pytest.mark.parametrize("content", [c for c in REFUSED if c and b"\x00" not in c])
 def test_env_provider_refuses_untyped_keys(monkeypatch: pytest.MonkeyPatch,
                                            content: bytes) -> None:
-    if not content or b"\x00" in content:
-        pytest.skip("an environment variable cannot hold this")
+    """(An environment variable cannot hold an empty value here or a NUL byte: those
+    contents are covered by the file provider's test above.)"""
     value = content.decode("utf-8", "surrogateescape")
     monkeypatch.setenv("BT_TEST_KEY", value)
     with pytest.raises(bt.KeyUnavailable) as info:
