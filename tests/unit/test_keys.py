@@ -159,7 +159,8 @@ def test_file_provider_refuses_untyped_keys(tmp_path: Path, content: bytes) -> N
         assert tail.decode("latin-1") not in message  # never the content
 
 
-@pytest.mark.parametrize("content", [c for c in REFUSED if c and b"\x00" not in c])
+@pytest.mark.parametrize("content", [c for c in REFUSED
+                                     if c.values[0] and b"\x00" not in c.values[0]])
 def test_env_provider_refuses_untyped_keys(monkeypatch: pytest.MonkeyPatch,
                                            content: bytes) -> None:
     """(An environment variable cannot hold an empty value here or a NUL byte: those
