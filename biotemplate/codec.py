@@ -1,8 +1,10 @@
 """Records <-> sealed rows: the plaintext format, which key seals a row, and its AD.
 
-This is the glue between the keyring (which keys exist), the crypto module (how to seal)
+This is the glue between the keys (the keyring's epoch and hold keys; each subject's key
+and live record ids, its entry, given by ``entries``), the crypto module (how to seal)
 and the backend rows (where the headers live). It holds no policy: the vault and the
-store decide whether a record may be read; the codec only knows whether it *can* be.
+store decide whether a record may be read; the codec only knows whether it *can* be, and
+a row its subject's entry does not list cannot (``Unlisted``).
 
 Plaintext inside a sealed record is msgpack: ``{"t": float32 little-endian bytes,
 "s": subject id, "m": metadata, "src": source, "c": created (us)}``. The subject id lives
@@ -11,7 +13,7 @@ only here, inside the ciphertext; rows carry a keyed hash of it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from . import sealing
 from .backends.base import RecordRow
 from .errors import IntegrityError, KeyUnavailable
 from .keyring import Keyring
+from .subject_keys import Entry
 from .validation import UNPACK_LIMITS
 
 
@@ -61,13 +64,22 @@ class Shredded(KeyUnavailable):
     """The row's key material is gone (expired epoch, erased subject): it reads as absent."""
 
 
-class RecordCodec:
-    """Seal and open records of one store with the keys of its keyring."""
+class Unlisted(IntegrityError):
+    """The row authenticates, but its subject's entry does not list it: a row the store
+    deleted, copied back. Never served; counted with the integrity failures."""
 
-    def __init__(self, keyring: Keyring, *, model: str, dim: int) -> None:
+
+class RecordCodec:
+    """Seal and open records of one store with the keys of its keyring and the subject-key
+    entries ``entries`` returns (None: the subject has no key; it may raise
+    IntegrityError for an entry that does not open)."""
+
+    def __init__(self, keyring: Keyring, *, model: str, dim: int,
+                 entries: Callable[[bytes], Entry | None]) -> None:
         self.keyring = keyring
         self.model = model
         self.dim = dim
+        self._entries = entries
 
     def _aad(self, row: RecordRow) -> bytes:
         try:
@@ -83,10 +95,13 @@ class RecordCodec:
                                   purposes=row.purposes, expiry_us=row.expiry_us,
                                   epoch=row.epoch, held=row.held)
 
-    def _key(self, row: RecordRow) -> bytes:
-        subject_key = self.keyring.subjects.get(row.subject_ref)
-        if subject_key is None:
+    def _entry(self, row: RecordRow) -> Entry:
+        entry = self._entries(row.subject_ref)
+        if entry is None:
             raise Shredded("subject key destroyed")
+        return entry
+
+    def _key(self, row: RecordRow, subject_key: bytes) -> bytes:
         if row.held:
             hold = self.keyring.holds.get(row.subject_ref)
             if hold is None:
@@ -100,30 +115,39 @@ class RecordCodec:
         return sealing.record_key(scope, subject_key, bytes.fromhex(row.record_id))
 
     def seal(self, *, record_id: str, subject_ref: bytes, purposes: Sequence[str],
-             expiry_us: int, held: bool, plain: Plain) -> RecordRow:
+             expiry_us: int, held: bool, plain: Plain, subject_key: bytes) -> RecordRow:
+        """A new row, sealed under ``subject_key`` (its entry lists it once committed)."""
         epoch = expiry_us // self.keyring.epoch_us
         row = RecordRow(record_id=record_id, subject_ref=subject_ref, epoch=epoch,
                         expiry_us=expiry_us, purposes=tuple(sorted(purposes)),
                         model=self.model, held=held, blob=b"")
-        blob = sealing.seal(self._key(row), encode_plain(plain), self._aad(row))
+        blob = sealing.seal(self._key(row, subject_key), encode_plain(plain), self._aad(row))
         return _with_blob(row, blob, held)
 
     def open(self, row: RecordRow) -> Plain:
         """Raises:
         Shredded: the key is gone (reads as absent, never as an error to the user).
+        Unlisted: the subject's entry does not list the row (a deleted row put back).
         IntegrityError: the row or blob was tampered with, swapped or replayed.
         """
         if row.model != self.model:
             raise IntegrityError("sealed data failed authentication")
         aad = self._aad(row)
-        return decode_plain(sealing.open_sealed(self._key(row), row.blob, aad), self.dim)
+        entry = self._entry(row)
+        raw = sealing.open_sealed(self._key(row, entry.key), row.blob, aad)
+        # Authentic, but is it live? Only if its subject's entry lists it (checked after
+        # the AEAD, so that an edited row is reported as tampering, not as a replay).
+        if bytes.fromhex(row.record_id) not in entry.ids:
+            raise Unlisted("sealed data failed authentication")
+        return decode_plain(raw, self.dim)
 
     def reseal(self, row: RecordRow, *, held: bool) -> RecordRow:
         """Move a record between its epoch key and its subject's hold key."""
         plain = self.open(row)
         moved = _with_blob(row, b"", held)
-        return _with_blob(moved, sealing.seal(self._key(moved), encode_plain(plain),
-                                              self._aad(moved)), held)
+        key = self._key(moved, self._entry(moved).key)
+        return _with_blob(moved, sealing.seal(key, encode_plain(plain), self._aad(moved)),
+                          held)
 
 
 def _with_blob(row: RecordRow, blob: bytes, held: bool) -> RecordRow:

@@ -1,12 +1,14 @@
 """Enrolment: a validated batch of templates sealed, committed and indexed as one.
 
 The ordering, and why: the policy decides first (purposes, TTL, source), under the lock
-that ``set_policy`` changes it under; new subject keys are saved before any row needs them;
-the hnswlib insert (native, in a worker thread) overlaps the sealing and the commit (Python,
-here); the rows and their audit entry commit in one transaction; the records become
-searchable only once both the commit and the insert succeeded. If the commit fails, the
-new keys are forgotten (a later purge sweeps them from disk); if only the index fails,
-the committed rows stay and no snapshot may claim them until a rebuild.
+that ``set_policy`` changes it under; each subject's key is found (or, for a new subject,
+drawn in memory only); the hnswlib insert (native, in a worker thread) overlaps the
+sealing and the commit (Python, here); the rows, their subjects' key entries (a new
+subject's key with them) and the audit entry commit in one transaction, and the keyring is
+not written at all; the records become searchable only once both the commit and the insert
+succeeded. If the commit fails, the new keys are simply dropped (they were never written
+anywhere); if only the index fails, the committed rows stay and no snapshot may claim
+them until a rebuild.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def enroll(p: Parts, vecs: np.ndarray[Any, Any], subject_ids: list[str],
         new_refs: set[bytes] = set()
         committed = False
         try:
-            new_refs = vault.ensure_subject_keys(refs)  # keys first: rows need them
+            new_refs = vault.ensure_subject_keys(refs)  # in memory until the commit
             # The index insert (native, in a worker) overlaps the sealing and the commit
             # (Python, here); the records become searchable only once both succeeded.
             with p.gallery.adding(ids, refs, subject_ids, purposes, expiry_us,
@@ -60,7 +62,7 @@ def enroll(p: Parts, vecs: np.ndarray[Any, Any], subject_ids: list[str],
                         for rid, vec, sid, ref in zip(ids, vecs, subject_ids, refs,
                                                       strict=True)]
                 with p.mutation():
-                    vault.insert(rows)
+                    vault.insert(rows)  # and their ids (a new subject's key) in entries
                     p.trail.append("enroll", actor=actor, count=len(rows), expires=expiry_us,
                                    source=src, record_ids=ids[:100], **fields)
                 committed = True
@@ -68,7 +70,7 @@ def enroll(p: Parts, vecs: np.ndarray[Any, Any], subject_ids: list[str],
         except BaseException:
             if committed:  # rows the index lacks: no snapshot may claim them covered
                 p.gallery.mark_incomplete()
-            else:  # uncommitted keys protect nothing; a purge sweeps them from disk
+            else:  # never committed: the new keys exist nowhere
                 vault.forget_subject_keys(new_refs)
             raise
         return ids

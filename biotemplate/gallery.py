@@ -2,10 +2,11 @@
 
 It holds the HNSW index (:class:`~.index.TemplateIndex`), the record id -> subject id map
 (subject ids exist in clear only here and inside ciphertext), and what it could not index:
-rows whose key is gone (``shredded``: an old database copy put back) and rows that failed
-authentication (``integrity_failures``: excluded, reported, never served). It is rebuilt
-from the vault's sealed rows, or loaded from a sealed snapshot (``index.snapshot``) and
-brought up to the rows.
+rows whose key is gone (``shredded``: an old database copy put back), rows that failed
+authentication or that their subject's key entry does not list (``integrity_failures``:
+excluded, reported, never served), and records an entry lists whose row is gone
+(``missing``: removed behind the store's back). It is rebuilt from the vault's sealed
+rows, or loaded from a sealed snapshot (``index.snapshot``) and brought up to the rows.
 
 The gallery writes no audit entry: it reports what happened and the store audits it.
 """
@@ -51,6 +52,7 @@ class Gallery:
         self._changing: set[str] = set()
         self.shredded: set[str] = set()
         self.integrity_failures: set[str] = set()
+        self.missing: set[str] = set()  # listed in an entry, row gone: found by a rebuild
         # Committed rows the index failed to take (e.g. out of memory): until a rebuild,
         # no snapshot may be written, or the next open would trust it and miss them.
         self.incomplete = False
@@ -100,6 +102,10 @@ class Gallery:
         finally:
             self._changing -= ids
 
+    def exclude(self, record_ids: Sequence[str]) -> None:
+        """Rows a read refused (their subject's entry does not list them): counted."""
+        self.integrity_failures.update(record_ids)
+
     def remember(self, rows: Sequence[RecordRow]) -> None:
         """Rows just committed (sealed or resealed) for records the index holds."""
         for row in rows:
@@ -139,6 +145,7 @@ class Gallery:
             self._fingerprints.pop(rid, None)
             self.shredded.discard(rid)
             self.integrity_failures.discard(rid)
+            self.missing.discard(rid)
 
     def drop_snapshot(self) -> None:
         """After a key destruction the snapshot's key is gone: remove the file too."""
@@ -154,12 +161,16 @@ class Gallery:
 
     def rebuild(self, now_us: int, progress: Progress | None = None) -> None:
         """Build a new index from the sealed rows, then swap it in: searches running
-        meanwhile keep using the old one instead of seeing an empty or partial index."""
+        meanwhile keep using the old one instead of seeing an empty or partial index.
+
+        Every subject-key entry is opened first; a row its entry does not list is an
+        integrity failure, and a listed record whose row is gone is counted missing."""
         index = TemplateIndex(self._vault.dim, self._params)
         subjects: dict[str, str] = {}
         fingerprints: dict[str, bytes] = {}
         shredded: set[str] = set()
         failures: set[str] = set()
+        listed, present = self._vault.preload_subject_keys(), 0
         total, done = self._vault.rows.count(), 0
         # A two-stage pipeline: this thread decrypts batch i+1 (Python, holds the GIL)
         # while a worker inserts batch i into hnswlib (native, releases the GIL), so the
@@ -169,6 +180,7 @@ class Gallery:
             try:
                 for batch in self._vault.rows.scan():
                     items = self._open_rows(batch, now_us, shredded, failures)
+                    present += self._listed(batch, items)
                     if pending is not None:
                         pending.result()
                         if progress is not None:  # rows indexed so far, not just read
@@ -186,11 +198,19 @@ class Gallery:
                         pending.result()
                 index.clear()  # a half-built index never replaces the old one
                 raise
+        missing = self._vault.missing_rows() if present != listed else set()
         old = self._index
         self._index, self._subjects, self._fingerprints = index, subjects, fingerprints
         self.incomplete = False
-        self.shredded, self.integrity_failures = shredded, failures
+        self.shredded, self.integrity_failures, self.missing = shredded, failures, missing
         old.clear()
+
+    def _listed(self, rows: Sequence[RecordRow], opened: Sequence[tuple[RecordRow, Plain]],
+                ) -> int:
+        """How many of ``rows`` their subject's entry lists (an opened row is listed)."""
+        ok = {r.record_id for r, _ in opened}
+        return len(ok) + sum(1 for r in rows if r.record_id not in ok
+                             and self._vault.listed(r.subject_ref, r.record_id))
 
     def _open_rows(self, rows: Sequence[RecordRow], now_us: int, shredded: set[str],
                    failures: set[str]) -> list[tuple[RecordRow, Plain]]:
@@ -233,6 +253,7 @@ class Gallery:
                 rows, row_count = bytes(state.pop("rows")), int(state.pop("row_count"))
                 failures = {str(x) for x in state.pop("integrity_failures")}
                 shredded = {str(x) for x in state.pop("shredded")}
+                missing = {str(x) for x in state.pop("missing", [])}
                 self._index.import_state(state)
         except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError,
                 OverflowError):
@@ -240,6 +261,7 @@ class Gallery:
             self.drop_snapshot()
             return "rejected"
         self._subjects, self.integrity_failures, self.shredded = subjects, failures, shredded
+        self.missing = missing
         seen = snapshot.unpack_fingerprints(rows)
         self._fingerprints = {rid: seen[rid] for rid in subjects if rid in seen}
         db = self._vault.rows
@@ -255,7 +277,12 @@ class Gallery:
             for row in batch:
                 current[row.record_id] = snapshot.fingerprint(row)
         changed = [rid for rid, fp in current.items() if seen.get(rid) != fp]
-        self.forget([rid for rid in seen if rid not in current] + changed)
+        gone = [rid for rid in seen if rid not in current]
+        # gone but still listed in its subject's entry: removed behind the store's back
+        vanished = {rid for rid in gone if (sid := self._subjects.get(rid)) is not None
+                    and self._vault.listed(self._vault.subject_ref(sid), rid)}
+        self.forget(gone + changed)
+        self.missing = (self.missing - set(current)) | vanished
         rows = [r for r in (db.get(rid) for rid in changed) if r is not None]
         for stale in (self.integrity_failures, self.shredded):
             stale.intersection_update(current)
@@ -276,6 +303,7 @@ class Gallery:
         state["subject_ids"] = list(self._subjects.values())
         state["integrity_failures"] = sorted(self.integrity_failures)
         state["shredded"] = sorted(self.shredded)
+        state["missing"] = sorted(self.missing)
         fingerprints = {row.record_id: snapshot.fingerprint(row)
                         for batch in db.scan_headers() for row in batch}
         state["rows"] = snapshot.pack_fingerprints(fingerprints)

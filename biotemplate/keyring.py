@@ -4,7 +4,10 @@ It is not in SQLite and it is replaced atomically (``_files.atomic_replace``), s
 leaves either the old or the new keyring, never neither and never a blend. It holds:
 
 - the epoch ratchet state S_e (e = first epoch not yet shredded); purge advances it,
-- one random key per subject (erasure destroys it),
+- the bucket keys (1,024 of them, 32 KiB): each subject's own random key lives in
+  ``records.db``, sealed under the key of its bucket (``subject_keys.py``); deleting or
+  erasing rotates that bucket key, so the subject's entry in an older copy dies,
+- while such a rotation is in flight, the bucket's next key (``pending``),
 - per-subject legal-hold keys (records under hold are resealed with them),
 - the lookup key (subject refs), the digest key (probe digests), the meta key (sealed
   settings), the audit signing seed,
@@ -17,7 +20,9 @@ leaves either the old or the new keyring, never neither and never a blend. It ho
 Because it is rewritten on every shredding event, back it up on its own short schedule
 (no longer than one epoch): a keyring backup is what could resurrect expired or erased
 records from an old database copy. Owned by the vault (``vault.Vault``); nothing else
-mutates it.
+mutates it. A keyring written before the bucket keys existed holds the subject keys
+themselves (``legacy_subjects``, body field "subjects"); ``Vault.open`` moves them into
+records.db once, and the field is then always written empty.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from . import _files, sealing
 from .errors import IntegrityError, KeyUnavailable
 from .keys import SecretKey
 
-__all__ = ["Keyring", "epoch_of"]
+__all__ = ["BUCKETS", "Keyring", "epoch_of"]
+
+BUCKETS = 1024  # bucket keys of a new store: fixed for its life (a rotation costs ~n/1024)
 
 
 def epoch_of(t_us: int, epoch_us: int) -> int:
@@ -54,7 +61,8 @@ class Keyring:
     digest_key: bytes
     meta_key: bytes
     audit_seed: bytes
-    subjects: dict[bytes, bytes] = field(default_factory=dict)
+    # ref -> subject key, only in a keyring from before bucket keys (moved on open)
+    legacy_subjects: dict[bytes, bytes] = field(default_factory=dict)
     holds: dict[bytes, tuple[bytes, bool]] = field(default_factory=dict)
     erasures: int = 0
     high_water_us: int = 0
@@ -66,13 +74,18 @@ class Keyring:
     # erasure unopenable even with the current keyring.
     snapshot_secret: bytes | None = None
     generation: int = 0
+    # K_bucket: seals the subject-key entries of one bucket in records.db; len() = B
+    buckets: list[bytes] = field(default_factory=list)
+    # bucket -> its next key, saved before a transaction reseals the bucket under it and
+    # made current after the commit (``Vault.apply_staged``)
+    pending: dict[int, bytes] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _epoch_cache: dict[int, bytes] = field(default_factory=dict)
     _state_cache: dict[int, bytes] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (f"Keyring(store={self.store_id.hex()}, epoch={self.ratchet_epoch}, "
-                f"subjects={len(self.subjects)}, holds={len(self.holds)})")
+                f"buckets={len(self.buckets)}, holds={len(self.holds)})")
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("key material cannot be pickled")
@@ -83,7 +96,7 @@ class Keyring:
         return cls(store_id=store_id, epoch_us=epoch_us,
                    ratchet_epoch=epoch_of(now_us, epoch_us), ratchet_state=rk(),
                    lookup_key=rk(), digest_key=rk(), meta_key=rk(), audit_seed=rk(),
-                   high_water_us=now_us, snapshot_secret=rk())
+                   high_water_us=now_us, snapshot_secret=rk(), buckets=new_buckets())
 
     # --- epochs ---
 
@@ -126,6 +139,10 @@ class Keyring:
     def subject_ref(self, subject_id: str) -> bytes:
         return sealing.subject_ref(self.lookup_key, subject_id)
 
+    def bucket_of(self, ref: bytes) -> int:
+        """The bucket of a subject: a stable function of its (keyed, uniform) ref."""
+        return int.from_bytes(ref[:4], "big") % len(self.buckets)
+
     def held(self, ref: bytes) -> bool:
         entry = self.holds.get(ref)
         return entry is not None and entry[1]
@@ -137,7 +154,7 @@ class Keyring:
             "v": 1, "epoch_us": self.epoch_us,
             "ratchet": [self.ratchet_epoch, self.ratchet_state],
             "lookup": self.lookup_key, "digest": self.digest_key, "meta": self.meta_key,
-            "audit": self.audit_seed, "subjects": self.subjects,
+            "audit": self.audit_seed, "subjects": self.legacy_subjects,
             "holds": {ref: [key, active] for ref, (key, active) in self.holds.items()},
             "erasures": self.erasures, "high_water_us": self.high_water_us,
         }
@@ -147,6 +164,10 @@ class Keyring:
             data["snapshot"] = self.snapshot_secret
         if self.generation:  # likewise (0 until the first key-state change)
             data["gen"] = self.generation
+        if self.buckets:  # likewise: one 32 * B byte string
+            data["buckets"] = b"".join(self.buckets)
+        if self.pending:
+            data["pending"] = self.pending
         return bytes(msgpack.packb(data, use_bin_type=True))
 
     def to_bytes(self, master_key: SecretKey) -> bytes:
@@ -164,12 +185,13 @@ class Keyring:
                 ratchet_epoch=_int(ratchet_epoch), ratchet_state=_key(ratchet_state),
                 lookup_key=_key(d["lookup"]), digest_key=_key(d["digest"]),
                 meta_key=_key(d["meta"]), audit_seed=_key(d["audit"]),
-                subjects=_keys(d["subjects"]),
+                legacy_subjects=_keys(d["subjects"]),
                 holds={_key(k): (_key(v[0]), _bool(v[1])) for k, v in d["holds"].items()},
                 erasures=_int(d["erasures"]), high_water_us=_int(d["high_water_us"]),
                 policies=[_key(x) for x in d.get("policies", [])],
                 snapshot_secret=None if "snapshot" not in d else _key(d["snapshot"]),
-                generation=_int(d.get("gen", 0)))
+                generation=_int(d.get("gen", 0)), buckets=_buckets(d.get("buckets", b"")),
+                pending={_int(b): _key(k) for b, k in d.get("pending", {}).items()})
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
                 msgpack.ExtraData):
             raise IntegrityError("keyring content is malformed") from None
@@ -208,6 +230,19 @@ def _keys(value: object) -> dict[bytes, bytes]:
         if not set(map(type, column)) <= {bytes} or not set(map(len, column)) <= {sealing.KEY_SIZE}:
             raise ValueError("not a 32-byte value")
     return dict(value)
+
+
+def new_buckets(count: int = BUCKETS) -> list[bytes]:
+    """The bucket keys of a new store (or of one moved from a v1 keyring)."""
+    return [sealing.random_key() for _ in range(count)]
+
+
+def _buckets(value: object) -> list[bytes]:
+    """The bucket keys as stored: one byte string of 32-byte keys."""
+    size = sealing.KEY_SIZE
+    if not isinstance(value, bytes) or len(value) % size:
+        raise ValueError("not a list of 32-byte keys")
+    return [value[i : i + size] for i in range(0, len(value), size)]
 
 
 def _int(value: object) -> int:

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from ._calls import Parts, subject_field
 from .clock import from_us
+from .codec import Unlisted
 from .errors import InvalidInput, PolicyViolation, RecordNotFound
 from .index import Hit
 from .policy import Purpose, RetentionPolicy
@@ -122,7 +123,11 @@ def verify(p: Parts, probe: object, *, subject_id: str, purpose: str, actor: str
         for row in vault.rows.by_subject(vault.subject_ref(subject_id)):
             if purpose not in row.purposes:
                 continue  # never decrypt data outside the declared purpose
-            plain = vault.readable(row, now_us, for_export=False)
+            try:
+                plain = vault.readable(row, now_us, for_export=False)
+            except Unlisted:  # a row the store deleted, put back: never live again
+                p.gallery.exclude([row.record_id])
+                continue
             if plain is not None:
                 scored.append((cosine(plain.template, unit), row.record_id))
         if not scored:
@@ -169,7 +174,11 @@ def export_subject(p: Parts, subject_id: str, *, actor: str,
         ref = subject_field(p.vault, subject_id, f)
         now_us, vault, views = p.clock.now_us(), p.vault, []
         for row in vault.rows.by_subject(ref):
-            plain = vault.readable(row, now_us, for_export=True)
+            try:
+                plain = vault.readable(row, now_us, for_export=True)
+            except Unlisted:  # a row the store deleted, put back: never live again
+                p.gallery.exclude([row.record_id])
+                continue
             if plain is None:
                 continue
             views.append(RecordView(

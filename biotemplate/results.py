@@ -176,13 +176,14 @@ class StoreStats:
     model: str
     records: int  # rows stored (expired ones too, until purged)
     indexed: int  # records in the in-memory index
-    subjects: int  # subjects with a key
+    subjects: int  # subjects with a key (entries in records.db)
     held_subjects: int
     epoch: int  # the first epoch whose key still exists
     epoch_seconds: int
     erasure_generation: int
     generation: int  # key-state changes committed (keyring, records.db, audit.db agree)
     shredded_rows: int  # rows whose key is gone (an old copy put back)
-    integrity_failures: int  # rows that failed authentication, excluded from search
+    integrity_failures: int  # rows that failed authentication or are not listed: excluded
+    missing_rows: int  # listed in a subject's key entry, row gone (found by a rebuild)
     purposes: Mapping[str, Mapping[str, int]]  # per sub-index: live, hidden, deleted, ef...
     index_params: Mapping[str, Any]

@@ -3,9 +3,11 @@
 Each operation validates, decides, commits its rows together with its audit entry (the
 entry is written inside the records transaction, so the rows commit only if it is), takes
 the records out of the gallery, and only then destroys the key material the commit
-retired: a deleted subject's last key, an erased subject's key, the ratchet state of past
-epochs. That order is what keeps old database copies unreadable and the store openable
-after a crash at any point. The public methods are on :class:`~.store.TemplateStore`.
+retired: the old key of the bucket a deletion or erasure resealed, the ratchet state of
+past epochs, a released hold key. That order is what keeps old database copies unreadable
+and the store openable after a crash at any point. The subject-key entries change in the
+same transaction as the rows, decided from the entries (never from which rows exist).
+The public methods are on :class:`~.store.TemplateStore`.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ def delete(p: Parts, record_id: str, *, actor: str, reason: str | None = None) -
                 raise RecordNotFound("no record with that id")
             if vault.held(row.subject_ref):
                 raise PolicyViolation(HOLD_REFUSAL)
+            p.clock.now_us()  # a clock gone bad refuses the call before a key is saved
+            bucket = vault.prepare_rotation(row.subject_ref)  # saved before the commit
             with p.gallery.changing([record_id]):
                 with p.mutation():
                     vault.delete([record_id])
-                    # the subject's last record: its key goes too
-                    gen = vault.stage(shred=vault.subjects_without_rows([row.subject_ref]))
+                    # out of the entry (the subject's last record: the entry goes), and
+                    # the bucket resealed under its next key: old copies' entries die
+                    gone = vault.unlist({row.subject_ref: [record_id]}, rotate=bucket)
+                    gen = vault.stage(shred=gone, rotate=[bucket])
                     seq = p.trail.append("delete", actor=str(actor), gen=gen, **f)
                 p.gallery.forget([record_id])  # committed: out of the index first
                 p.gallery.drop_snapshot()  # it still holds the deleted template
@@ -62,12 +68,16 @@ def erase_subject(p: Parts, subject_id: str, *, actor: str,
             if vault.held(ref):
                 raise PolicyViolation(HOLD_REFUSAL)
             ids = [r.record_id for r in vault.rows.by_subject(ref)]
-            with p.gallery.changing(ids):
+            listed = sorted(set(vault.listed_ids(ref)) | set(ids))  # missing rows too
+            p.clock.now_us()  # a clock gone bad refuses the call before a key is saved
+            bucket = vault.prepare_rotation(ref)  # always: an older copy's entry dies
+            with p.gallery.changing(listed):
                 with p.mutation():
                     n = vault.delete(ids)
-                    gen = vault.stage(shred=[ref])
+                    gone = vault.unlist({ref: None}, rotate=bucket)
+                    gen = vault.stage(shred=gone, rotate=[bucket])
                     seq = p.trail.append("erase", actor=str(actor), count=n, gen=gen, **f)
-                p.gallery.forget(ids)  # committed: out of the index before anything
+                p.gallery.forget(listed)  # committed: out of the index before anything
             change = p.apply_key_change()
             vault.checkpoint()
             return ErasureReceipt(subject_ref=ref.hex(), records_erased=n,
@@ -84,18 +94,23 @@ def purge_expired(p: Parts) -> PurgeReport:
         expired = vault.rows.expired(now_us)
         held = [r for r in expired if vault.held(r.subject_ref)]
         target = epoch_of(now_us, vault.epoch_us)
-        doomed = {r.record_id for r in expired if not vault.held(r.subject_ref)}
-        doomed |= {r.record_id for r in vault.rows.below_epoch(target)
-                   if not vault.held(r.subject_ref)}
+        below = vault.rows.below_epoch(target)
+        doomed = {r.record_id for r in (*expired, *below) if not vault.held(r.subject_ref)}
         strays = _unsealed_for_hold(p)
         before = vault.ratchet_epoch
         with p.gallery.changing([*doomed, *(s.record_id for s in strays)]):
             with p.mutation():
                 vault.update(strays)
                 n = vault.delete(sorted(doomed))
-                # Keys go only for subjects whose rows this purge deleted and that have none
-                # left: rows that vanished behind the store's back never cost a key.
-                gone = vault.subjects_without_rows(r.subject_ref for r in expired)
+                # Out of their entries, and a subject's key goes when its entry lists no id
+                # any more: decided from the entries, so rows that vanished behind the
+                # store's back stay listed and never cost a key. No bucket is rotated: the
+                # ratchet step makes the purged records unreadable in every copy.
+                by_subject: dict[bytes, list[str]] = {}
+                for r in (*expired, *below):
+                    if r.record_id in doomed:
+                        by_subject.setdefault(r.subject_ref, []).append(r.record_id)
+                gone = vault.unlist(by_subject)
                 released = vault.released_holds_without_rows()
                 gen = vault.stage(shred=gone, ratchet_to=target,
                                   holds=dict.fromkeys(released, True))
@@ -139,8 +154,8 @@ def place_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldRec
             # Everything still readable is preserved, including records that expired
             # but were not purged yet: once a legal claim is known, data that still
             # exists must not be destroyed (the hold itself is audited with its reason).
-            rows = [r for r in vault.rows.by_subject(ref)
-                    if r.held or r.epoch >= vault.ratchet_epoch]
+            rows = [r for r in vault.rows.by_subject(ref) if vault.listed(ref, r.record_id)
+                    and (r.held or r.epoch >= vault.ratchet_epoch)]
             if not rows:
                 raise RecordNotFound("the subject has no record to hold")
             previous = vault.open_hold(ref)  # the key is saved before rows use it
@@ -170,7 +185,8 @@ def release_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldR
         with p.lock:
             if not vault.held(ref):
                 raise PolicyViolation("the subject is not under legal hold")
-            rows = [r for r in vault.rows.by_subject(ref) if r.held]
+            rows = [r for r in vault.rows.by_subject(ref)
+                    if r.held and vault.listed(ref, r.record_id)]
             back = [vault.reseal(r, held=False) for r in rows
                     if r.epoch >= vault.ratchet_epoch]
             with p.gallery.changing([b.record_id for b in back]):

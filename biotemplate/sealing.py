@@ -1,17 +1,15 @@
 """The crypto of biotemplate: every key derivation, label, nonce and AEAD call.
 
-This is the module a security reviewer reads (the STREAM construction for snapshot files
-sits next to it in ``streaming.py``; a test fails if any other module calls a crypto
-primitive). Every function is a thin, commented use of a well-reviewed primitive.
+The module a security reviewer reads (STREAM, for snapshot files, is in ``streaming.py``;
+a test fails if any other module calls a primitive): each function a thin, commented use.
 
 Threat model (in full in SECURITY.md): whoever holds ``records.db`` and its backups reads
 nothing without the keyring (sealed under a master key kept elsewhere); with a keyring
 taken *after* a record expired or its subject was erased, nothing of that record either:
-its epoch state or subject key no longer exists. Header edits are detected (they are AD).
+its epoch state, or the bucket key that sealed its subject's key, no longer exists.
 
-Primitives: XChaCha20-Poly1305 (libsodium; random 192-bit nonces: no reuse worth naming
-under millions of seals per key); HKDF-SHA256, one label per use; HMAC-SHA256 (subject
-refs, probe digests); Ed25519 (audit); SHA-256; Argon2id (passphrases).
+Primitives: XChaCha20-Poly1305 (libsodium; random 192-bit nonces), HKDF-SHA256 (one label
+per use), HMAC-SHA256 (subject refs, probe digests), Ed25519, SHA-256, Argon2id.
 
 Sealed record (``blob`` column): version (1 byte, 0x01) | nonce (24) | ciphertext + tag (16).
 record key = HKDF(ikm = scope key || subject key, salt = record id, "record"), where the
@@ -33,6 +31,12 @@ Keyring file: "BTKR" | version | store id (16) | check | body; check = seal(HKDF
 "keyring-check"), b"", ad = header) tells a wrong master key (KeyUnavailable) from
 tampering; body = seal(HKDF(master, "keyring-wrap"), msgpack(key state), ad = header).
 
+Bound values (``seal_bound``): settings in records.db (kind "meta", v1 layout: key HKDF(
+meta key, "meta"), ad "meta:" || name || ":" || store id); subject-key entries: seal(bucket
+key, msgpack([subject key, sorted record ids]), ad = msgpack(["subject-key", version, store
+id, subject ref, bucket])). Each field stops a move to another kind, store or subject, or
+to a bucket whose key outlived a rotation (an old copy's entry dies with its bucket key).
+
 Order on open: length and version, key, AEAD, then decode. Every authentication failure
 raises the same bare ``IntegrityError``; nothing here logs.
 """
@@ -42,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import struct
 from collections.abc import Callable, Sequence
 
 import msgpack
@@ -64,7 +67,6 @@ KEY_SIZE = 32
 NONCE_SIZE = 24
 TAG_SIZE = 16
 STORE_ID_SIZE = 16
-_HEADER = struct.Struct(">B")
 KEYRING_MAGIC = b"BTKR"
 
 
@@ -130,11 +132,10 @@ def record_key(scope_key: bytes, subject_key: bytes, record_id: bytes) -> bytes:
 
 def snapshot_key(epoch_key: bytes, erasure_generation: int,
                  secret: bytes | None = None) -> bytes:
-    """Index snapshots die with their epoch and with the next key destruction: ``secret``
-    (the keyring's snapshot secret) is replaced at each one, the generation counts them."""
-    scope = epoch_key
-    if secret is not None:
-        scope = hkdf(epoch_key + secret, info=b"biotemplate/v1/snap-scope")
+    """Snapshots die with their epoch and the next key destruction (which replaces
+    ``secret``, the keyring's snapshot secret; the generation counts them)."""
+    scope = (epoch_key if secret is None
+             else hkdf(epoch_key + secret, info=b"biotemplate/v1/snap-scope"))
     return hkdf(scope, info=b"biotemplate/v1/snapshot/" + str(erasure_generation).encode())
 
 
@@ -145,9 +146,8 @@ def stream_file_key(key: bytes, salt: bytes) -> bytes:  # a key per snapshot fil
 def record_aad(*, store_id: bytes, model: str, record_id: bytes, subject_ref: bytes,
                purposes: Sequence[str], expiry_us: int, epoch: int, held: bool) -> bytes:
     """The associated data of a sealed record: every policy-relevant header field."""
-    fields = [VERSION, store_id, model, record_id, subject_ref, sorted(purposes),
-              expiry_us, epoch, held]
-    return bytes(msgpack.packb(fields, use_bin_type=True))
+    return bytes(msgpack.packb([VERSION, store_id, model, record_id, subject_ref,
+                                sorted(purposes), expiry_us, epoch, held], use_bin_type=True))
 
 
 # --- AEAD -------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
 def _seal_with_nonce(key: bytes, plaintext: bytes, aad: bytes, nonce: bytes) -> bytes:
     """Deterministic seam for the frozen test vectors. Never call with a fixed nonce."""
     ct = crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
-    return _HEADER.pack(VERSION) + nonce + bytes(ct)
+    return bytes([VERSION]) + nonce + bytes(ct)
 
 
 def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
@@ -175,23 +175,27 @@ def open_sealed(key: bytes, blob: bytes, aad: bytes) -> bytes:
         raise IntegrityError("sealed data failed authentication") from None
 
 
-def seal_meta(meta_key: bytes, store_id: bytes, name: str, body: bytes) -> bytes:
-    """Store settings (configuration, policy, state) kept in the database, bound to their
-    name and store: editing them, or swapping one for another, is detected."""
-    aad = b"meta:" + name.encode() + b":" + store_id
-    return seal(hkdf(meta_key, info=b"biotemplate/v1/meta"), body, aad)
+def _bound(key: bytes, kind: str, store_id: bytes, fields: Sequence[bytes | int],
+           data: bytes) -> tuple[bytes, bytes, bytes]:
+    """(AEAD key, data, associated data) of a value sealed for its place (see the top)."""
+    if kind == "meta":  # the v1 layout of settings, kept byte for byte
+        return (hkdf(key, info=b"biotemplate/v1/meta"), data,
+                b"meta:" + bytes(fields[0]) + b":" + store_id)
+    return key, data, bytes(msgpack.packb([kind, VERSION, store_id, *fields], use_bin_type=True))
 
 
-def open_meta(meta_key: bytes, store_id: bytes, name: str, blob: bytes) -> bytes:
-    aad = b"meta:" + name.encode() + b":" + store_id
-    return open_sealed(hkdf(meta_key, info=b"biotemplate/v1/meta"), blob, aad)
+def seal_bound(key: bytes, kind: str, store_id: bytes, fields: Sequence[bytes | int],
+               body: bytes) -> bytes:
+    """Seal a value bound to (kind, store, fields): moved anywhere else, it fails to open."""
+    return seal(*_bound(key, kind, store_id, fields, body))
 
 
-# --- keyring envelope -------------------------------------------------------------------
+def open_bound(key: bytes, kind: str, store_id: bytes, fields: Sequence[bytes | int],
+               blob: bytes) -> bytes:
+    return open_sealed(*_bound(key, kind, store_id, fields, blob))
 
 
-def _keyring_header(store_id: bytes) -> bytes:
-    return KEYRING_MAGIC + _HEADER.pack(VERSION) + store_id
+# --- keyring envelope, signatures ---------------------------------------------------------
 
 
 def seal_keyring(master_key: bytes, store_id: bytes, body: bytes) -> bytes:
@@ -202,7 +206,7 @@ def seal_keyring(master_key: bytes, store_id: bytes, body: bytes) -> bytes:
 def _seal_keyring_with_nonces(master_key: bytes, store_id: bytes, body: bytes,
                               check_nonce: bytes, body_nonce: bytes) -> bytes:
     # deterministic seam for the frozen test vectors
-    header = _keyring_header(store_id)
+    header = KEYRING_MAGIC + bytes([VERSION]) + store_id
     check = _seal_with_nonce(hkdf(master_key, info=b"biotemplate/v1/keyring-check"),
                              b"", header, check_nonce)
     sealed = _seal_with_nonce(hkdf(master_key, info=b"biotemplate/v1/keyring-wrap"),
@@ -213,8 +217,7 @@ def _seal_keyring_with_nonces(master_key: bytes, store_id: bytes, body: bytes,
 def open_keyring(master_key: bytes, data: bytes) -> tuple[bytes, bytes]:
     """Return (store id, body). A wrong master key raises KeyUnavailable, tampering
     IntegrityError: the two must not be confused, or operators chase the wrong problem."""
-    head_len = len(KEYRING_MAGIC) + 1 + STORE_ID_SIZE
-    check_len = 1 + NONCE_SIZE + TAG_SIZE
+    head_len, check_len = len(KEYRING_MAGIC) + 1 + STORE_ID_SIZE, 1 + NONCE_SIZE + TAG_SIZE
     if (len(data) < head_len + check_len + 1 + NONCE_SIZE + TAG_SIZE
             or not data.startswith(KEYRING_MAGIC) or data[len(KEYRING_MAGIC)] != VERSION):
         raise IntegrityError("keyring file is corrupt or of an unknown version")
@@ -226,9 +229,6 @@ def open_keyring(master_key: bytes, data: bytes) -> tuple[bytes, bytes]:
         raise KeyUnavailable("the master key does not open this keyring (wrong key?)") from None
     return store_id, open_sealed(hkdf(master_key, info=b"biotemplate/v1/keyring-wrap"),
                                  body, header)
-
-
-# --- signatures -------------------------------------------------------------------------
 
 
 def signer_from_seed(seed: bytes) -> tuple[Callable[[bytes], bytes], bytes]:

@@ -206,8 +206,10 @@ class TemplateStore:
         if source != "loaded":
             gallery.rebuild(store_clock.now_us(), progress)
         store._report_integrity()
+        if vault.moved_subject_keys:
+            trail.append("migrate", actor=None, subject_keys=vault.moved_subject_keys)
         if vault.rolled_forward:
-            trail.append("rollforward", actor=None)
+            trail.append("rollforward", actor=None, lost_subject_keys=vault.lost_subject_keys)
         if lost is None and last is not None:
             lost = _uncommitted_change(trail, vault, last)
         if lost is not None:
@@ -218,10 +220,11 @@ class TemplateStore:
         return store
 
     def _report_integrity(self) -> None:
-        failures = self._p.gallery.integrity_failures
-        if failures:
+        failures, missing = self._p.gallery.integrity_failures, self._p.gallery.missing
+        if failures or missing:
             self._p.trail.append("integrity", actor=None, outcome="error", count=len(failures),
-                               record_ids=sorted(failures)[:100])
+                               record_ids=sorted(failures)[:100], missing=len(missing),
+                               missing_ids=sorted(missing)[:100])
 
     def close(self) -> None:
         """Audit the close, make the audit durable, release files and the writer lock.
@@ -479,6 +482,7 @@ class TemplateStore:
                               indexed=len(self._p.gallery),
                               shredded_rows=len(self._p.gallery.shredded),
                               integrity_failures=len(self._p.gallery.integrity_failures),
+                              missing_rows=len(self._p.gallery.missing),
                               purposes=index["purposes"], index_params=index["params"],
                               **self._p.vault.key_stats())
 

@@ -1,17 +1,18 @@
 """The vault: the store's sealed state, and the only owner of it.
 
 It holds the records database (sealed rows, through a :class:`~.backends.base.Backend`),
-the key state (the :class:`~.keyring.Keyring` and the master key that wraps it), the codec
-between the two, and the sealed settings (configuration and retention policy). Nothing
-else in the library reads a key or writes a row: the store asks the vault.
+the key state (the :class:`~.keyring.Keyring` and the master key that wraps it; the
+subject-key entries in records.db, :class:`~.subject_keys.SubjectKeys`), the codec
+between them, and the sealed settings (configuration and retention policy). Nothing else
+in the library reads a key or writes a row: the store asks the vault.
 
 Ordering rules the vault keeps, so that a crash at any point leaves a store that opens:
 
-- key material a commit will need (a new subject key, a hold key) is saved before the
-  commit (:meth:`ensure_subject_keys`, :meth:`open_hold`);
-- key material a commit retires (an erased subject key, an old ratchet state) is
-  destroyed after it (:meth:`shred_subjects`, :meth:`advance_ratchet`, then
-  :meth:`save_keys`);
+- a new subject's key commits with its rows, in their transaction (:meth:`insert`);
+- key material a commit will need (a hold key, a bucket's next key) is saved before the
+  commit (:meth:`open_hold`, :meth:`prepare_rotation`);
+- key material a commit retires (an old bucket key, an old ratchet state, a hold key) is
+  staged in it and destroyed after it (:meth:`stage`, :meth:`apply_staged`);
 - the policy goes through both versions (:meth:`replace_policy`).
 
 Files: ``records.db`` and ``keyring`` in the store folder. Another backend (PostgreSQL)
@@ -20,7 +21,7 @@ plugs in below the vault: the store never sees which one it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,9 +38,10 @@ from .backends.sqlite import SQLiteBackend
 from .clock import StoreClock
 from .codec import Plain, RecordCodec, Shredded
 from .errors import IntegrityError, StoreExists, StoreNotFound
-from .keyring import Keyring
+from .keyring import Keyring, new_buckets
 from .keys import SecretKey
 from .policy import RetentionPolicy
+from .subject_keys import SubjectKeys, record_id_bytes
 
 __all__ = ["KEYRING", "RECORDS", "Vault"]
 
@@ -55,9 +57,13 @@ class Vault:
         self._folder, self._db, self._keyring, self._kek = folder, db, keyring, kek
         self._policy, self._clock = policy, clock
         self.dim, self.model = dim, model
-        self._codec = RecordCodec(keyring, model=model, dim=dim)
+        self._keys = SubjectKeys(db, keyring)
+        self._codec = RecordCodec(keyring, model=model, dim=dim, entries=self._keys.entry)
         self._staged: dict[str, Any] | None = None  # the key change the open tx will make
+        self._has_entries = True  # records.db's state says it holds the subject keys
         self.rolled_forward = False  # open completed a key change a crash interrupted
+        self.lost_subject_keys = 0  # ... without the bucket key it needed (an old keyring)
+        self.moved_subject_keys = 0  # open moved them from a keyring of before buckets
 
     def __repr__(self) -> str:
         return f"Vault({str(self._folder)!r}, store={self._keyring.store_id.hex()})"
@@ -93,7 +99,7 @@ class Vault:
                 db.put_meta("store_id", keyring.store_id)
                 db.put_meta("config", _seal_meta(keyring, "config", config))
                 db.put_meta("policy", _seal_meta(keyring, "policy", policy.to_dict()))
-                db.put_meta("state", _seal_meta(keyring, "state", {"gen": 0, "intent": {}}))
+                db.put_meta("state", _seal_meta(keyring, "state", _state(0, {})))
         except BaseException:
             _files.remove_all(created)  # no half-made store left to block a retry
             raise
@@ -127,6 +133,7 @@ class Vault:
                         model=str(config["model"]), policy=policy, clock=clock)
             vault.rolled_forward = vault._check_generation(read_only=read_only)
             vault._settle_policy(save=not read_only)
+            vault.moved_subject_keys = vault._move_subject_keys(read_only=read_only)
         except BaseException:
             db.close()
             raise
@@ -174,7 +181,7 @@ class Vault:
 
     def key_stats(self) -> dict[str, int]:
         k = self._keyring
-        return {"subjects": len(k.subjects),
+        return {"subjects": self._keys.count(),
                 "held_subjects": sum(1 for _, active in k.holds.values() if active),
                 "epoch": k.ratchet_epoch, "epoch_seconds": k.epoch_us // 1_000_000,
                 "erasure_generation": k.erasures, "generation": k.generation}
@@ -184,24 +191,59 @@ class Vault:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One records transaction: the store appends the audit entry inside it, so the
-        rows commit only after the entry is written (fail closed)."""
-        with self._db.transaction():
-            yield
+        rows commit only after the entry is written (fail closed). The subject-key entries
+        it wrote reach the vault's cache only if it committed."""
+        committed = False
+        try:
+            with self._db.transaction():
+                yield
+            committed = True
+        finally:
+            self._keys.settle(committed)
 
     def seal(self, *, record_id: str, subject_ref: bytes, purposes: Sequence[str],
              expiry_us: int, plain: Plain) -> RecordRow:
+        """Seal a row of the enrolment in progress (:meth:`ensure_subject_keys` first)."""
         return self._codec.seal(record_id=record_id, subject_ref=subject_ref,
                                 purposes=purposes, expiry_us=expiry_us,
-                                held=self._keyring.held(subject_ref), plain=plain)
+                                held=self._keyring.held(subject_ref), plain=plain,
+                                subject_key=self._keys.sealing_key(subject_ref))
 
     def open_row(self, row: RecordRow) -> Plain:
-        """Raises: Shredded: the key is gone. IntegrityError: the row was tampered with."""
+        """Raises: Shredded: the key is gone. IntegrityError: the row was tampered with
+        (``Unlisted``: its subject's entry does not list it)."""
         return self._codec.open(row)
+
+    def listed(self, ref: bytes, record_id: str) -> bool:
+        """Whether the subject's entry lists the record (False too for no or a bad entry)."""
+        rid = record_id_bytes(record_id)
+        try:
+            entry = self._keys.entry(ref)
+        except IntegrityError:
+            return False
+        return entry is not None and rid is not None and rid in entry.ids
+
+    def listed_ids(self, ref: bytes) -> list[str]:
+        """The record ids the subject's entry lists (none for no or a bad entry)."""
+        try:
+            entry = self._keys.entry(ref)
+        except IntegrityError:
+            return []
+        return sorted(i.hex() for i in entry.ids) if entry is not None else []
+
+    def preload_subject_keys(self) -> int:
+        """Open every subject-key entry (before a rebuild); returns the record ids listed."""
+        return self._keys.preload()
+
+    def missing_rows(self) -> set[str]:
+        """Listed record ids whose row is gone (after :meth:`preload_subject_keys`)."""
+        return self._keys.missing()
 
     def readable(self, row: RecordRow, now_us: int, *, for_export: bool) -> Plain | None:
         """Open a row if retention lets this call see it; shredded rows read as absent.
 
         Raises:
+            Unlisted: its subject's entry does not list it (a deleted row put back).
             IntegrityError: the row was tampered with.
         """
         if row.expiry_us <= now_us and not (for_export and self._keyring.held(row.subject_ref)):
@@ -216,13 +258,37 @@ class Vault:
         return self._codec.reseal(row, held=held)
 
     def insert(self, rows: Sequence[RecordRow]) -> None:
+        """Inside the caller's transaction: an enrolment's rows, and their ids listed in
+        their subjects' entries (a new subject's entry, with its key, created): the rows
+        and the keys that open them commit together, or neither does."""
         self._db.insert(rows)
+        ids: dict[bytes, list[bytes]] = {}
+        for row in rows:
+            rid = record_id_bytes(row.record_id)
+            if rid is None:
+                raise IntegrityError("malformed record id")  # a bug: ids are made here
+            ids.setdefault(row.subject_ref, []).append(rid)
+        self._keys.add(ids)
 
     def update(self, rows: Sequence[RecordRow]) -> None:
         self._db.update(rows)
 
     def delete(self, record_ids: Sequence[str]) -> int:
         return self._db.delete(record_ids)
+
+    def unlist(self, ids_by_ref: Mapping[bytes, Iterable[str] | None], *,
+               rotate: int | None = None) -> list[bytes]:
+        """Inside the caller's transaction: take record ids out of their subjects' entries
+        (None: the whole entry); an entry left empty is deleted (its key is gone). Returns
+        the refs whose entry went, for :meth:`stage` (``shred``). With ``rotate`` (from
+        :meth:`prepare_rotation`) the bucket is resealed under its pending key.
+
+        Decided from the entries, not from the rows present: a row that vanished behind
+        the store's back stays listed (reported missing) and never costs its key."""
+        changes = {ref: None if ids is None else
+                   {rid for rid in map(record_id_bytes, ids) if rid is not None}
+                   for ref, ids in ids_by_ref.items()}
+        return self._keys.remove(changes, rotate=rotate)
 
     def checkpoint(self) -> None:
         """Truncate the database's log, so deleted ciphertext does not linger in it."""
@@ -251,26 +317,33 @@ class Vault:
         k.save(self._folder / KEYRING, self._kek)
 
     def ensure_subject_keys(self, refs: Iterable[bytes]) -> set[bytes]:
-        """Give every subject without one a key, saved before any row needs it; returns
-        the refs that got a new key (see :meth:`forget_subject_keys`)."""
-        new = {r for r in refs if r not in self._keyring.subjects}
-        for ref in new:
-            self._keyring.subjects[ref] = sealing.random_key()
-        if new:
-            self.save_keys()
-        return new
+        """Before sealing an enrolment's rows: every subject's key, a new random one for a
+        subject without one. Nothing is saved: a new key exists in memory only, until
+        :meth:`insert` commits it with the rows. Returns the refs that got a new key.
+
+        Raises:
+            IntegrityError: a subject's key entry does not open.
+        """
+        return self._keys.ensure(refs)
 
     def forget_subject_keys(self, refs: Iterable[bytes]) -> None:
-        """Drop keys whose rows never committed (on disk they stay until the next purge
-        sweeps keys without rows: they protect nothing)."""
-        for ref in refs:
-            self._keyring.subjects.pop(ref, None)
+        """The enrolment failed before its transaction: its new keys never existed."""
+        self._keys.forget(refs)
 
-    def subjects_without_rows(self, refs: Iterable[bytes]) -> list[bytes]:
-        """Of ``refs``, the subjects with a key and no row left (read inside the
-        transaction that deleted their rows, so it sees those deletions)."""
-        return [r for r in set(refs) if r in self._keyring.subjects
-                and not self._db.by_subject(r)]
+    def prepare_rotation(self, ref: bytes) -> int:
+        """Before a transaction that takes record ids out of a subject's entry (delete,
+        erase): a new key for the subject's bucket, saved as pending (the generation does
+        not move). The transaction reseals the bucket under it (:meth:`unlist`);
+        :meth:`apply_staged` makes it current, so the old key, which opens the subject's
+        entry in every older copy of records.db, is gone. Returns the bucket."""
+        bucket = self._keyring.bucket_of(ref)
+        self._keyring.pending = {bucket: sealing.random_key()}
+        try:
+            self.save_keys()
+        except BaseException:
+            self._keyring.pending = {}
+            raise
+        return bucket
 
     @property
     def ratchet_epoch(self) -> int:
@@ -314,25 +387,29 @@ class Vault:
     # generation they have seen: a file put back from an older copy is caught on open,
     # and a crash between the commit and the keyring save is completed on open.
 
-    def stage(self, *, shred: Iterable[bytes] = (), ratchet_to: int | None = None,
-              holds: dict[bytes, bool] | None = None, policy: bytes | None = None) -> int:
+    def stage(self, *, shred: Iterable[bytes] = (), rotate: Iterable[int] = (),
+              ratchet_to: int | None = None, holds: dict[bytes, bool] | None = None,
+              policy: bytes | None = None) -> int:
         """Inside a records transaction: record the key change this commit makes; returns
         the generation it gives the store, for the audit entry of the same transaction.
 
-        ``holds`` maps a subject to False (hold key kept, inactive) or True (destroyed).
+        ``shred``: subjects whose entry this transaction deleted (their hold key goes
+        too); ``rotate``: buckets resealed under their pending key; ``holds`` maps a
+        subject to False (hold key kept, inactive) or True (destroyed).
         """
         gen = self._keyring.generation + 1
         intent: dict[str, Any] = {"shred": sorted(set(shred)), "ratchet": ratchet_to,
                                   "holds": {ref: bool(drop) for ref, drop in (holds or {}).items()},
-                                  "policy": policy}
-        self._db.put_meta("state", _seal_meta(self._keyring, "state",
-                                              {"gen": gen, "intent": intent}))
+                                  "policy": policy, "rotate": sorted(set(rotate))}
+        self._db.put_meta("state", _seal_meta(self._keyring, "state", _state(gen, intent)))
         self._staged = {"gen": gen, "intent": intent}
         return gen
 
     def discard_staged(self) -> None:
-        """The transaction that staged a change rolled back: forget it."""
+        """The transaction that staged a change rolled back: forget it, and the pending
+        bucket key (nothing that committed is sealed under it)."""
         self._staged = None
+        self._keyring.pending = {}
 
     def apply_staged(self) -> KeyChange:
         """After the commit: destroy what the staged change retires, save the key state
@@ -347,17 +424,28 @@ class Vault:
 
     def _apply(self, intent: dict[str, Any]) -> KeyChange:
         k = self._keyring
-        destroyed = 0
-        for ref in intent.get("shred", []):
-            destroyed += k.subjects.pop(ref, None) is not None
+        shred = list(intent.get("shred", []))
+        for ref in shred:
             k.holds.pop(ref, None)
+            k.legacy_subjects.pop(ref, None)  # a change staged before bucket keys existed
+        rotate = [int(b) for b in intent.get("rotate", [])]
+        if not all(0 <= b < len(k.buckets) for b in rotate):
+            raise IntegrityError("store state is malformed")
+        for bucket in rotate:
+            key = k.pending.get(bucket)
+            if key is None:  # not the keyring saved before the commit: an older copy
+                self.lost_subject_keys += len(self._db.bucket_entries(bucket))
+                key = sealing.random_key()  # the old key must die all the same
+            k.buckets[bucket] = key
+        k.pending = {}
+        destroyed = len(shred)
         for ref, drop in intent.get("holds", {}).items():
             if ref in k.holds:
                 if drop:
                     del k.holds[ref]
                 else:
                     k.holds[ref] = (k.holds[ref][0], False)
-        if destroyed:  # snapshots holding those templates can never be opened again
+        if destroyed or rotate:  # snapshots holding those templates can never open again
             k.erasures += 1
             k.snapshot_secret = sealing.random_key()
         moved = intent.get("ratchet") is not None and k.advance(int(intent["ratchet"]))
@@ -378,18 +466,27 @@ class Vault:
         blob = self._db.get_meta("state")
         kept = self._keyring.generation
         if blob is None:  # a store from before generations: start counting here
+            if self._keyring.buckets and not self._keyring.legacy_subjects:
+                raise IntegrityError("store state is missing")  # written since buckets
             if read_only:
+                self._has_entries = False
                 return False
             with self._db.transaction():
                 self._db.put_meta("state", _seal_meta(self._keyring, "state",
                                                       {"gen": kept, "intent": {}}))
+            self._has_entries = False
             return False
         state = _open_meta(self._db, self._keyring, "state")
         try:
             gen, intent = int(state["gen"]), dict(state["intent"])
-        except (KeyError, TypeError, ValueError):
+            self._has_entries = bool(state.get("subject_keys", False))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise IntegrityError("store state is malformed") from None
         if gen == kept:
+            if self._keyring.pending:  # saved for a change that never committed
+                self._keyring.pending = {}
+                if not read_only:
+                    self.save_keys()
             return False
         if gen == kept + 1:  # committed, but the keyring save did not happen (a crash)
             self._apply(intent)
@@ -402,6 +499,40 @@ class Vault:
                                  f"< {gen}): was an old keyring put back?")
         raise IntegrityError(f"records.db is older than the keyring (generation {gen} < "
                              f"{kept}): was an old copy of records.db put back?")
+
+    def _move_subject_keys(self, *, read_only: bool) -> int:
+        """A store from before bucket keys: move the keyring's subject keys into records.db,
+        one step saved before the next starts, so a crash anywhere re-runs or completes it
+        on the next open. Returns how many keys were moved (0: nothing to do). A read-only
+        open moves nothing (it decrypts nothing either): the first writer does.
+
+        Raises:
+            IntegrityError: records.db and the keyring are not of the same time (one is a
+                copy from before the move, the other from after it).
+        """
+        k = self._keyring
+        if k.buckets and not k.legacy_subjects:
+            if not self._has_entries:
+                raise IntegrityError("records.db is older than the keyring (it predates the "
+                                     "subject keys moving into it): was an old copy put back?")
+            return 0
+        if read_only:
+            return 0
+        if not k.buckets:
+            if self._db.entry_count():
+                raise IntegrityError("the keyring is older than records.db (it predates the "
+                                     "subject keys moving out of it): was an old keyring put "
+                                     "back?")
+            k.buckets = new_buckets()
+            self.save_keys()  # 1: the bucket keys exist before anything is sealed under them
+        moved = len(k.legacy_subjects)
+        with self.transaction():  # 2: every entry, and the state that says they are here
+            self._keys.import_legacy(k.legacy_subjects)
+            self._db.put_meta("state", _seal_meta(k, "state", _state(k.generation, {})))
+        k.legacy_subjects = {}
+        self.save_keys()  # 3: the keyring no longer holds them
+        self._has_entries = True
+        return moved
 
     # --- sealed settings ----------------------------------------------------------------
 
@@ -455,15 +586,22 @@ def policy_digest(policy: RetentionPolicy) -> bytes:
     return sealing.digest(msgpack.packb(policy.to_dict(), use_bin_type=True))
 
 
+def _state(gen: int, intent: dict[str, Any]) -> dict[str, Any]:
+    """The sealed ``state`` row: generation, staged change, and the mark that records.db
+    holds the subject keys (a copy from before they moved there has none)."""
+    return {"gen": gen, "intent": intent, "subject_keys": True}
+
+
 def _seal_meta(keyring: Keyring, name: str, value: Any) -> bytes:
     """Configuration and policy are authenticated: editing them in the DB is detected."""
     body = msgpack.packb(value, use_bin_type=True)
-    return sealing.seal_meta(keyring.meta_key, keyring.store_id, name, body)
+    return sealing.seal_bound(keyring.meta_key, "meta", keyring.store_id, [name.encode()],
+                              bytes(body))
 
 
 def _open_meta(db: Backend, keyring: Keyring, name: str) -> Any:
     blob = db.get_meta(name)
     if blob is None:
         raise IntegrityError(f"store {name} is missing")
-    return msgpack.unpackb(sealing.open_meta(keyring.meta_key, keyring.store_id, name, blob),
-                           raw=False)
+    return msgpack.unpackb(sealing.open_bound(keyring.meta_key, "meta", keyring.store_id,
+                                              [name.encode()], blob), raw=False)

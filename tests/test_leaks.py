@@ -26,6 +26,7 @@ import copy
 import logging
 import os
 import pickle
+import sqlite3
 import stat
 import tempfile
 import warnings
@@ -41,6 +42,7 @@ import pytest
 import biotemplate as bt
 from biotemplate.keyring import Keyring
 from biotemplate.keys import ARGON2_MIN_MEM, ARGON2_MIN_OPS, SecretKey
+from biotemplate.subject_keys import open_entry
 from biotemplate.synthetic import make_gallery, probes, strangers
 from biotemplate.validation import normalised
 
@@ -227,11 +229,21 @@ def exception_texts(exc: BaseException) -> Iterator[str]:
 
 
 def keyring_keys(store_dir: Path, provider: bt.KeyProvider, tag: str) -> dict[str, bytes]:
+    """Every key of the store: the keyring's, and each subject's (sealed in records.db)."""
     ring = Keyring.load(store_dir / "keyring", provider.master_key())
     keys = {f"{tag}/ratchet-state": ring.ratchet_state, f"{tag}/lookup": ring.lookup_key,
             f"{tag}/digest": ring.digest_key, f"{tag}/meta": ring.meta_key,
             f"{tag}/audit-seed": ring.audit_seed}
-    keys |= {f"{tag}/subject/{r.hex()[:8]}": k for r, k in ring.subjects.items()}
+    keys |= {f"{tag}/bucket/{b}": k for b, k in enumerate(ring.buckets)}
+    keys |= {f"{tag}/pending/{b}": k for b, k in ring.pending.items()}
+    conn = sqlite3.connect(f"{(store_dir / 'records.db').absolute().as_uri()}?mode=ro",
+                           uri=True)
+    try:
+        entries = conn.execute("SELECT bucket, subject_ref, blob FROM subject_keys").fetchall()
+    finally:
+        conn.close()
+    keys |= {f"{tag}/subject/{bytes(r).hex()[:8]}":
+             open_entry(ring, b, bytes(r), bytes(blob)).key for b, r, blob in entries}
     keys |= {f"{tag}/hold/{r.hex()[:8]}": k for r, (k, _) in ring.holds.items()}
     for e in range(ring.ratchet_epoch, ring.ratchet_epoch + 32):  # every TTL used
         keys[f"{tag}/epoch-key/{e}"] = ring.epoch_key(e)

@@ -1,9 +1,10 @@
 """The storage interface the store is written against.
 
-A backend keeps sealed rows and a little metadata. It knows no keys and no templates: every
-field of :class:`RecordRow` except ``blob`` is a header that is stored in clear and bound as
-associated data inside ``blob``, so a backend (or whoever edits its files) can lose or
-damage data but cannot change what a record means without detection.
+A backend keeps sealed rows, sealed subject-key entries and a little metadata. It knows no
+keys and no templates: every field of :class:`RecordRow` except ``blob`` is a header that
+is stored in clear and bound as associated data inside ``blob``, so a backend (or whoever
+edits its files) can lose or damage data but cannot change what a record means without
+detection. Entries are bound likewise to their subject ref and bucket.
 
 SQLite is the embedded default; PostgreSQL fits beside it by implementing this Protocol.
 """
@@ -92,6 +93,29 @@ class Backend(Protocol):
         ...
 
     def last_change(self) -> int: ...
+
+    # Subject-key entries: (bucket, subject ref) -> sealed blob. A bucket's entries are
+    # stored together, so resealing one bucket touches a few pages, not one per entry.
+
+    def get_entry(self, bucket: int, subject_ref: bytes) -> bytes | None: ...
+
+    def bucket_entries(self, bucket: int) -> list[tuple[bytes, bytes]]:
+        """(subject ref, blob) of every entry of one bucket."""
+        ...
+
+    def put_entries(self, entries: Sequence[tuple[int, bytes, bytes]]) -> None:
+        """Insert or replace (bucket, subject ref, blob) entries."""
+        ...
+
+    def delete_entries(self, keys: Sequence[tuple[int, bytes]]) -> int:
+        """Delete entries by (bucket, subject ref); returns how many existed."""
+        ...
+
+    def scan_entries(self, batch_size: int = 16384) -> Iterator[list[tuple[int, bytes, bytes]]]:
+        """Every (bucket, subject ref, blob) entry, in batches."""
+        ...
+
+    def entry_count(self) -> int: ...
 
     def subject_refs(self) -> set[bytes]: ...
 

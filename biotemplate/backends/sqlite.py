@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SQLiteBackend"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the subject_keys table (a version 1 file gets it on open)
 PAGE_SIZE = 16384
 BUSY_TIMEOUT_MS = 5000
 _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -75,6 +75,15 @@ _TRIGGERS = (
     "CREATE TRIGGER IF NOT EXISTS records_del AFTER DELETE ON records"
     " BEGIN INSERT INTO changes (record_id, op) VALUES (OLD.record_id, 'del'); END",
 )
+# Version 2: per-subject keys, sealed under their bucket's key (``subject_keys.py``). The
+# primary key leads with the bucket and the table has no rowid, so the entries of one
+# bucket sit together: a rotation reseals a few contiguous pages.
+_V2 = (
+    "CREATE TABLE IF NOT EXISTS subject_keys (bucket INTEGER NOT NULL,"
+    " subject_ref BLOB NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (bucket, subject_ref))"
+    " WITHOUT ROWID",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
 _UPSERT_META = (
     "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
@@ -89,7 +98,7 @@ _SCHEMA = (
     "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " record_id TEXT NOT NULL, op TEXT NOT NULL)",
     *_TRIGGERS,
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
+    *_V2,
 )
 _PRAGMAS = ("synchronous=FULL", "secure_delete=ON", "foreign_keys=ON", "trusted_schema=OFF")
 
@@ -154,7 +163,7 @@ def _start(path: Path, *, new: bool, read_only: bool = False) -> sqlite3.Connect
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version == 0:  # an empty or foreign SQLite file where ours should be
                     raise IntegrityError("records database is corrupt")
-                if version != SCHEMA_VERSION:
+                if version not in (1, SCHEMA_VERSION):
                     raise StorageError("unsupported records database schema version")
             if read_only:
                 for pragma in ("query_only=ON", "trusted_schema=OFF",
@@ -163,8 +172,9 @@ def _start(path: Path, *, new: bool, read_only: bool = False) -> sqlite3.Connect
                 return conn
             _configure(conn)
             conn.execute("BEGIN IMMEDIATE")
-            # a file from before the triggers existed gets them here (IF NOT EXISTS)
-            for statement in _SCHEMA if new else _TRIGGERS:
+            # a file from before the triggers existed gets them here (IF NOT EXISTS), one of
+            # version 1 the subject_keys table, in the same transaction
+            for statement in _SCHEMA if new else (*_TRIGGERS, *_V2):
                 conn.execute(statement)
             conn.execute("COMMIT")
     except BaseException:
@@ -315,6 +325,51 @@ class SQLiteBackend:
             for record_id in record_ids:
                 deleted += self._write("DELETE FROM records WHERE record_id = ?", [(record_id,)])
         return deleted
+
+    def get_entry(self, bucket: int, subject_ref: bytes) -> bytes | None:
+        """One subject-key entry's sealed blob, or None."""
+        found = self._query("get_entry", "SELECT blob FROM subject_keys WHERE bucket = ?"
+                            " AND subject_ref = ?", (bucket, subject_ref))
+        return bytes(found[0][0]) if found else None
+
+    def bucket_entries(self, bucket: int) -> list[tuple[bytes, bytes]]:
+        """(subject ref, blob) of every entry of one bucket (contiguous pages)."""
+        found = self._query("bucket_entries", "SELECT subject_ref, blob FROM subject_keys"
+                            " WHERE bucket = ?", (bucket,))
+        return [(bytes(ref), bytes(blob)) for ref, blob in found]
+
+    def put_entries(self, entries: Sequence[tuple[int, bytes, bytes]]) -> None:
+        """Insert or replace (bucket, subject ref, blob) entries, inside a transaction."""
+        with self._lock, _mapped("put_entries"):
+            self._write("INSERT OR REPLACE INTO subject_keys (bucket, subject_ref, blob)"
+                        " VALUES (?, ?, ?)", entries)
+
+    def delete_entries(self, keys: Sequence[tuple[int, bytes]]) -> int:
+        """Delete entries by (bucket, subject ref); returns how many existed."""
+        deleted = 0
+        with self._lock, _mapped("delete_entries"):
+            for key in keys:
+                deleted += self._write("DELETE FROM subject_keys WHERE bucket = ?"
+                                       " AND subject_ref = ?", [key])
+        return deleted
+
+    def scan_entries(self, batch_size: int = 16384) -> Iterator[list[tuple[int, bytes, bytes]]]:
+        """Every (bucket, subject ref, blob) entry in key order, ``batch_size`` at a time."""
+        sql = ("SELECT bucket, subject_ref, blob FROM subject_keys WHERE (bucket, subject_ref)"
+               " > (?, ?) ORDER BY bucket, subject_ref LIMIT ?")
+        last: tuple[int, bytes] = (-1, b"")
+        while True:
+            found = self._query("scan_entries", sql, (*last, batch_size))
+            batch = [(int(b), bytes(ref), bytes(blob)) for b, ref, blob in found]
+            if batch:
+                yield batch
+            if len(batch) < batch_size:
+                return
+            last = (batch[-1][0], batch[-1][1])
+
+    def entry_count(self) -> int:
+        """How many subject-key entries are stored."""
+        return int(self._query("entry_count", "SELECT COUNT(*) FROM subject_keys")[0][0])
 
     def last_change(self) -> int:
         """The newest change sequence number; 0 when nothing was ever written."""

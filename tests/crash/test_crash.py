@@ -1,9 +1,10 @@
 """Crash suite (SECURITY.md §5): SIGKILL a child working on a store, reopen, check.
 
 A child (``worker.py``, run with ``sys.executable``) opens a store the parent created and
-runs enroll_many (batches of 50 distinctive subjects), erase_subject, purge_expired (its
-clock moves 4 h per call, so the 1-day ratchet steps), snapshot and search in a seeded
-random loop, printing an ``ACK`` line only after each call returned. The parent kills it
+runs enroll_many (batches of 50 distinctive subjects), erase_subject, delete (a subject's
+only record), purge_expired (its clock moves 4 h per call, so the 1-day ratchet steps),
+snapshot and search in a seeded random loop, printing an ``ACK`` line only after each
+call returned. The parent kills it
 with SIGKILL after a seeded random delay, reopens the store and checks:
 
 - the keyring loads, and its ratchet epoch is the last acknowledged one or the target of
@@ -12,13 +13,17 @@ with SIGKILL after a seeded random delay, reopens the store and checks:
 - every acknowledged batch is fully present with the acknowledged record ids (rows, and
   searchable while unexpired); no batch is partial (each batch's live subjects have all
   or none of their rows), an unacknowledged batch stays gone, a purged one too;
-- acknowledged erasures are erased (no row, no subject key, ``export_subject`` is empty);
+- acknowledged erasures and deletions are erased (no row, no subject-key entry in
+  records.db, ``export_subject`` is empty); every live subject's entry lists its record;
 - no row is unreadable (``shredded_rows`` and ``integrity_failures`` are 0);
 - ``audit.verify().ok`` and every acknowledged audit seq holds the right event;
 - the store keeps working (enrol + search after reopen).
 
 The ratchet crash window is also hit deterministically, through ``Keyring.save``'s
-``before_rename`` seam: the child dies after the temp keyring is fsynced, before the rename.
+``before_rename`` seam: the child dies after the temp keyring is fsynced, before the rename;
+so is the bucket rotation of a deletion or erasure: killed in the save of the pending key,
+inside the records transaction (pending key saved, nothing committed), and in the save
+after the commit.
 
 Reproduce a run with ``BIOTEMPLATE_CRASH_SEED=<seed>`` (printed in every failure).
 """
@@ -48,6 +53,7 @@ import pytest
 import biotemplate as bt
 from biotemplate import sealing, snapshot
 from biotemplate.keyring import Keyring
+from biotemplate.subject_keys import Entry, open_entry
 
 WORKER = Path(__file__).with_name("worker.py")
 _spec = importlib.util.spec_from_file_location("biotemplate_crash_worker", WORKER)
@@ -200,10 +206,10 @@ def apply_output(model: Model, lines: list[list[str]], where: str) -> Run:
             batch.acked, batch.record_ids = True, parts[5:]
             run.acked_batches.append(batch.batch_id)
             assert len(batch.record_ids) == int(parts[3]) == wk.BATCH
-        elif op == "erase":
+        elif op in ("erase", "delete"):  # a delete removes the subject's only record
             model.erased.add(parts[2])
             run.acked_erasures.append(parts[2])
-            run.acked_seqs.append((int(parts[3]), "erase"))
+            run.acked_seqs.append((int(parts[3]), op))
         elif op == "purge":
             assert int(parts[2]) >= model.epoch, f"{where}: ratchet went back: {parts}"
             model.epoch = int(parts[2])
@@ -229,6 +235,19 @@ def read_rows(store_dir: Path) -> dict[bytes, list[str]]:
         conn.close()
 
 
+def read_entries(store_dir: Path, ring: Keyring) -> dict[bytes, Entry]:
+    """subject ref -> its key entry, read straight from records.db and opened with
+    ``ring`` (raises IntegrityError if one does not open: the crash lost a bucket key)."""
+    uri = f"{(store_dir / 'records.db').absolute().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        rows = conn.execute("SELECT bucket, subject_ref, blob FROM subject_keys").fetchall()
+    finally:
+        conn.close()
+    return {bytes(ref): open_entry(ring, bucket, bytes(ref), bytes(blob))
+            for bucket, ref, blob in rows}
+
+
 def leftovers(store_dir: Path, prefix: str) -> list[Path]:
     return sorted(p for p in store_dir.iterdir() if p.name.startswith(prefix))
 
@@ -236,8 +255,9 @@ def leftovers(store_dir: Path, prefix: str) -> list[Path]:
 # --- the checks after a crash ---------------------------------------------------------------
 
 
-def check_batches(model: Model, ring: Keyring, rows: dict[bytes, list[str]], run: Run,
-                  where: str, rng: random.Random) -> list[tuple[Batch, list[str]]]:
+def check_batches(model: Model, ring: Keyring, rows: dict[bytes, list[str]],
+                  entries: dict[bytes, Entry], run: Run, where: str,
+                  rng: random.Random) -> list[tuple[Batch, list[str]]]:
     """Row-level checks of every batch ever begun; returns (batch, subjects) to search:
     every live subject of the batches acknowledged or committed in this run, a sample of
     the older ones (they were searched in full after an earlier crash)."""
@@ -278,8 +298,9 @@ def check_batches(model: Model, ring: Keyring, rows: dict[bytes, list[str]], run
         for s, rid in expected.items():
             ref = ring.subject_ref(s)
             assert rows[ref] == [rid], f"{where}: {s} has rows {rows[ref]}, acknowledged {rid}"
-            # Readable: its subject key and its epoch key still exist.
-            assert ref in ring.subjects, f"{where}: live {s} lost its subject key"
+            # Readable: its subject key and its epoch key still exist, and its entry lists it.
+            assert ref in entries, f"{where}: live {s} lost its subject key"
+            assert bytes.fromhex(rid) in entries[ref].ids, f"{where}: {s}'s record unlisted"
         assert epoch >= ring.ratchet_epoch, (
             f"{where}: rows of {batch.batch_id} survive in shredded epoch {epoch}")
         model.stats["acked_batches_checked"] += 1
@@ -291,9 +312,9 @@ def check_batches(model: Model, ring: Keyring, rows: dict[bytes, list[str]], run
     return searchable
 
 
-def check_erasures(model: Model, ring: Keyring, rows: dict[bytes, list[str]], run: Run,
-                   where: str) -> None:
-    if run.inflight and run.inflight[1] == "erase":
+def check_erasures(model: Model, ring: Keyring, rows: dict[bytes, list[str]],
+                   entries: dict[bytes, Entry], run: Run, where: str) -> None:
+    if run.inflight and run.inflight[1] in ("erase", "delete"):
         subject = run.inflight[3]
         if ring.subject_ref(subject) in rows:
             model.stats["inflight_erase_rolled_back"] += 1
@@ -303,7 +324,7 @@ def check_erasures(model: Model, ring: Keyring, rows: dict[bytes, list[str]], ru
     for subject in model.erased:
         ref = ring.subject_ref(subject)
         assert ref not in rows, f"{where}: acknowledged erasure of {subject} has rows"
-        assert ref not in ring.subjects, f"{where}: erased {subject} still has a subject key"
+        assert ref not in entries, f"{where}: erased {subject} still has a subject key"
 
 
 def phantom_audit(store: bt.TemplateStore, model: Model, ring: Keyring,
@@ -395,8 +416,11 @@ def verify_after_crash(store_dir: Path, keys: bt.FileKeyProvider, model: Model, 
         for seq, event in run.acked_seqs:
             assert store.audit.get(seq).event == event, f"{where}: audit seq {seq}"
         rows = read_rows(store_dir)
-        check_erasures(model, ring, rows, run, where)
-        searchable = check_batches(model, ring, rows, run, where, rng)
+        entries = read_entries(store_dir, ring)
+        assert stats.missing_rows == 0, f"{where}: {stats}"
+        assert not ring.pending, f"{where}: a pending bucket key outlived the open"
+        check_erasures(model, ring, rows, entries, run, where)
+        searchable = check_batches(model, ring, rows, entries, run, where, rng)
         phantom_audit(store, model, ring, rows, run)
         check_search(store, searchable, model, where)
         for subject in run.acked_erasures[-5:]:
@@ -519,7 +543,7 @@ def seam_crash(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPol
 
 
 @pytest.mark.parametrize(("seam_op", "skip"), [
-    ("purge", 0), ("erase", 0), ("enroll_many", 0),
+    ("purge", 0),
     pytest.param("set_policy", 0, id="set_policy-before-commit"),
     pytest.param("set_policy", 1, id="set_policy-after-commit"),
 ])
@@ -540,72 +564,38 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
         target = int(run.inflight[3])  # type: ignore[index]
         assert target > old.ratchet_epoch
         assert (old.ratchet_epoch, new.ratchet_epoch) == (model.epoch, target)
-    elif seam_op == "erase":
-        subject = run.inflight[3]  # type: ignore[index]
-        ref = old.subject_ref(subject)
-        assert ref in old.subjects and ref not in new.subjects
-        assert new.erasures == old.erasures + 1
-    elif seam_op == "set_policy":
+    else:
         # Before the commit the keyring gains the new policy's digest beside the old one;
         # after it, it keeps only the new one.
         assert (len(old.policies), len(new.policies)) == ((1, 2) if skip == 0 else (2, 1))
-    else:
-        batch = model.batches[run.inflight[3]]  # type: ignore[index]
-        refs = {old.subject_ref(s) for s in batch.subjects}
-        assert not refs & set(old.subjects) and refs <= set(new.subjects)
 
     reopen = _dt(model.max_now)
     store = bt.TemplateStore.open(store_dir, key_provider=keys, clock=lambda: reopen)
     try:
         stats = store.stats()
-        # A purge or erasure committed before the keyring save: records.db names the key
-        # change it staged, and open completes it (the audit says so: "rollforward").
-        rolled = seam_op in ("purge", "erase") or (seam_op == "set_policy" and skip != 0)
+        # A purge committed before the keyring save: records.db names the key change it
+        # staged, and open completes it (the audit says so: "rollforward").
+        rolled = seam_op == "purge" or skip != 0
         assert stats.epoch == (new.ratchet_epoch if seam_op == "purge" else old.ratchet_epoch)
         assert stats.shredded_rows == 0 and stats.integrity_failures == 0, stats
         assert store.audit.verify().ok
         events = [store.audit.get(n).event for n in range(1, store.audit.verify().entries + 1)]
         assert ("rollforward" in events) == rolled
-        rows = read_rows(store_dir)
         if seam_op == "purge":
-            # rows gone, and their subject keys destroyed by the roll-forward on open
+            # rows gone, and their subject keys with them (the purge deleted their entries
+            # in its transaction; the ratchet step was completed on open)
             assert stats.records == 0 and stats.subjects == 0
             report = store.purge_expired()
             assert report.epoch_after == int(run.inflight[3])  # type: ignore[index]
             assert report.subject_keys_destroyed == 0
-        elif seam_op == "set_policy":
+        else:
             # Killed before the commit: the old policy; after it: the new one. Either way
             # the store opens and the keyring settles on the policy that is stored.
             wanted = model.threshold if skip == 0 else float(run.inflight[3])  # type: ignore[index]
             assert store.policy.purposes[wk.TUNED].match_threshold == wanted
             assert len(Keyring.load(store_dir / "keyring", kek).policies) == 1
             assert stats.records == 2 * wk.BATCH
-        elif seam_op == "erase":
-            subject = run.inflight[3]  # type: ignore[index]
-            assert old.subject_ref(subject) not in rows  # the delete committed
-            model.erased_rows.add(subject)
-            assert store.export_subject(subject, actor="crash-checker") == []
-            assert stats.records == 2 * wk.BATCH - 1
-            assert stats.erasure_generation == old.erasures + 1  # the key died on open
-            assert old.subject_ref(subject) not in Keyring.load(store_dir / "keyring",
-                                                                kek).subjects
-            report = store.purge_expired()  # nothing left to sweep
-            assert report.subject_keys_destroyed == 0 and report.purged == 0
-            receipt = store.erase_subject(subject, actor="crash-checker")
-            assert receipt.records_erased == 0 and not receipt.key_destroyed
-        else:
-            batch = model.batches[run.inflight[3]]  # type: ignore[index]
-            assert not {old.subject_ref(s) for s in batch.subjects} & set(rows)
-            assert stats.records == 2 * wk.BATCH
-            ids = store.enroll_many(wk.batch_templates(batch.batch_id),
-                                    subject_ids=batch.subjects, purposes=[wk.PURPOSE],
-                                    ttl=timedelta(days=10), source=wk.SOURCE,
-                                    actor="crash-checker")
-            batch.acked, batch.record_ids = True, ids
-            check_search(store, [(batch, batch.subjects)], model, "seam enroll_many")
-        if seam_op != "purge":
-            check_search(store, [(b, [s for s in b.subjects if not model.dead(s)])
-                                 for b in setup], model, f"seam {seam_op}")
+            check_search(store, [(b, b.subjects) for b in setup], model, f"seam {seam_op}")
         # The store keeps working.
         ids = store.enroll_many(wk.batch_templates("after"), subject_ids=wk.subject_ids("after"),
                                 purposes=[wk.PURPOSE], ttl=timedelta(days=10),
@@ -617,14 +607,117 @@ def test_keyring_rename_window(tmp_path: Path, keys: bt.FileKeyProvider,
         store.close()
 
 
+# where a deletion or erasure dies: (seam, keyring saves let through first)
+ROTATION_WINDOWS = {
+    "pending-save": ("keyring", 0),  # inside the save of the bucket's next key
+    "in-transaction": ("stage", 0),  # next key saved; the transaction never commits
+    "final-save": ("keyring", 1),  # committed; inside the save that makes the key current
+}
+
+
+@pytest.mark.parametrize("window", list(ROTATION_WINDOWS))
+@pytest.mark.parametrize("op", ["erase", "delete"])
+def test_rotation_window(tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy,
+                         op: str, window: str) -> None:
+    """A deletion or erasure saves its bucket's next key (pending), commits the rows, the
+    entries resealed under it and the staged rotation, then saves the keyring with the
+    key made current. Killed anywhere in that, the store opens with every entry readable
+    under the current keys, no pending key left, and the call either fully done (the old
+    bucket key gone: roll-forward) or not done at all."""
+    seam, skip = ROTATION_WINDOWS[window]
+    store_dir, model, run, lines = seam_crash(tmp_path, keys, policy, op, seam=seam, skip=skip)
+    assert run.inflight is not None
+    kek = keys.master_key()
+    subject = run.inflight[3]
+    committed = window == "final-save"
+    digest = next(p[1] for p in lines if p[0] == "KEYRING")
+    assert hashlib.sha256((store_dir / "keyring").read_bytes()).hexdigest() == digest
+    old = Keyring.load(store_dir / "keyring", kek)
+    ref = old.subject_ref(subject)
+    bucket = old.bucket_of(ref)
+    temps = leftovers(store_dir, ".keyring.")
+    if window == "in-transaction":  # the pending key was saved, nothing after it
+        assert not temps and set(old.pending) == {bucket}
+    else:
+        assert len(temps) == 1, temps
+        new = Keyring.from_bytes(temps[0].read_bytes(), kek)
+        if window == "pending-save":
+            assert not old.pending and set(new.pending) == {bucket}
+            assert (new.buckets, new.generation) == (old.buckets, old.generation)
+        else:
+            assert new.buckets[bucket] == old.pending[bucket] != old.buckets[bucket]
+            assert (new.erasures, new.generation) == (old.erasures + 1, old.generation + 1)
+            assert not new.pending
+    assert (ref in read_rows(store_dir)) != committed
+    setup = [b for b in model.batches.values() if b.acked]
+
+    reopen = _dt(model.max_now)
+    store = bt.TemplateStore.open(store_dir, key_provider=keys, clock=lambda: reopen)
+    try:
+        ring = Keyring.load(store_dir / "keyring", kek)
+        assert not ring.pending  # promoted, or discarded
+        stats = store.stats()
+        assert (stats.shredded_rows, stats.integrity_failures, stats.missing_rows) == (0, 0, 0)
+        assert store.audit.verify().ok
+        events = [store.audit.get(n).event for n in range(1, store.audit.verify().entries + 1)]
+        assert ("rollforward" in events) == committed
+        entries = read_entries(store_dir, ring)  # every entry opens with the current keys
+        if committed:
+            assert ring.buckets[bucket] == old.pending[bucket]  # the old key is gone
+            assert stats.erasure_generation == old.erasures + 1
+            assert ref not in entries and stats.records == 2 * wk.BATCH - 1
+            assert store.export_subject(subject, actor="crash-checker") == []
+            model.erased_rows.add(subject)
+        else:
+            assert ring.buckets == old.buckets and stats.erasure_generation == old.erasures
+            assert ref in entries and stats.records == 2 * wk.BATCH
+            assert len(store.export_subject(subject, actor="crash-checker")) == 1
+        check_search(store, [(b, [s for s in b.subjects if not model.dead(s)])
+                             for b in setup], model, f"{op} {window}")
+        # The store keeps working: the call can be made (again), and nothing is left.
+        receipt = store.erase_subject(subject, actor="crash-checker")
+        assert receipt.key_destroyed != committed
+        assert receipt.records_erased == (0 if committed else 1)
+        assert ref not in read_entries(store_dir, Keyring.load(store_dir / "keyring", kek))
+        report = store.purge_expired()  # nothing left to sweep
+        assert report.subject_keys_destroyed == 0 and report.purged == 0
+        assert store.audit.verify().ok
+    finally:
+        store.close()
+
+
+def test_enrolment_never_saves_the_keyring(tmp_path: Path, keys: bt.FileKeyProvider,
+                                           policy: bt.RetentionPolicy) -> None:
+    """The keyring-save seam armed around an enrolment of 50 new subjects never fires:
+    their keys commit with their rows, in records.db."""
+    store_dir, work, model = _fresh_store(tmp_path, keys, policy)
+    before = (store_dir / "keyring").read_bytes()
+    plan = {"mode": "seam", "prefix": "seam", "seed": SEED, "step_s": 600,
+            "ttls_s": [10 * DAY_S], "setup": [], "seam_op": "enroll_many",
+            "keyring": str(store_dir / "keyring")}
+    child = spawn(store_dir, keys.path, model.max_now + 60 * 10**6, plan, work, "enrol")
+    child.proc.wait(timeout=120)
+    lines = child.lines()
+    assert child.proc.returncode == 0 and lines[-1] == ["SURVIVED"], child.stderr()
+    run = apply_output(model, lines, "enrolment seam")
+    assert run.acks["enroll_many"] == 1 and not leftovers(store_dir, ".keyring.")
+    assert (store_dir / "keyring").read_bytes() == before
+    ring = Keyring.load(store_dir / "keyring", keys.master_key())
+    batch = model.batches[run.acked_batches[0]]
+    entries = read_entries(store_dir, ring)
+    assert {ring.subject_ref(s) for s in batch.subjects} <= set(entries)
+
+
 def test_stale_keyring_temp_does_not_outlive_shredding(
         tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy) -> None:
     """A crash inside ``Keyring.save`` leaves ``.keyring.XXXX`` (a complete keyring, sealed
     under the KEK) in the store folder. After a later erasure and a ratchet step it would
-    still hold the erased subject's key and the shredded ratchet state - an unmanaged
-    keyring backup, so folder + KEK would resurrect erased/expired records from an old
-    records.db copy. It must not outlive the reopen and the shredding that follow."""
-    store_dir, model, _, _ = seam_crash(tmp_path, keys, policy, "enroll_many")
+    still hold the bucket key that sealed the erased subject's key entry, and the shredded
+    ratchet state - an unmanaged keyring backup, so folder + KEK would resurrect
+    erased/expired records from an old records.db copy. It must not outlive the reopen and
+    the shredding that follow. (The crash here: inside the save of an erasure's pending
+    bucket key.)"""
+    store_dir, model, _, _ = seam_crash(tmp_path, keys, policy, "erase")
     kek = keys.master_key()
     victim = next(b for b in model.batches.values() if b.acked).subjects[0]
     now = [_dt(model.max_now)]
@@ -637,15 +730,18 @@ def test_stale_keyring_temp_does_not_outlive_shredding(
         epoch = report.epoch_after
     finally:
         store.close()
+    current = Keyring.load(store_dir / "keyring", kek)
+    bucket = current.bucket_of(current.subject_ref(victim))
     stale = []
     for temp in leftovers(store_dir, ".keyring."):
         try:
             ring = Keyring.from_bytes(temp.read_bytes(), kek)
         except bt.BiotemplateError:
             continue  # a torn temp file holds nothing usable
-        if ring.subject_ref(victim) in ring.subjects or ring.ratchet_epoch < epoch:
+        old_key = ring.buckets[bucket] != current.buckets[bucket]
+        if old_key or ring.ratchet_epoch < epoch:
             stale.append(f"{temp.name}: epoch {ring.ratchet_epoch} (store at {epoch}), "
-                         f"erased subject key present: {ring.subject_ref(victim) in ring.subjects}")
+                         f"erased subject's old bucket key present: {old_key}")
     assert not stale, ("a leftover keyring temp file still holds shredded key material "
                        "after reopen + erase + purge: " + "; ".join(stale))
 

@@ -12,6 +12,7 @@ moves forward by ``plan["step_s"]`` seconds before every operation (so epochs pa
     BEGIN enroll_many <now_us> <batch-id> <n> <expiry_us>   (subjects: <batch-id>-sNN)
     ACK enroll_many <batch-id> <n> <expiry_us> <record ids...>
     BEGIN erase <now_us> <subject>           ACK erase <subject> <audit_seq>
+    BEGIN delete <now_us> <subject> <rid>    ACK delete <subject> <audit_seq>
     BEGIN purge <now_us> <target_epoch>      ACK purge <epoch_after> <purged> <audit_seq>
     BEGIN snapshot <now_us>                  ACK snapshot <seq>
     BEGIN search <now_us>                    ACK search <audit_seq> <candidates>
@@ -23,7 +24,10 @@ An ACK line is only written after the call returned. In ``seam`` mode the worker
 SIGKILL of itself and runs ``plan["seam_op"]``: it dies inside the keyring save (after
 ``plan["seam_skip"]`` saves let through), after the temp file is written and fsynced,
 before the rename. With ``plan["seam"] == "snapshot"``
-it dies the same way inside ``snapshot.write`` (``os.replace`` of a ``.index.snapshot.*`` temp).
+it dies the same way inside ``snapshot.write`` (``os.replace`` of a ``.index.snapshot.*`` temp);
+with ``plan["seam"] == "stage"`` it dies inside the records transaction of ``seam_op``,
+when the key change is staged (``Vault.stage``): after a deletion or erasure saved its
+bucket's pending key, before the commit.
 
 The module is also imported by the parent (``batch_templates``, ``subject_ids``), so it
 keeps its imports light and does nothing on import.
@@ -49,10 +53,10 @@ BATCH = 50
 PURPOSE = "watchlist"
 SOURCE = "case-file-crash"
 ACTOR = "crash-worker"
-OPS = ("enroll_many", "search", "purge", "erase", "snapshot", "set_policy")
+OPS = ("enroll_many", "search", "purge", "erase", "snapshot", "set_policy", "delete")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WEIGHTS = {"enroll_many": 4, "search": 4, "purge": 2, "erase": 2, "snapshot": 1,
-           "set_policy": 1}
+           "set_policy": 1, "delete": 1}
 TUNED = "rare"  # set_policy flips this purpose's match threshold between two values
 
 
@@ -104,6 +108,8 @@ class Worker:
         opened = self.store.audit.get(self.store.audit.checkpoint().seq)
         self.source = opened.fields.get("index") if opened.event == "open" else "?"
         self.candidates: list[str] = list(plan.get("erase_candidates", []))
+        # subject -> (its record, expiry), enrolled by this worker
+        self.records: dict[str, tuple[str, int]] = {}
         self.probes: list[str] = list(plan.get("probe_subjects", []))
         self.batches = 0
 
@@ -126,6 +132,7 @@ class Worker:
         say("ACK enroll_many", batch_id, len(ids), expiry, *ids)
         self.candidates.extend(sids)
         self.probes.extend(sids[:3])
+        self.records.update((s, (rid, expiry)) for s, rid in zip(sids, ids, strict=True))
 
     def erase(self) -> None:
         if not self.candidates:
@@ -135,6 +142,22 @@ class Worker:
         say("BEGIN erase", now, subject)
         receipt = self.store.erase_subject(subject, actor=ACTOR, reason="crash suite")
         say("ACK erase", subject, receipt.audit_seq)
+        return None
+
+    def delete(self) -> None:
+        """Delete one record (not expired: a purge may have taken those): each subject has
+        one, so it is the subject's last."""
+        now = self.tick()
+        known = [s for s in self.candidates if s in self.records
+                 and self.records[s][1] > now + self.step // timedelta(microseconds=1)]
+        if not known:
+            return self.search()
+        subject = known[self.rng.randrange(len(known))]
+        self.candidates.remove(subject)
+        rid = self.records.pop(subject)[0]
+        say("BEGIN delete", now, subject, rid)
+        receipt = self.store.delete(rid, actor=ACTOR, reason="crash suite")
+        say("ACK delete", subject, receipt.audit_seq)
         return None
 
     def purge(self) -> None:
@@ -196,7 +219,19 @@ class Worker:
             say("RENAME-SEAM")
             os.kill(os.getpid(), signal.SIGKILL)
 
-        if self.plan.get("seam", "keyring") == "keyring":
+        if self.plan.get("seam") == "stage":  # inside the transaction, pending key saved
+            from biotemplate.vault import Vault
+
+            stage = Vault.stage
+
+            def dying_stage(self: Any, **kwargs: Any) -> int:
+                if kwargs.get("rotate"):
+                    say("KEYRING", hashlib.sha256(keyring.read_bytes()).hexdigest())
+                    die()
+                return stage(self, **kwargs)
+
+            Vault.stage = dying_stage  # type: ignore[method-assign]
+        elif self.plan.get("seam", "keyring") == "keyring":
             from biotemplate.keyring import Keyring
 
             original = Keyring.save

@@ -241,7 +241,7 @@ def fingerprint(store: bt.TemplateStore) -> tuple[Any, ...]:
                        mode="investigation")
     found = tuple((c.record_id, c.subject_id, round(c.score, 5)) for c in res.candidates)
     keys = ("records", "indexed", "subjects", "held_subjects", "erasure_generation", "epoch",
-            "integrity_failures", "shredded_rows")
+            "integrity_failures", "shredded_rows", "missing_rows")
     return (*(getattr(s, k) for k in keys), found)
 
 
@@ -529,6 +529,8 @@ KEY = bytes(range(32))
 KEK = SecretKey(KEY)
 STORE_ID = bytes(16)
 RING = Keyring.new(STORE_ID, 86400 * 10**6, 1_767_225_600 * 10**6)
+RING.buckets = RING.buckets[:4]  # a valid keyring; 1,024 bucket keys would only be slower
+RING.pending = {2: bytes(range(1, 33))}  # a rotation in flight: every field present
 _RING_BODY = msgpack.unpackb(RING._body(), raw=False, strict_map_key=False)
 
 def _msgpack_values(ints: st.SearchStrategy[int]) -> st.SearchStrategy[Any]:
@@ -596,8 +598,9 @@ def _load_ring(data: bytes) -> None:
     """Keyring.from_bytes either refuses, or yields 32-byte keys (never junk keys)."""
     ring = Keyring.from_bytes(data, KEK)
     sizes = {len(k) for k in (ring.ratchet_state, ring.lookup_key, ring.digest_key,
-                              ring.meta_key, ring.audit_seed, *ring.subjects,
-                              *ring.subjects.values(), *(h[0] for h in ring.holds.values()))}
+                              ring.meta_key, ring.audit_seed, *ring.legacy_subjects,
+                              *ring.legacy_subjects.values(), *ring.buckets,
+                              *ring.pending.values(), *(h[0] for h in ring.holds.values()))}
     assert sizes <= {sealing.KEY_SIZE}, f"keyring accepted keys of {sorted(sizes)} bytes"
 
 
@@ -729,6 +732,14 @@ DECODER_EDGES = [
                  id="keyring-body-int-in-key-field"),
     pytest.param(lambda tmp: _load_ring(_ring_with(subjects={bytes(32): 7})),
                  id="keyring-body-int-subject-key"),
+    pytest.param(lambda tmp: _load_ring(_ring_with(buckets=bytes(33))),
+                 id="keyring-body-buckets-not-whole-keys"),
+    pytest.param(lambda tmp: _load_ring(_ring_with(buckets=[bytes(32)])),
+                 id="keyring-body-buckets-list"),
+    pytest.param(lambda tmp: _load_ring(_ring_with(pending={"1": bytes(32)})),
+                 id="keyring-body-pending-str-bucket"),
+    pytest.param(lambda tmp: _load_ring(_ring_with(pending={1: 10**6})),
+                 id="keyring-body-pending-int-key"),
     pytest.param(lambda tmp: bt.Checkpoint.from_bytes(_pack({**_CHECKPOINT, "ts": 2**63})),
                  id="checkpoint-ts-out-of-range"),
     pytest.param(lambda tmp: bt.Checkpoint.from_json(json.dumps(

@@ -35,6 +35,7 @@ from biotemplate.backends.base import RecordRow
 from biotemplate.backends.sqlite import SQLiteBackend
 from biotemplate.codec import RecordCodec, Shredded
 from biotemplate.keyring import Keyring
+from biotemplate.subject_keys import SubjectKeys
 
 DIM = 16
 MODEL = "tamper-model-v1"
@@ -253,12 +254,14 @@ def check_detected(base: Base, folder: Path, bad: set[str], *, shredded: bool = 
 
 def test_every_bit_and_byte_flip_of_a_blob_is_detected_by_the_codec(base: Base) -> None:
     keyring = Keyring.load(base.folder / "keyring", base.keys.master_key())
-    codec = RecordCodec(keyring, model=MODEL, dim=DIM)
     backend = SQLiteBackend.open(base.folder / "records.db")
     try:
         rows = [backend.get(r.rid) for r in base.recs]
+        subject_keys = SubjectKeys(backend, keyring)
+        subject_keys.preload()  # every subject's key and record ids, from records.db
     finally:
         backend.close()
+    codec = RecordCodec(keyring, model=MODEL, dim=DIM, entries=subject_keys.entry)
     total = detected = 0
     for row in rows:
         assert row is not None

@@ -15,10 +15,11 @@ import pytest
 
 from biotemplate import sealing, streaming
 from biotemplate.backends.base import RecordRow
-from biotemplate.codec import Plain, RecordCodec, Shredded
+from biotemplate.codec import Plain, RecordCodec, Shredded, Unlisted
 from biotemplate.errors import IntegrityError, KeyUnavailable
 from biotemplate.keyring import Keyring
 from biotemplate.keys import SecretKey
+from biotemplate.subject_keys import Entry
 
 EPOCH_US = 3_600_000_000  # 1 h
 NOW_US = 1_772_000_000_000_000
@@ -164,10 +165,11 @@ def _plain() -> Plain:
 def test_codec_round_trip_and_header_binding() -> None:
     kr = _keyring()
     ref = kr.subject_ref("P-1")
-    kr.subjects[ref] = sealing.random_key()
-    codec = RecordCodec(kr, model="m1", dim=8)
+    entries = {ref: Entry(sealing.random_key(), (RECORD_ID,))}
+    codec = RecordCodec(kr, model="m1", dim=8, entries=entries.get)
     row = codec.seal(record_id=RECORD_ID.hex(), subject_ref=ref, purposes=["b", "a"],
-                     expiry_us=NOW_US + 3 * EPOCH_US, held=False, plain=_plain())
+                     expiry_us=NOW_US + 3 * EPOCH_US, held=False, plain=_plain(),
+                     subject_key=entries[ref].key)
     assert row.purposes == ("a", "b") and row.epoch == (NOW_US + 3 * EPOCH_US) // EPOCH_US
     back = codec.open(row)
     assert back.subject_id == "P-1" and back.metadata == {"case": "118"}
@@ -180,8 +182,12 @@ def test_codec_round_trip_and_header_binding() -> None:
         fields[name] = value
         with pytest.raises(IntegrityError):
             codec.open(RecordRow(**fields))
+    # A row its subject's entry does not list (deleted, copied back) is refused.
+    entries[ref] = Entry(entries[ref].key, ())
+    with pytest.raises(Unlisted):
+        codec.open(row)
     # A subject whose key was destroyed reads as shredded, not as tampered.
-    del kr.subjects[ref]
+    del entries[ref]
     with pytest.raises(Shredded):
         codec.open(row)
 
@@ -192,9 +198,12 @@ def test_codec_round_trip_and_header_binding() -> None:
 def test_keyring_round_trip() -> None:
     master = SecretKey(sealing.random_key())
     kr = _keyring()
-    kr.subjects[kr.subject_ref("P-1")] = sealing.random_key()
+    kr.legacy_subjects[kr.subject_ref("P-1")] = sealing.random_key()
+    kr.pending[7] = sealing.random_key()
     back = Keyring.from_bytes(kr.to_bytes(master), master)
-    assert back.store_id == kr.store_id and back.subjects == kr.subjects
+    assert back.store_id == kr.store_id and back.legacy_subjects == kr.legacy_subjects
+    assert back.buckets == kr.buckets and len(back.buckets) == 1024
+    assert back.pending == kr.pending
     assert back.ratchet_state == kr.ratchet_state and back.ratchet_epoch == kr.ratchet_epoch
     assert back.epoch_key(kr.ratchet_epoch + 5) == kr.epoch_key(kr.ratchet_epoch + 5)
 
@@ -283,9 +292,10 @@ def _no_key_in(text: str, raw: bytes) -> None:
 
 def test_keyring_refuses_pickling_and_hides_keys() -> None:
     kr = _keyring()
-    kr.subjects[kr.subject_ref("P-1")] = sub = sealing.random_key()
+    kr.legacy_subjects[kr.subject_ref("P-1")] = sub = sealing.random_key()
+    kr.pending[3] = pending = sealing.random_key()
     for raw in (kr.ratchet_state, kr.lookup_key, kr.digest_key, kr.meta_key, kr.audit_seed,
-                sub):
+                sub, pending, *kr.buckets):
         _no_key_in(repr(kr), raw)
     with pytest.raises(TypeError):
         pickle.dumps(kr)

@@ -24,6 +24,7 @@ from biotemplate.backends.base import RecordRow
 from biotemplate.codec import Plain, RecordCodec, decode_plain, encode_plain
 from biotemplate.keyring import Keyring
 from biotemplate.keys import SecretKey
+from biotemplate.subject_keys import Entry
 
 HERE = Path(__file__).resolve().parent
 H = bytes.fromhex
@@ -123,12 +124,14 @@ def test_record_plaintext_format_is_still_written(v: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("v", RECORDS, ids=_ids(RECORDS))
 def test_record_opens_through_the_keyring_and_codec(v: dict[str, Any]) -> None:
-    """The whole v1 stack: keyring file -> scope and subject keys -> codec -> plaintext."""
+    """The whole v1 stack: keyring file -> scope and subject keys -> codec -> plaintext.
+    (A v1 keyring holds the subject keys itself; a store moves them into records.db on
+    open, as entries listing the subject's records: here, one that lists this record.)"""
     ring = opened_keyring(v["keyring"])
     a = v["aad_fields"]
     ref = H(a["subject_ref"])
     assert ring.subject_ref(v["plaintext_fields"]["subject_id"]) == ref
-    assert ring.subjects[ref].hex() == v["subject_key"]
+    assert ring.legacy_subjects[ref].hex() == v["subject_key"]
     if v["scope"]["kind"] == "hold":
         assert ring.holds[ref][0].hex() == v["scope_key"] and a["held"] is True
     else:
@@ -138,7 +141,9 @@ def test_record_opens_through_the_keyring_and_codec(v: dict[str, Any]) -> None:
     row = RecordRow(record_id=v["record_id"], subject_ref=ref, epoch=a["epoch"],
                     expiry_us=a["expiry_us"], purposes=tuple(sorted(a["purposes"])),
                     model=a["model"], held=a["held"], blob=H(v["sealed"]))
-    plain = RecordCodec(ring, model=a["model"], dim=v["dim"]).open(row)
+    entry = Entry(ring.legacy_subjects[ref], (H(v["record_id"]),))
+    plain = RecordCodec(ring, model=a["model"], dim=v["dim"],
+                        entries={ref: entry}.get).open(row)
     assert plain.template.tolist() == v["plaintext_fields"]["template"]
     assert plain.subject_id == v["plaintext_fields"]["subject_id"]
 
@@ -207,7 +212,7 @@ def test_keyring_from_bytes_reads_every_field(v: dict[str, Any]) -> None:
     assert ring.digest_key.hex() == f["digest_key"]
     assert ring.meta_key.hex() == f["meta_key"]
     assert ring.audit_seed.hex() == f["audit_seed"]
-    assert {r.hex(): k.hex() for r, k in ring.subjects.items()} == f["subjects"]
+    assert {r.hex(): k.hex() for r, k in ring.legacy_subjects.items()} == f["subjects"]
     assert {r.hex(): [k.hex(), a] for r, (k, a) in ring.holds.items()} == f["holds"]
     assert ring.erasures == f["erasures"]
     assert ring.high_water_us == f["high_water_us"]
