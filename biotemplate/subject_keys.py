@@ -95,8 +95,10 @@ class SubjectKeys:
     """The subject-key entries of one store: every read, write and the cache of them.
 
     Owned by the vault. Reads come from any thread (verify and export run without the
-    store's lock); writes run under the store's lock inside a records transaction and
-    reach the cache only once that committed (:meth:`settle`).
+    store's lock); writes run under the store's lock inside a records transaction. What a
+    transaction adds reaches the cache before its commit (a reader cannot see the rows it
+    lists before then, and must not meet them unlisted just after); what it removes, only
+    once it committed (:meth:`settle`, which also undoes the additions of a rollback).
     """
 
     def __init__(self, db: Backend, keyring: Keyring) -> None:
@@ -235,6 +237,9 @@ class SubjectKeys:
             puts.append((bucket, ref, self._seal(bucket, ref, entry)))
             self._written[ref] = entry
         self._db.put_entries(puts)
+        with self._lock:  # before the commit: see the class docstring
+            self._cache.update((ref, e) for ref, e in self._written.items() if e is not None)
+            self._version += 1
 
     # --- removal (under the store's lock, inside a records transaction) ------------------
 

@@ -192,7 +192,7 @@ class Vault:
     def transaction(self) -> Iterator[None]:
         """One records transaction: the store appends the audit entry inside it, so the
         rows commit only after the entry is written (fail closed). The subject-key entries
-        it wrote reach the vault's cache only if it committed."""
+        it wrote are settled in the cache after it (``SubjectKeys.settle``)."""
         committed = False
         try:
             with self._db.transaction():
