@@ -181,7 +181,7 @@ class Vault:
 
     def key_stats(self) -> dict[str, int]:
         k = self._keyring
-        return {"subjects": self._keys.count(),
+        return {"subjects": len(k.legacy_subjects) or self._keys.count(),  # (not moved yet)
                 "held_subjects": sum(1 for _, active in k.holds.values() if active),
                 "epoch": k.ratchet_epoch, "epoch_seconds": k.epoch_us // 1_000_000,
                 "erasure_generation": k.erasures, "generation": k.generation}

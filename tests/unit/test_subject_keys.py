@@ -30,6 +30,7 @@ from biotemplate import sealing
 from biotemplate.backends.sqlite import SQLiteBackend
 from biotemplate.codec import RecordCodec
 from biotemplate.keyring import BUCKETS, Keyring
+from biotemplate.keys import key_text
 from biotemplate.subject_keys import Entry, SubjectKeys, open_entry
 from biotemplate.synthetic import Gallery
 
@@ -524,6 +525,21 @@ def test_a_store_from_before_bucket_keys_is_moved_on_open(
         assert s.stats().subjects == 48 and len(moves(s)) == 1  # moved once
 
 
+def test_a_read_only_open_moves_nothing(v1_store: dict[bytes, bytes], store_dir: Path,
+                                       keys: Any, clock: Any, gallery: Gallery) -> None:
+    """A reader writes nothing and decrypts nothing, so it leaves the move to the next
+    writer; it still reports the store."""
+    before = {p.name: p.read_bytes() for p in store_dir.iterdir() if p.is_file()}
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock,
+                               read_only=True) as ro:
+        assert (ro.stats().records, ro.stats().subjects) == (97, 49)
+    assert ring_of(store_dir, keys).legacy_subjects == v1_store
+    assert sql(store_dir, "PRAGMA user_version") == [(1,)]
+    for name in ("keyring", "records.db", "audit.db"):
+        assert (store_dir / name).read_bytes() == before[name], name
+    check_moved(store_dir, keys, clock, gallery, v1_store)
+
+
 @pytest.mark.parametrize("step", ["bucket-keys-saved", "entries-committed", "keyring-saved"])
 def test_the_move_is_crash_safe_at_every_step(
         v1_store: dict[bytes, bytes], store_dir: Path, keys: Any, clock: Any,
@@ -603,9 +619,10 @@ with bt.TemplateStore.create(folder, dim=16, model="m", policy=policy, clock=lam
 """
 
 
-def test_a_store_written_by_the_old_code_opens(tmp_path: Path, keys: Any, clock: Any) -> None:
+def test_a_store_written_by_the_old_code_opens(tmp_path: Path, clock: Any) -> None:
     """The real thing: a store created by the code of before bucket keys (taken from git
-    history; skipped where that commit is not available) opens and is moved."""
+    history; skipped where that commit is not available) opens and is moved. The same
+    master key in each version's key file format (hex then; typed base64 now)."""
     root = Path(__file__).resolve().parents[2]
     old = tmp_path / "old-code"
     old.mkdir()
@@ -615,7 +632,13 @@ def test_a_store_written_by_the_old_code_opens(tmp_path: Path, keys: Any, clock:
         pytest.skip(f"commit {OLD_COMMIT} is not in this checkout")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     folder = tmp_path / "store"
-    subprocess.run([sys.executable, "-c", OLD_SCRIPT, str(folder), str(keys.path)],
+    master = sealing.random_key()
+    (tmp_path / "old.key").write_text(master.hex() + "\n")
+    (tmp_path / "new.key").write_text(key_text(master) + "\n")
+    for name in ("old.key", "new.key"):
+        (tmp_path / name).chmod(0o600)
+    keys = bt.FileKeyProvider(tmp_path / "new.key")
+    subprocess.run([sys.executable, "-c", OLD_SCRIPT, str(folder), str(tmp_path / "old.key")],
                    cwd=old, env={"PYTHONPATH": str(old), "PATH": "/usr/bin:/bin"},
                    check=True, capture_output=True)
     old_ring = ring_of(folder, keys)

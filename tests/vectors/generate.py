@@ -108,7 +108,9 @@ def keyring_vectors() -> tuple[list[dict[str, Any]], dict[str, Keyring], dict[st
         ("fresh-store", False, "a store just created: no subjects, no holds"),
     ):
         fields = _keyring_fields(name, with_subjects)
-        ring = Keyring(**fields)
+        # a v1 keyring: the subject keys in it ("subjects"; now Keyring.legacy_subjects)
+        ring = Keyring(**{("legacy_subjects" if k == "subjects" else k): v
+                          for k, v in fields.items()})
         master = fixed(f"{name}/master-key")
         body = ring._body()
         check_nonce = fixed(f"{name}/check-nonce", sealing.NONCE_SIZE)
@@ -162,7 +164,7 @@ def _record(spec: dict[str, Any], ring: Keyring) -> tuple[dict[str, Any], dict[s
     """One valid vector, plus the raw values the invalid vectors are built from."""
     name = spec["name"]
     ref = ring.subject_ref(spec["subject_id"])
-    subject_key = ring.subjects[ref]
+    subject_key = ring.legacy_subjects[ref]
     epoch = RATCHET_EPOCH + spec["epoch_offset"]
     expiry_us = epoch * EPOCH_US + 17 * 3_600_000_000 + 123_456
     if spec["held"]:
@@ -268,12 +270,12 @@ def invalid_records(raw: dict[str, Any], ring: Keyring,
     add("empty", "an empty blob", s=b"")
     add("wrong-version-byte", "version byte 0x02 instead of 0x01", s=b"\x02" + sealed[1:])
     add("version-byte-zero", "version byte 0x00 instead of 0x01", s=b"\x00" + sealed[1:])
-    other_subject = ring.subjects[ring.subject_ref("P-000004")]
+    other_subject = ring.legacy_subjects[ring.subject_ref("P-000004")]
     add("wrong-key-other-subject", "record key derived with another subject's key",
         k=sealing.record_key(raw["scope_key"], other_subject, raw["record_id"]))
     add("wrong-key-next-epoch", "record key derived with the next epoch's key",
         k=sealing.record_key(ring.epoch_key(fields["epoch"] + 1),
-                             ring.subjects[fields["subject_ref"]], raw["record_id"]))
+                             ring.legacy_subjects[fields["subject_ref"]], raw["record_id"]))
     add("wrong-key-random", "an unrelated key", k=fixed("record/unrelated-key"))
     return out
 
