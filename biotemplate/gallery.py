@@ -106,6 +106,11 @@ class Gallery:
         """Rows a read refused (their subject's entry does not list them): counted."""
         self.integrity_failures.update(record_ids)
 
+    def report_failure(self, record_id: str) -> None:
+        """A row that failed authentication outside a scan (e.g. while a purge reseals
+        it): excluded from search and counted like those found on open."""
+        self.integrity_failures.add(record_id)
+
     def remember(self, rows: Sequence[RecordRow]) -> None:
         """Rows just committed (sealed or resealed) for records the index holds."""
         for row in rows:

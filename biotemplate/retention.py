@@ -140,7 +140,7 @@ def _unsealed_for_hold(p: Parts) -> list[RecordRow]:
                 try:
                     out.append(vault.reseal(row, held=True))
                 except BiotemplateError:
-                    p.gallery.integrity_failures.add(row.record_id)  # left out
+                    p.gallery.report_failure(row.record_id)  # left out
     return out
 
 
@@ -164,10 +164,12 @@ def place_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldRec
                 with p.gallery.changing([m.record_id for m in moved]):
                     with p.mutation():
                         vault.update(moved)
-                        gen = vault.stage()  # no key destroyed, but a generation: a hold
+                        # no key is destroyed, but the hold takes a generation, so one
+                        # audited and never committed is seen on open like any change
+                        gen = vault.stage()
                         seq = p.trail.append("hold", actor=str(actor), count=len(rows),
-                                             gen=gen, **f)  # that never committed is
-                    p.gallery.remember(moved)  # seen on open like any other change
+                                             gen=gen, **f)
+                    p.gallery.remember(moved)
             except BaseException:
                 vault.restore_hold(ref, previous)
                 raise
