@@ -150,6 +150,23 @@ class RecordCodec:
                           held)
 
 
+    def rekey(self, row: RecordRow) -> RecordRow:
+        """The same record sealed under the keyring's pending ratchet state, or under its
+        subject's pending hold key when held (``rotate_keys``): opened with the current
+        keys first, so a row that does not open is never rewritten.
+
+        Raises:
+            Shredded, Unlisted, IntegrityError: as :meth:`open`.
+        """
+        plain = self.open(row)
+        if row.held:
+            scope = self.keyring.pending_holds[row.subject_ref]
+        else:
+            scope = self.keyring.pending_epoch_key(row.epoch)
+        key = sealing.record_key(scope, self._entry(row).key, bytes.fromhex(row.record_id))
+        return _with_blob(row, sealing.seal(key, encode_plain(plain), self._aad(row)), row.held)
+
+
 def _with_blob(row: RecordRow, blob: bytes, held: bool) -> RecordRow:
     return RecordRow(record_id=row.record_id, subject_ref=row.subject_ref, epoch=row.epoch,
                      expiry_us=row.expiry_us, purposes=row.purposes, model=row.model,

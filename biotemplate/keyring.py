@@ -79,6 +79,11 @@ class Keyring:
     # bucket -> its next key, saved before a transaction reseals the bucket under it and
     # made current after the commit (``Vault.apply_staged``)
     pending: dict[int, bytes] = field(default_factory=dict)
+    # While ``rotate_keys`` is in flight: a fresh ratchet state standing at
+    # ``ratchet_epoch`` and a fresh hold key per subject with a hold, saved before the
+    # transaction that reseals the records under them, made current after its commit.
+    pending_ratchet: bytes | None = None
+    pending_holds: dict[bytes, bytes] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _epoch_cache: dict[int, bytes] = field(default_factory=dict)
     _state_cache: dict[int, bytes] = field(default_factory=dict)
@@ -120,6 +125,27 @@ class Keyring:
             key = sealing.epoch_key_from_state(state)
             self._epoch_cache[epoch] = key
             return key
+
+    def pending_epoch_key(self, epoch: int) -> bytes:
+        """K_epoch(e) of the pending ratchet state (``rotate_keys`` in flight)."""
+        if self.pending_ratchet is None or epoch < self.ratchet_epoch:
+            raise KeyUnavailable("no pending ratchet state for that epoch")
+        state = self.pending_ratchet
+        for _ in range(epoch - self.ratchet_epoch):
+            state = sealing.ratchet_step(state)
+        return sealing.epoch_key_from_state(state)
+
+    def promote_pending_ratchet(self) -> None:
+        """Make the pending ratchet state and hold keys current: the old state, and every
+        epoch key derived from it, are gone from this keyring."""
+        if self.pending_ratchet is None:
+            return
+        with self._mutex:
+            self.ratchet_state, self.pending_ratchet = self.pending_ratchet, None
+            self._epoch_cache, self._state_cache = {}, {}
+        for ref, (key, active) in list(self.holds.items()):
+            self.holds[ref] = (self.pending_holds.get(ref, key), active)
+        self.pending_holds = {}
 
     def advance(self, to_epoch: int) -> bool:
         """Ratchet S_e forward to S_to_epoch, forgetting the old state. True if it moved."""
@@ -168,6 +194,9 @@ class Keyring:
             data["buckets"] = b"".join(self.buckets)
         if self.pending:
             data["pending"] = self.pending
+        if self.pending_ratchet is not None:
+            data["pending_ratchet"] = self.pending_ratchet
+            data["pending_holds"] = self.pending_holds
         return bytes(msgpack.packb(data, use_bin_type=True))
 
     def to_bytes(self, master_key: SecretKey) -> bytes:
@@ -191,7 +220,11 @@ class Keyring:
                 policies=[_key(x) for x in d.get("policies", [])],
                 snapshot_secret=None if "snapshot" not in d else _key(d["snapshot"]),
                 generation=_int(d.get("gen", 0)), buckets=_buckets(d.get("buckets", b"")),
-                pending={_int(b): _key(k) for b, k in d.get("pending", {}).items()})
+                pending={_int(b): _key(k) for b, k in d.get("pending", {}).items()},
+                pending_ratchet=(None if "pending_ratchet" not in d
+                                 else _key(d["pending_ratchet"])),
+                pending_holds={_key(r): _key(v)
+                               for r, v in d.get("pending_holds", {}).items()})
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
                 msgpack.ExtraData):
             raise IntegrityError("keyring content is malformed") from None

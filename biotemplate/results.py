@@ -150,6 +150,16 @@ class KeyReceipt:
 
 
 @dataclass(frozen=True, slots=True)
+class RotationReceipt:
+    """Every key of the key state that protects records was replaced (``rotate_keys``)."""
+
+    records_resealed: int
+    subjects_rewrapped: int
+    holds_rekeyed: int
+    audit_seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class BackupReceipt:
     """Where an online backup of ``records.db`` and ``audit.db`` was written."""
 

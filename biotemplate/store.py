@@ -31,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Self
 
-from . import _files, enrolment, matching, retention, sealing
+from . import _files, enrolment, matching, retention, rotation
 from ._calls import Parts, listish, writer_lock
 from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
@@ -52,6 +52,7 @@ from .results import (
     PolicyReceipt,
     PurgeReport,
     RecordView,
+    RotationReceipt,
     SearchResult,
     StoreStats,
     Verification,
@@ -412,17 +413,20 @@ class TemplateStore:
             KeyUnavailable: the new provider cannot supply a key.
             InvalidInput: the new key is the current one.
         """
-        with self._p.audited("rotate-master-key", actor) as f:
-            new_kek = new_key_provider.master_key()
-            vault = self._p.vault
-            with self._p.lock:
-                old_id, new_id = vault.master_key_id, sealing.master_key_id(new_kek.reveal())
-                if new_id.hex() == old_id:
-                    raise InvalidInput("the new master key is the current one")
-                seq = self._p.trail.append("rotate-master-key", actor=str(actor),
-                                           old_key=old_id, new_key=new_id.hex(), **f)
-                vault.rewrap(new_kek)
-                return KeyReceipt(master_key_id=new_id.hex(), audit_seq=seq)
+        return rotation.rotate_master_key(self._p, new_key_provider, actor=actor)
+
+    def rotate_keys(self, *, actor: str, progress: Progress | None = None) -> RotationReceipt:
+        """Post-compromise security: records enrolled after this call cannot be opened
+        with any copy of the key state taken before it (a leaked keyring and its master
+        key). Every readable record is resealed under a fresh ratchet state, every held
+        one under a fresh hold key, and every subject-key entry under fresh bucket keys,
+        in one transaction (crash-safe: completed or undone on the next open). Costs about
+        a rebuild: O(records) decryptions and seals, O(subjects) rewraps; searches wait
+        for the transaction. The lookup key (subject refs) is not rotated.
+
+        ``progress(done, total)`` is called per batch of rows.
+        """
+        return rotation.rotate_keys(self._p, actor=actor, progress=progress)
 
     @property
     def policy(self) -> RetentionPolicy:
@@ -556,6 +560,6 @@ def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool,
 
 
 # events whose entry stages a key change (it carries the generation the change gives)
-_STAGING = frozenset({"delete", "erase", "purge", "hold", "release", "policy"})
+_STAGING = frozenset({"delete", "erase", "purge", "hold", "release", "policy", "rotate-keys"})
 _READS = frozenset({"search", "verify", "export", "confirm", "snapshot", "integrity",
                     "backup", "audit-key"})

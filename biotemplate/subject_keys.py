@@ -296,6 +296,26 @@ class SubjectKeys:
         self._db.put_entries(puts)
         return deleted
 
+    def rewrap_all(self) -> int:
+        """Inside a records transaction: reseal every entry under its bucket's pending key
+        (``rotate_keys``; the keyring saved a pending key for every bucket). Entries keep
+        their content. Returns how many were resealed; one that does not open is left as
+        it is (unreadable already, and it stays so)."""
+        kr, done = self._keyring, 0
+        for batch in self._db.scan_entries():
+            puts = []
+            for bucket, ref, blob in batch:
+                try:
+                    raw = sealing.open_bound(kr.buckets[bucket], KIND, kr.store_id,
+                                             [ref, bucket], blob)
+                except IntegrityError:
+                    continue
+                puts.append((bucket, ref, sealing.seal_bound(kr.pending[bucket], KIND,
+                                                             kr.store_id, [ref, bucket], raw)))
+            self._db.put_entries(puts)
+            done += len(puts)
+        return done
+
     def settle(self, committed: bool) -> None:
         """After every records transaction: what it wrote reaches the cache if it
         committed; an enrolment's new keys are dropped either way (they are in their

@@ -37,7 +37,7 @@ from .backends.base import Backend, RecordRow
 from .backends.sqlite import SQLiteBackend
 from .clock import StoreClock
 from .codec import Plain, RecordCodec, Shredded
-from .errors import IntegrityError, StoreExists, StoreNotFound
+from .errors import IntegrityError, KeyUnavailable, StoreExists, StoreNotFound
 from .keyring import Keyring, new_buckets
 from .keys import SecretKey
 from .policy import RetentionPolicy
@@ -345,6 +345,44 @@ class Vault:
             raise
         return bucket
 
+    def prepare_rekey(self) -> None:
+        """Before ``rotate_keys``' transaction: a fresh ratchet state (standing at the
+        current epoch), a fresh key for every hold and for every bucket, saved as pending
+        (the generation does not move); the transaction reseals under them
+        (:meth:`rekey_rows`, :meth:`rewrap_entries`) and :meth:`apply_staged` makes them
+        current. None is derivable from any earlier key state."""
+        k = self._keyring
+        k.pending_ratchet = sealing.random_key()
+        k.pending_holds = {ref: sealing.random_key() for ref in k.holds}
+        k.pending = {b: sealing.random_key() for b in range(len(k.buckets))}
+        try:
+            self.save_keys()
+        except BaseException:
+            self.discard_staged()
+            raise
+
+    def rekey_rows(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Inside the transaction: reseal every readable record under the pending keys.
+        Rows that do not open (key gone, unlisted, tampered) are left as they are. Returns
+        how many were resealed."""
+        done, seen, total = 0, 0, self._db.count()
+        for batch in self._db.scan():
+            out = []
+            for row in batch:
+                try:
+                    out.append(self._codec.rekey(row))
+                except (IntegrityError, KeyUnavailable):
+                    continue  # unreadable already: nothing to move
+            self._db.update(out)
+            done, seen = done + len(out), seen + len(batch)
+            if progress is not None:
+                progress(seen, total)
+        return done
+
+    def rewrap_entries(self) -> int:
+        """Inside the transaction: every subject-key entry under its bucket's pending key."""
+        return self._keys.rewrap_all()
+
     @property
     def ratchet_epoch(self) -> int:
         return self._keyring.ratchet_epoch
@@ -389,18 +427,21 @@ class Vault:
 
     def stage(self, *, shred: Iterable[bytes] = (), rotate: Iterable[int] = (),
               ratchet_to: int | None = None, holds: dict[bytes, bool] | None = None,
-              policy: bytes | None = None) -> int:
+              policy: bytes | None = None, rekey: bool = False) -> int:
         """Inside a records transaction: record the key change this commit makes; returns
         the generation it gives the store, for the audit entry of the same transaction.
 
         ``shred``: subjects whose entry this transaction deleted (their hold key goes
         too); ``rotate``: buckets resealed under their pending key; ``holds`` maps a
-        subject to False (hold key kept, inactive) or True (destroyed).
+        subject to False (hold key kept, inactive) or True (destroyed); ``rekey``: the
+        records were resealed under the pending ratchet state and hold keys.
         """
         gen = self._keyring.generation + 1
         intent: dict[str, Any] = {"shred": sorted(set(shred)), "ratchet": ratchet_to,
                                   "holds": {ref: bool(drop) for ref, drop in (holds or {}).items()},
                                   "policy": policy, "rotate": sorted(set(rotate))}
+        if rekey:
+            intent["rekey"] = True
         self._db.put_meta("state", _seal_meta(self._keyring, "state", _state(gen, intent)))
         self._staged = {"gen": gen, "intent": intent}
         return gen
@@ -410,6 +451,7 @@ class Vault:
         bucket key (nothing that committed is sealed under it)."""
         self._staged = None
         self._keyring.pending = {}
+        self._keyring.pending_ratchet, self._keyring.pending_holds = None, {}
 
     def apply_staged(self) -> KeyChange:
         """After the commit: destroy what the staged change retires, save the key state
@@ -438,6 +480,8 @@ class Vault:
                 key = sealing.random_key()  # the old key must die all the same
             k.buckets[bucket] = key
         k.pending = {}
+        if intent.get("rekey"):  # records resealed under the pending state and hold keys
+            k.promote_pending_ratchet()
         destroyed = len(shred)
         for ref, drop in intent.get("holds", {}).items():
             if ref in k.holds:
@@ -483,8 +527,8 @@ class Vault:
         except (KeyError, TypeError, ValueError, AttributeError):
             raise IntegrityError("store state is malformed") from None
         if gen == kept:
-            if self._keyring.pending:  # saved for a change that never committed
-                self._keyring.pending = {}
+            if self._keyring.pending or self._keyring.pending_ratchet is not None:
+                self.discard_staged()  # saved for a change that never committed
                 if not read_only:
                     self.save_keys()
             return False

@@ -100,3 +100,127 @@ def test_a_rotation_killed_before_the_new_keyring_is_marked_rolled_back(
         rotate = events.index("rotate-master-key")
         assert "rollback" in events[rotate:]
         assert s.audit.verify().ok
+
+
+# --- rotate_keys: post-compromise security ------------------------------------------------
+
+
+def _read_with(keyring_file: Path, keys: Any, db_file: Path) -> dict[str, str]:
+    """Every row of ``db_file`` read with the key state in ``keyring_file`` (and the
+    master key): subject id when it opens, "unreadable" when it does not."""
+    from biotemplate.backends.sqlite import SQLiteBackend
+    from biotemplate.codec import RecordCodec
+    from biotemplate.keyring import Keyring
+    from biotemplate.subject_keys import SubjectKeys
+
+    ring = Keyring.load(keyring_file, keys.master_key())
+    db = SQLiteBackend.open(db_file)
+    codec = RecordCodec(ring, model="test-model-v1", dim=64,
+                        entries=SubjectKeys(db, ring).entry)
+    try:
+        out: dict[str, str] = {}
+        for batch in db.scan():
+            for row in batch:
+                try:
+                    out[row.record_id] = codec.open(row).subject_id
+                except (bt.IntegrityError, bt.KeyUnavailable):
+                    out[row.record_id] = "unreadable"
+        return out
+    finally:
+        db.close()
+
+
+def test_records_enrolled_after_rotate_keys_do_not_open_with_a_leaked_key_state(
+        store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, gallery: Gallery,
+        tmp_path: Path) -> None:
+    store.enroll_many(gallery.templates[:20], subject_ids=gallery.subject_ids[:20],
+                      actor="t", **WATCH)
+    store.place_hold(gallery.subject_ids[0], actor="legal", reason="case 1")
+    leaked = tmp_path / "leaked-keyring"
+    leaked.write_bytes((store_dir / "keyring").read_bytes())  # the attacker's copy
+    receipt = store.rotate_keys(actor="security-officer")
+    assert receipt.records_resealed == 20 and receipt.holds_rekeyed == 1
+    assert receipt.subjects_rewrapped == 10
+    late = store.enroll(gallery.templates[20], subject_id="LATE-1", actor="t", **WATCH)
+    again = store.enroll(gallery.templates[21], subject_id=gallery.subject_ids[2],
+                         actor="t", **WATCH)  # a new record of a subject from before
+    store.close()
+    stolen = _read_with(leaked, keys, store_dir / "records.db")
+    assert stolen[late] == stolen[again] == "unreadable"
+    assert set(stolen.values()) == {"unreadable"}  # and what was resealed, too
+    current = _read_with(store_dir / "keyring", keys, store_dir / "records.db")
+    assert "unreadable" not in current.values() and current[late] == "LATE-1"
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert s.stats().records == 22 and s.stats().integrity_failures == 0
+        res = s.search(probes(gallery, [5])[0], purpose="watchlist", actor="t")
+        assert res.candidates and res.candidates[0].subject_id == "P-000005"
+        held = s.export_subject(gallery.subject_ids[0], actor="legal")
+        assert held and all(v.held for v in held)
+        assert s.release_hold(gallery.subject_ids[0], actor="legal", reason="closed").records
+        assert s.audit.verify().ok
+
+
+def test_searches_keep_working_across_rotate_keys(store: bt.TemplateStore,
+                                                  gallery: Gallery) -> None:
+    store.enroll_many(gallery.templates, subject_ids=gallery.subject_ids, actor="t", **WATCH)
+    before = store.search(probes(gallery, [7])[0], purpose="watchlist", actor="t")
+    ticks: list[tuple[int, int]] = []
+    store.rotate_keys(actor="so", progress=lambda done, total: ticks.append((done, total)))
+    after = store.search(probes(gallery, [7])[0], purpose="watchlist", actor="t")
+    assert [c.record_id for c in after.candidates] == [c.record_id for c in before.candidates]
+    assert store.stats().integrity_failures == 0
+    assert ticks and ticks[-1] == (100, 100)
+
+
+def test_rotate_keys_failing_before_its_commit_changes_nothing(
+        store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, gallery: Gallery,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from biotemplate.vault import Vault
+
+    store.enroll_many(gallery.templates[:10], subject_ids=gallery.subject_ids[:10],
+                      actor="t", **WATCH)
+    generation = store.stats().generation
+
+    def broken(self: Vault) -> int:
+        raise bt.StorageError("disk full")
+
+    monkeypatch.setattr(Vault, "rewrap_entries", broken)
+    with pytest.raises(bt.StorageError):
+        store.rotate_keys(actor="so")
+    monkeypatch.undo()
+    assert store.stats().generation == generation
+    store.close()
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert len(s.export_subject(gallery.subject_ids[0], actor="t")) == 2
+        assert s.stats().integrity_failures == 0
+        assert s.rotate_keys(actor="so").records_resealed == 10  # and it works afterwards
+
+
+def test_rotate_keys_killed_after_its_commit_is_completed_on_open(
+        store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, gallery: Gallery,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from biotemplate._calls import Parts
+
+    store.enroll_many(gallery.templates[:10], subject_ids=gallery.subject_ids[:10],
+                      actor="t", **WATCH)
+    leaked = tmp_path / "leaked-keyring"
+    leaked.write_bytes((store_dir / "keyring").read_bytes())
+
+    def killed(self: Parts) -> Any:
+        raise KeyboardInterrupt  # the process dies between the commit and the key save
+
+    monkeypatch.setattr(Parts, "apply_key_change", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.rotate_keys(actor="so")
+    monkeypatch.undo()
+    store._p.closed = True
+    store._p.trail.close()
+    store._p.vault.close()
+    assert store._p.writer is not None
+    store._p.writer.release()
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        assert _events(s)[-2:] == ["rollforward", "open"]
+        assert len(s.export_subject(gallery.subject_ids[0], actor="t")) == 2
+        assert s.stats().integrity_failures == 0
+    stolen = _read_with(leaked, keys, store_dir / "records.db")
+    assert set(stolen.values()) == {"unreadable"}
