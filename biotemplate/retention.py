@@ -166,7 +166,7 @@ def place_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldRec
                         vault.update(moved)
                         # no key is destroyed, but the hold takes a generation, so one
                         # audited and never committed is seen on open like any change
-                        gen = vault.stage()
+                        gen = vault.stage(hold_keys=[ref])
                         seq = p.trail.append("hold", actor=str(actor), count=len(rows),
                                              gen=gen, **f)
                     p.gallery.remember(moved)

@@ -307,8 +307,12 @@ class Vault:
     def rewrap(self, new_kek: SecretKey) -> None:
         """Seal the key state under a new master key (atomic replace of the keyring file):
         from then on the old master key opens nothing in this folder. No record changes."""
-        self._kek = new_kek
-        self.save_keys()
+        old, self._kek = self._kek, new_kek
+        try:
+            self.save_keys()
+        except BaseException:
+            self._kek = old  # the keyring on disk is still sealed under the old key
+            raise
 
     def save_keys(self) -> None:
         """Persist the key state (atomic), with the clock's high-water mark."""
@@ -427,14 +431,17 @@ class Vault:
 
     def stage(self, *, shred: Iterable[bytes] = (), rotate: Iterable[int] = (),
               ratchet_to: int | None = None, holds: dict[bytes, bool] | None = None,
-              policy: bytes | None = None, rekey: bool = False) -> int:
+              policy: bytes | None = None, rekey: bool = False,
+              hold_keys: Iterable[bytes] = ()) -> int:
         """Inside a records transaction: record the key change this commit makes; returns
         the generation it gives the store, for the audit entry of the same transaction.
 
         ``shred``: subjects whose entry this transaction deleted (their hold key goes
         too); ``rotate``: buckets resealed under their pending key; ``holds`` maps a
         subject to False (hold key kept, inactive) or True (destroyed); ``rekey``: the
-        records were resealed under the pending ratchet state and hold keys.
+        records were resealed under the pending ratchet state and hold keys;
+        ``hold_keys``: subjects whose rows were resealed under a hold key saved just
+        before (a keyring without it is older, not a crash: see ``_has_pending_for``).
         """
         gen = self._keyring.generation + 1
         intent: dict[str, Any] = {"shred": sorted(set(shred)), "ratchet": ratchet_to,
@@ -442,6 +449,8 @@ class Vault:
                                   "policy": policy, "rotate": sorted(set(rotate))}
         if rekey:
             intent["rekey"] = True
+        if hold_keys:
+            intent["hold_keys"] = sorted(set(hold_keys))
         self._db.put_meta("state", _seal_meta(self._keyring, "state", _state(gen, intent)))
         self._staged = {"gen": gen, "intent": intent}
         return gen
@@ -497,6 +506,15 @@ class Vault:
             k.policies = [intent["policy"]]
         return KeyChange(subjects_destroyed=destroyed, ratchet_moved=moved)
 
+    def _has_pending_for(self, intent: dict[str, Any]) -> bool:
+        """The keyring holds every pending key a staged change sealed under."""
+        k = self._keyring
+        if intent.get("rekey") and k.pending_ratchet is None:
+            return False
+        if not all(ref in k.holds for ref in intent.get("hold_keys", [])):
+            return False
+        return all(int(b) in k.pending for b in intent.get("rotate", []))
+
     @property
     def generation(self) -> int:
         return self._keyring.generation
@@ -532,6 +550,13 @@ class Vault:
                 if not read_only:
                     self.save_keys()
             return False
+        if gen == kept + 1 and not self._has_pending_for(intent):
+            # a crash leaves the keys the commit sealed under as pending in the keyring:
+            # without them this is an older keyring, and completing the change would lose
+            # every entry or record sealed under them
+            raise IntegrityError(f"the keyring is older than records.db (generation {kept} "
+                                 f"< {gen}) and lacks the keys that change committed: was "
+                                 "an old keyring put back?")
         if gen == kept + 1:  # committed, but the keyring save did not happen (a crash)
             self._apply(intent)
             self._keyring.generation = gen

@@ -244,30 +244,31 @@ def test_an_older_records_db_copy_cannot_open_an_erased_subjects_entry(
         db.close()
 
 
-def test_a_keyring_one_erasure_old_completes_the_erasure_and_says_what_it_lost(
+def test_a_keyring_one_erasure_old_is_refused_and_loses_nothing(
         store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, gallery: Gallery,
         tmp_path: Path) -> None:
     """The keyring put back from just before an erasure has no pending key (that was saved
-    after the copy): the open cannot promote it. The erasure is completed all the same
-    (the bucket gets a fresh key, so the old one still dies), and the entries the commit
-    resealed under the lost key, the neighbours', are counted in the rollforward entry."""
+    after the copy), so it is an older keyring, not a crash: open refuses it rather than
+    complete the erasure and lose the neighbours' entries the commit resealed under the
+    missing key. With the current keyring back, the erased subject stays erased and the
+    neighbours are intact."""
     ring = ring_of(store_dir, keys)
     neighbours = same_bucket(ring, "V-1", 2)
     for i, sid in enumerate(["V-1", *neighbours]):
         store.enroll(gallery.templates[2 * i], subject_id=sid, actor="svc", **BOTH)
     store.close()
-    shutil.copy(store_dir / "keyring", tmp_path / "keyring")
+    shutil.copy(store_dir / "keyring", tmp_path / "old-keyring")
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
         s.erase_subject("V-1", actor="dpo")
-    shutil.copy(tmp_path / "keyring", store_dir / "keyring")
-    (store_dir / "index.snapshot").unlink(missing_ok=True)
+    shutil.copy(store_dir / "keyring", tmp_path / "current-keyring")
+    shutil.copy(tmp_path / "old-keyring", store_dir / "keyring")
+    with pytest.raises(bt.IntegrityError, match="lacks the keys that change committed"):
+        bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock)
+    shutil.copy(tmp_path / "current-keyring", store_dir / "keyring")
     with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
-        n = s.audit.verify().entries
-        (rolled,) = [e for e in (s.audit.get(i) for i in range(1, n + 1))
-                     if e.event == "rollforward"]
-        assert rolled.fields["lost_subject_keys"] == 2
         assert s.export_subject("V-1", actor="t") == []
-        assert s.stats().integrity_failures == 2  # the neighbours' rows: their keys are lost
+        assert all(len(s.export_subject(n, actor="t")) == 1 for n in neighbours)
+        assert s.stats().integrity_failures == 0
     bucket = ring.bucket_of(ring.subject_ref("V-1"))
     assert ring_of(store_dir, keys).buckets[bucket] != ring.buckets[bucket]
 
