@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from copies import read_with
 
 import biotemplate as bt
 from biotemplate.synthetic import Gallery, probes
@@ -106,28 +107,7 @@ def test_a_rotation_killed_before_the_new_keyring_is_marked_rolled_back(
 
 
 def _read_with(keyring_file: Path, keys: Any, db_file: Path) -> dict[str, str]:
-    """Every row of ``db_file`` read with the key state in ``keyring_file`` (and the
-    master key): subject id when it opens, "unreadable" when it does not."""
-    from biotemplate.backends.sqlite import SQLiteBackend
-    from biotemplate.codec import RecordCodec
-    from biotemplate.keyring import Keyring
-    from biotemplate.subject_keys import SubjectKeys
-
-    ring = Keyring.load(keyring_file, keys.master_key())
-    db = SQLiteBackend.open(db_file)
-    codec = RecordCodec(ring, model="test-model-v1", dim=64,
-                        entries=SubjectKeys(db, ring).entry)
-    try:
-        out: dict[str, str] = {}
-        for batch in db.scan():
-            for row in batch:
-                try:
-                    out[row.record_id] = codec.open(row).subject_id
-                except (bt.IntegrityError, bt.KeyUnavailable):
-                    out[row.record_id] = "unreadable"
-        return out
-    finally:
-        db.close()
+    return read_with(keyring_file, keys, db_file, model="test-model-v1", dim=64)
 
 
 def test_records_enrolled_after_rotate_keys_do_not_open_with_a_leaked_key_state(

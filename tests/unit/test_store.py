@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from copies import backup_records, read_with
 
 import biotemplate as bt
 from biotemplate import snapshot as snapshot_module
 from biotemplate.backends.sqlite import SQLiteBackend
-from biotemplate.codec import RecordCodec, Shredded
 from biotemplate.keyring import Keyring
-from biotemplate.subject_keys import SubjectKeys
 from biotemplate.synthetic import Gallery, make_gallery, probes, strangers
 
 DIM = 64
@@ -75,15 +74,6 @@ def search_ids(store: bt.TemplateStore, p: np.ndarray, purpose: str = "watchlist
                k: int = 20) -> list[str]:
     res = store.search(p, purpose=purpose, k=k, actor="analyst", mode="investigation")
     return [c.subject_id for c in res.candidates]
-
-
-def backup_records(store_dir: Path, dest: Path) -> Path:
-    """A copy of records.db through SQLite's backup API (the only supported way, §5)."""
-    with sqlite3.connect(store_dir / "records.db") as src, sqlite3.connect(dest) as dst:
-        src.backup(dst)
-    src.close()
-    dst.close()
-    return dest
 
 
 def restore_records(store_dir: Path, copy: Path) -> None:
@@ -780,20 +770,8 @@ def _read_with_current_keys(store_dir: Path, keys: Any, copy: Path) -> dict[str,
     current keyring and the master key reads: subject id of every row that opens,
     "shredded" for every row whose key is gone: its epoch key, or the bucket key that
     sealed its subject's entry in the copy (that entry then fails to open)."""
-    ring = Keyring.load(store_dir / "keyring", keys.master_key())
-    db = SQLiteBackend.open(copy)
-    codec = RecordCodec(ring, model=MODEL, dim=DIM, entries=SubjectKeys(db, ring).entry)
-    try:
-        out: dict[str, str] = {}
-        for batch in db.scan():
-            for row in batch:
-                try:
-                    out[row.record_id] = codec.open(row).subject_id
-                except (Shredded, bt.IntegrityError):
-                    out[row.record_id] = "shredded"
-        return out
-    finally:
-        db.close()
+    return read_with(store_dir / "keyring", keys, copy, model=MODEL, dim=DIM,
+                     unreadable="shredded")
 
 
 def _rotated_with(store_dir: Path, keys: Any, erased: str, gallery: Gallery) -> set[str]:

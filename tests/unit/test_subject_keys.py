@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from copies import backup_records
 
 import biotemplate as bt
 from biotemplate import sealing
@@ -79,14 +80,6 @@ def entries_of(store_dir: Path, ring: Keyring) -> dict[bytes, Entry | None]:
         except bt.IntegrityError:
             out[bytes(ref)] = None
     return out
-
-
-def backup_records(store_dir: Path, dest: Path) -> Path:
-    with sqlite3.connect(store_dir / "records.db") as src, sqlite3.connect(dest) as dst:
-        src.backup(dst)
-    src.close()
-    dst.close()
-    return dest
 
 
 def enrol(store: bt.TemplateStore, gallery: Gallery) -> list[str]:
