@@ -80,14 +80,15 @@ class Gallery:
         if not ids:
             return lists, 0
         current = {r.record_id: snapshot.fingerprint(r) for r in self._vault.rows.headers(ids)}
-        known, changing = self._fingerprints, set(self._changing)
+        # membership tests only (no copy): during rotate_keys every record is changing
+        known, changing = self._fingerprints, self._changing
         bad = {rid for rid in ids if rid not in current
                or (current[rid] != known.get(rid) and rid not in changing)}
         if not bad:
             return lists, 0
         # no failure: a record the store itself is changing or has already forgotten (a
         # deletion that finished between this search's index lookup and its confirmation)
-        failed = {rid for rid in bad - changing if rid in known}
+        failed = {rid for rid in bad if rid not in changing and rid in known}
         self.integrity_failures.update(failed)
         return [[h for h in hits if h.record_id not in bad] for hits in lists], len(failed)
 
