@@ -28,12 +28,12 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ._files import FileLock, read_note
 from .audit import AuditTrail
@@ -59,6 +59,66 @@ READ_ONLY = ("this store was opened with read_only=True: it offers stats() and t
              "subject ids, belong to the one writable handle")
 
 
+class StoreLock:
+    """The lock every mutation holds: a re-entrant lock in this process and, on a store
+    that several instances share (PostgreSQL), the store's lock across instances too.
+
+    Taken outermost, the shared-store lock (``across(shared)``, supplied by the store)
+    takes the database's advisory lock and brings this instance's key state up to date
+    before the body runs, so a mutation always acts on the newest key state and no other
+    instance is in the middle of one. :meth:`reading` is the same with the advisory lock
+    shared: for reads that need current keys (verification, export) and for the change
+    feed. On a SQLite store (one writer) ``reading`` takes nothing.
+    """
+
+    def __init__(self, across: Callable[[bool], AbstractContextManager[None]] | None = None,
+                 ) -> None:
+        self._local = threading.RLock()
+        self._across = across
+        self._depth = 0  # nesting of the thread that holds ``_local``
+
+    def __enter__(self) -> None:
+        self._enter(shared=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        if self._across is None:
+            yield
+            return
+        self._enter(shared=True)
+        try:
+            yield
+        finally:
+            self._exit()
+
+    def _enter(self, *, shared: bool) -> None:
+        self._local.acquire()
+        if self._depth == 0 and self._across is not None:
+            stack = ExitStack()
+            try:
+                stack.enter_context(self._across(shared))
+            except BaseException:
+                self._local.release()
+                raise
+            self._outer = stack
+        self._depth += 1
+
+    def _exit(self) -> None:
+        self._depth -= 1
+        try:
+            if self._depth == 0 and self._across is not None:
+                self._outer.close()
+        finally:
+            self._local.release()
+
+
+class Releasable(Protocol):
+    def release(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Parts:
     """The components of one open store. ``closed`` is owned here: set once, by close."""
@@ -67,8 +127,8 @@ class Parts:
     gallery: Gallery
     trail: AuditTrail
     clock: StoreClock
-    writer: FileLock | None  # the store's writer lock; None for a read-only handle
-    lock: threading.RLock = field(default_factory=threading.RLock)  # serialises mutations
+    writer: Releasable | None  # the store's writer lock; None for a read-only handle
+    lock: StoreLock = field(default_factory=StoreLock)  # serialises mutations
     closed: bool = False
 
     def alive(self, *, needs_writer: bool = True) -> None:
@@ -89,6 +149,14 @@ class Parts:
         """A records transaction with the call's audit entry written inside it (so the
         rows commit only if the entry is written). If the commit then fails, a
         "rollback" entry follows at once: the audit never claims what did not commit."""
+        if self.trail.atomic_with_records:  # the entry rolls back with the rows
+            try:
+                with self.vault.transaction():
+                    yield
+            except BaseException:
+                self.vault.discard_staged()
+                raise
+            return
         head = self.trail.head_seq
         try:
             with self.vault.transaction():

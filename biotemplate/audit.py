@@ -61,7 +61,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -216,6 +216,10 @@ class Checkpoint:
 
 class AuditTrail:
     """The audit trail of one store; build it with ``create`` or ``open``."""
+
+    # Whether an entry appended inside the records transaction commits or rolls back with
+    # it (one database): then a failed commit needs no "rollback" entry after it.
+    atomic_with_records = False
 
     def __init__(self, conn: sqlite3.Connection, path: Path, store_id: bytes,
                  signer: Signer, verifier: Verifier, clock: Callable[[], datetime], *,
@@ -375,38 +379,49 @@ class AuditTrail:
             self._ensure_open()
             if self._read_only:
                 raise AuditError("the audit trail is open read-only")
-            ts1 = _us(self._clock())
-            seq = self._head[0] + 1
-            body = _pack({"v": 1, "seq": seq, "prev": self._head[1], "store": self._store_id,
-                          "ts0": ts1 if ts0 is None else ts0, "ts1": ts1, "event": event,
-                          "actor": actor, "outcome": outcome, "f": f})
-            if len(body) > _MAX_BODY:
-                raise InvalidInput("audit entry too large")
-            digest = hashlib.sha256(_ENTRY_DOMAIN + body).digest()
-            sig = self._sign(digest)
-            full = durable
-            try:
-                if self._full is not full:  # may not change inside a transaction
-                    self._conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
-                    self._full = full
-                # One autocommitted statement is its own atomic transaction: no
-                # BEGIN/COMMIT round trips on the search path.
-                self._conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
-                                   (seq, ref, body, digest, sig))
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                raise AuditError(f"audit entry {seq} could not be written") from exc
+
+            def build(seq: int, prev: bytes) -> tuple[bytes, bytes, bytes]:
+                ts1 = _us(self._clock())
+                body = _pack({"v": 1, "seq": seq, "prev": prev, "store": self._store_id,
+                              "ts0": ts1 if ts0 is None else ts0, "ts1": ts1, "event": event,
+                              "actor": actor, "outcome": outcome, "f": f})
+                if len(body) > _MAX_BODY:
+                    raise InvalidInput("audit entry too large")
+                digest = hashlib.sha256(_ENTRY_DOMAIN + body).digest()
+                return body, digest, self._sign(digest)
+
+            seq, digest = self._write_entry(build, ref, durable)
             self._head = (seq, digest)
-            self._pending = 0 if full else self._pending + 1
-            if self._pending == 1:
-                if self._syncer is None:
-                    self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
-                                                    name="biotemplate-audit-sync")
-                    self._syncer.start()
-                self._wake.set()
             return seq
+
+    def _write_entry(self, build: Callable[[int, bytes], tuple[bytes, bytes, bytes]],
+                     ref: int | None, durable: bool) -> tuple[int, bytes]:
+        """Chain, sign and store one entry after the head; returns (seq, hash). Under
+        ``self._lock``. The PostgreSQL trail reads the head from the shared table instead."""
+        seq = self._head[0] + 1
+        body, digest, sig = build(seq, self._head[1])
+        full = durable
+        try:
+            if self._full is not full:  # may not change inside a transaction
+                self._conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+                self._full = full
+            # One autocommitted statement is its own atomic transaction: no
+            # BEGIN/COMMIT round trips on the search path.
+            self._conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+                               (seq, ref, body, digest, sig))
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+            raise AuditError(f"audit entry {seq} could not be written") from exc
+        self._pending = 0 if full else self._pending + 1
+        if self._pending == 1:
+            if self._syncer is None:
+                self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                                name="biotemplate-audit-sync")
+                self._syncer.start()
+            self._wake.set()
+        return seq, digest
 
     @property
     def head_seq(self) -> int:
@@ -455,21 +470,16 @@ class AuditTrail:
         with self._lock:  # pin a snapshot that matches the head held in memory
             self._ensure_open()
             held_seq, held_hash = self._head
-            ro = None
-            try:  # a separate connection, so appends go on while we walk
-                ro = _files.sqlite_connect(self._path, "ro")
-                ro.execute("BEGIN")
-                ro.execute("SELECT max(seq) FROM entries").fetchone()
-                named = _meta(ro).get("public_key")  # the clear copy, in the same snapshot
-            except sqlite3.Error:
-                if ro is not None:
-                    ro.close()
+            try:
+                reader = self._reader()
+                rows, named = reader.__enter__()
+            except AuditError:
                 return AuditReport(False, 0, ("audit database unreadable",))
         count, prev_seq, prev_hash = 0, 0, _ZERO
         seen: dict[int, bytes] = {}  # recomputed hashes of the held head and checkpoint seq
         signed: set[bytes] = set()  # the public keys that entries carry (signed copies)
         try:
-            for row in ro.execute(f"{_COLS} ORDER BY seq"):
+            for row in rows:
                 count, seq = count + 1, row[0]
                 if seq != prev_seq + 1:
                     add(f"gap after seq {prev_seq}")
@@ -485,11 +495,11 @@ class AuditTrail:
                     if isinstance(key, bytes):
                         signed.add(key)
                 prev_seq, prev_hash = seq, actual
-        except sqlite3.Error:
+        except (sqlite3.Error, AuditError):
             add("audit database unreadable")
             return AuditReport(False, count, tuple(problems))
         finally:
-            ro.close()
+            reader.__exit__(None, None, None)
         for problem in self._key_problems(named, signed):
             add(problem)
         if count == 0:
@@ -511,6 +521,29 @@ class AuditTrail:
             elif seen.get(checkpoint.seq) != checkpoint.head:
                 add(f"entry {checkpoint.seq} differs from checkpoint: rewritten")
         return AuditReport(not problems, count, tuple(problems))
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[tuple[Iterable[Any], object]]:
+        """(every row in seq order, the clear public key of ``meta``) from one read
+        snapshot, on a connection of its own so appends go on meanwhile.
+
+        Raises:
+            AuditError: the file cannot be read.
+        """
+        ro = None
+        try:
+            ro = _files.sqlite_connect(self._path, "ro")
+            ro.execute("BEGIN")
+            ro.execute("SELECT max(seq) FROM entries").fetchone()
+            named = _meta(ro).get("public_key")  # the clear copy, in the same snapshot
+        except sqlite3.Error as exc:
+            if ro is not None:
+                ro.close()
+            raise AuditError("audit database unreadable") from exc
+        try:
+            yield ro.execute(f"{_COLS} ORDER BY seq"), named
+        finally:
+            ro.close()
 
     def checkpoint(self) -> Checkpoint:
         """Sign the current head; appends nothing, so ``verify(cp)`` is exact.

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from . import _files, snapshot
 from .backends.base import RecordRow
 from .codec import Plain, Shredded
-from .errors import BiotemplateError, IntegrityError
+from .errors import BiotemplateError, IntegrityError, InvalidInput
 from .index import Hit, IndexParams, TemplateIndex
 from .validation import normalised
 from .vault import Vault
@@ -40,8 +40,11 @@ Progress = Callable[[int, int], None]  # (done, total), for long operations
 class Gallery:
     """The searchable in-memory gallery of one store."""
 
-    def __init__(self, vault: Vault, folder: Path, params: IndexParams | None) -> None:
-        self._vault, self._path, self._params = vault, folder / SNAPSHOT, params
+    def __init__(self, vault: Vault, snapshot_path: Path | None, params: IndexParams | None,
+                 partition: tuple[int, int] | None = None) -> None:
+        self._vault, self._path, self._params = vault, snapshot_path, params
+        # (i, n): index only the subjects of partition i of n (``in_partition``)
+        self.partition = partition
         self._index = TemplateIndex(vault.dim, params)
         self._subjects: dict[str, str] = {}  # record id -> subject id
         # record id -> fingerprint of the authentic row it was indexed from (header fields
@@ -88,7 +91,10 @@ class Gallery:
             return lists, 0
         # no failure: a record the store itself is changing or has already forgotten (a
         # deletion that finished between this search's index lookup and its confirmation)
-        failed = {rid for rid in bad if rid not in changing and rid in known}
+        # On a shared store another instance deletes and reseals rows: a row gone or
+        # changed is dropped from this answer until the feed brings it, not reported.
+        failed = (set() if self._vault.shared else
+                  {rid for rid in bad if rid not in changing and rid in known})
         self.integrity_failures.update(failed)
         return [[h for h in hits if h.record_id not in bad] for hits in lists], len(failed)
 
@@ -126,7 +132,32 @@ class Gallery:
     def remember(self, rows: Sequence[RecordRow]) -> None:
         """Rows just committed (sealed or resealed) for records the index holds."""
         for row in rows:
-            self._fingerprints[row.record_id] = snapshot.fingerprint(row)
+            if self.accepts(row.subject_ref):
+                self._fingerprints[row.record_id] = snapshot.fingerprint(row)
+
+    def follow(self, changes: Sequence[tuple[int, str, str]], now_us: int) -> int:
+        """Apply a batch of the shared store's change feed (another instance's writes, or
+        this one's coming back): deleted records leave the index, new and resealed rows
+        are read, authenticated and indexed (or re-indexed), rows already indexed as they
+        are now are left alone. Returns how many records changed here."""
+        final: dict[str, str] = {}
+        for _, rid, op in changes:
+            if rid:
+                final[rid] = op
+        gone = [rid for rid, op in final.items() if op == "del" and rid in self._fingerprints]
+        touched = [rid for rid, op in final.items() if op != "del"]
+        current = {r.record_id: r for r in self._vault.rows.headers(touched)}
+        stale = [rid for rid, row in current.items()
+                 if self._fingerprints.get(rid) != snapshot.fingerprint(row)
+                 and self.accepts(row.subject_ref)]
+        vanished = [rid for rid in touched if rid not in current and rid in self._fingerprints]
+        self.forget(gone + vanished + [rid for rid in stale if rid in self._fingerprints])
+        if stale:
+            self._vault.forget_cached_entries()
+            rows = self._vault.rows.rows_by_ids(stale)  # type: ignore[attr-defined]
+            _index_rows(self._index, self._subjects, self._fingerprints,
+                        self._open_rows(rows, now_us, self.shredded, self.integrity_failures))
+        return len(gone) + len(vanished) + len(stale)
 
     def live_per_purpose(self) -> dict[str, int]:
         return {p: s["live"] for p, s in self._index.stats().get("purposes", {}).items()}
@@ -143,11 +174,24 @@ class Gallery:
         """Index records while the ``with`` body seals and commits them: the hnswlib insert
         runs in a worker meanwhile, and the records become searchable only when both have
         succeeded (see ``TemplateIndex.adding``)."""
+        if self.partition is not None:  # the other partitions' instances index the rest
+            keep = [i for i, ref in enumerate(subject_refs) if self.accepts(ref)]
+            record_ids = [record_ids[i] for i in keep]
+            subject_refs = [subject_refs[i] for i in keep]
+            subject_ids = [subject_ids[i] for i in keep]
+            units = units[keep]
         n = len(record_ids)
+        if n == 0:
+            yield
+            return
         with self._index.adding(record_ids, subject_refs, [purposes] * n, [expiry_us] * n,
                                 units, progress=progress, checked=True):
             yield
             self._subjects.update(zip(record_ids, subject_ids, strict=True))
+
+    def accepts(self, subject_ref: bytes) -> bool:
+        """Whether this instance indexes the subject (always, unless partitioned)."""
+        return self.partition is None or in_partition(subject_ref, *self.partition)
 
     def mark_incomplete(self) -> None:
         """Rows committed that the index lacks: no snapshot may claim them covered."""
@@ -166,6 +210,8 @@ class Gallery:
 
     def drop_snapshot(self) -> None:
         """After a key destruction the snapshot's key is gone: remove the file too."""
+        if self._path is None:
+            return
         with contextlib.suppress(OSError):  # its key is gone either way
             self._path.unlink(missing_ok=True)
 
@@ -235,6 +281,8 @@ class Gallery:
         ones are excluded and reported, expired ones are left out."""
         keep: list[tuple[RecordRow, Plain]] = []
         for row in rows:
+            if self.partition is not None and not self.accepts(row.subject_ref):
+                continue  # another partition's subject: not even decrypted
             try:
                 plain = self._vault.open_row(row)
             except Shredded:
@@ -258,7 +306,7 @@ class Gallery:
         row's clear header and AEAD tag is compared with the fingerprint the snapshot
         took: changed rows are re-read (and excluded if forged), rows that are gone are
         dropped. What this does not catch at open is in SECURITY.md."""
-        if not self._path.exists():
+        if self._path is None or not self._path.exists():
             return "absent"
         try:
             with snapshot.opened(self._path, self._vault.keyring) as (seq, state):
@@ -310,6 +358,9 @@ class Gallery:
     def write_snapshot(self, now_us: int) -> tuple[int, int]:
         """Seal the index to ``index.snapshot``; returns (change seq covered, bytes).
         Expired vectors are overwritten first, so the file holds only live templates."""
+        if self._path is None:
+            raise InvalidInput("this instance keeps no index snapshot (open it with "
+                               "snapshot_dir= to keep one)")
         if self.incomplete:  # rows committed that the index failed to take
             self.rebuild(now_us)
         db = self._vault.rows
@@ -330,7 +381,14 @@ class Gallery:
     def sweep(self) -> None:
         """Temp snapshots left by a killed process (sealed, but under a key that may be
         one erasure old): removed on open."""
-        _files.sweep_temps(self._path)
+        if self._path is not None:
+            _files.sweep_temps(self._path)
+
+
+def in_partition(subject_ref: bytes, i: int, n: int) -> bool:
+    """Whether a subject falls in partition ``i`` of ``n``: its keyed ref is uniform, so
+    its first eight bytes split subjects evenly and the same way on every instance."""
+    return int.from_bytes(subject_ref[:8], "big") % n == i
 
 
 def _index_rows(index: TemplateIndex, subjects: dict[str, str],

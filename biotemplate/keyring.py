@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -237,6 +237,19 @@ class Keyring:
         holds key material the new keyring may just have shredded.
         """
         _files.atomic_replace(path, self.to_bytes(master_key), before_rename)
+
+    def assume(self, other: Keyring) -> None:
+        """Take over ``other``'s key state in place (an instance of a shared store reloads
+        the state another instance saved); the parts holding this object see it at once,
+        and keys derived from the old state are dropped."""
+        if other.store_id != self.store_id:
+            raise IntegrityError("the key state belongs to another store")
+        with self._mutex:
+            for f in fields(self):
+                if not f.name.startswith("_"):
+                    setattr(self, f.name, getattr(other, f.name))
+            self._epoch_cache.clear()
+            self._state_cache.clear()
 
     @classmethod
     def load(cls, path: Path, master_key: SecretKey) -> Keyring:

@@ -120,16 +120,17 @@ def verify(p: Parts, probe: object, *, subject_id: str, purpose: str, actor: str
         unit = unit_template(probe, p.vault.dim)
         now_us, vault = p.clock.now_us(), p.vault
         scored = []
-        for row in vault.rows.by_subject(vault.subject_ref(subject_id)):
-            if purpose not in row.purposes:
-                continue  # never decrypt data outside the declared purpose
-            try:
-                plain = vault.readable(row, now_us, for_export=False)
-            except Unlisted:  # a row the store deleted, put back: never live again
-                p.gallery.exclude([row.record_id])
-                continue
-            if plain is not None:
-                scored.append((cosine(plain.template, unit), row.record_id))
+        with p.lock.reading():  # a shared store: the newest keys and entries
+            for row in vault.rows.by_subject(vault.subject_ref(subject_id)):
+                if purpose not in row.purposes:
+                    continue  # never decrypt data outside the declared purpose
+                try:
+                    plain = vault.readable(row, now_us, for_export=False)
+                except Unlisted:  # a row the store deleted, put back: never live again
+                    p.gallery.exclude([row.record_id])
+                    continue
+                if plain is not None:
+                    scored.append((cosine(plain.template, unit), row.record_id))
         if not scored:
             raise RecordNotFound(f"no live record of this subject for purpose {purpose!r}")
         score, record_id = max(scored, key=lambda s: s[0])
@@ -173,20 +174,21 @@ def export_subject(p: Parts, subject_id: str, *, actor: str,
         check_text(reason, "reason", optional=True)
         ref = subject_field(p.vault, subject_id, f)
         now_us, vault, views = p.clock.now_us(), p.vault, []
-        for row in vault.rows.by_subject(ref):
-            try:
-                plain = vault.readable(row, now_us, for_export=True)
-            except Unlisted:  # a row the store deleted, put back: never live again
-                p.gallery.exclude([row.record_id])
-                continue
-            if plain is None:
-                continue
-            views.append(RecordView(
-                record_id=row.record_id, subject_id=plain.subject_id,
-                template=plain.template.copy(), purposes=row.purposes,
-                expires_at=from_us(row.expiry_us), created_at=from_us(plain.created_us),
-                source=plain.source, metadata=dict(plain.metadata),
-                held=row.held and vault.held(ref)))
+        with p.lock.reading():  # a shared store: the newest keys and entries
+            for row in vault.rows.by_subject(ref):
+                try:
+                    plain = vault.readable(row, now_us, for_export=True)
+                except Unlisted:  # a row the store deleted, put back: never live again
+                    p.gallery.exclude([row.record_id])
+                    continue
+                if plain is None:
+                    continue
+                views.append(RecordView(
+                    record_id=row.record_id, subject_id=plain.subject_id,
+                    template=plain.template.copy(), purposes=row.purposes,
+                    expires_at=from_us(row.expiry_us), created_at=from_us(plain.created_us),
+                    source=plain.source, metadata=dict(plain.metadata),
+                    held=row.held and vault.held(ref)))
         p.trail.append("export", actor=str(actor), count=len(views), **f)
         return views
 

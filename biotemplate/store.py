@@ -26,18 +26,22 @@ read-only handle (``open(..., read_only=True)``) builds no index and writes noth
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Self
 
 from . import _files, enrolment, matching, retention, rotation
-from ._calls import Parts, listish, writer_lock
+from . import shared
+from ._calls import Parts, Releasable, StoreLock, listish, writer_lock
+from .backends.postgres import is_url
+from .feed import Follower
 from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
 from .clock import Clock, StoreClock, checked_clock, to_us
 from .errors import BiotemplateError, IntegrityError, InvalidInput, StoreExists
-from .gallery import Gallery, Progress
+from .gallery import SNAPSHOT, Gallery, Progress
 from .index import IndexParams
 from .keys import KeyProvider, check_key_location
 from .policy import RetentionPolicy
@@ -70,18 +74,22 @@ class TemplateStore:
     contract; every public method audits before it returns.
     """
 
-    def __init__(self, folder: Path, vault: Vault, trail: AuditTrail, clock: StoreClock,
+    def __init__(self, label: str, vault: Vault, trail: AuditTrail, clock: StoreClock,
                  index_params: IndexParams | None, snapshot_on_close: bool,
-                 writer: FileLock | None) -> None:
-        self._folder = folder
-        self._p = Parts(vault, Gallery(vault, folder, index_params), trail, clock, writer)
+                 writer: Releasable | None, *, snapshot_path: Path | None = None,
+                 partition: tuple[int, int] | None = None,
+                 across: Callable[[bool], AbstractContextManager[None]] | None = None) -> None:
+        self._label = label
+        gallery = Gallery(vault, snapshot_path, index_params, partition)
+        self._p = Parts(vault, gallery, trail, clock, writer, StoreLock(across))
         trail.generation = vault.generation  # every entry names the key state's generation
-        self._snapshot_on_close = snapshot_on_close
+        self._snapshot_on_close = snapshot_on_close and snapshot_path is not None
+        self._follower: Follower | None = None
         self.dim, self.model = vault.dim, vault.model
         self.audit = AuditView(trail, vault.audit_keys()[2])
 
     def __repr__(self) -> str:
-        return f"TemplateStore({str(self._folder)!r}, dim={self.dim}, model={self.model!r})"
+        return f"TemplateStore({self._label!r}, dim={self.dim}, model={self.model!r})"
 
     def __reduce__(self) -> Any:
         raise TypeError("a TemplateStore cannot be pickled")
@@ -100,7 +108,15 @@ class TemplateStore:
             StoreLocked: another handle is creating or has opened a store there.
             InvalidInput: bad dim, model, policy or clock.
             KeyUnavailable: the key provider cannot supply the master key.
+
+        ``path`` may be a PostgreSQL URL instead (``postgresql://user@host/db?schema=NAME``,
+        the ``postgres`` extra): the store is then created in that schema (which must not
+        exist) and this handle is its first instance (see :meth:`open`).
         """
+        if is_url(path):
+            return shared.create(cls, str(path), dim=dim, model=model, policy=policy,
+                                 key_provider=key_provider, clock=clock,
+                                 index_params=index_params)
         folder = Path(path)
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536:
             raise InvalidInput("dim must be an int between 1 and 65536")
@@ -128,14 +144,17 @@ class TemplateStore:
             _files.remove_all([folder / RECORDS, folder / KEYRING])  # no half-made store
             writer.release()
             raise
-        return cls(folder, vault, trail, store_clock, index_params, snapshot_on_close, writer)
+        return cls(str(folder), vault, trail, store_clock, index_params, snapshot_on_close,
+                   writer, snapshot_path=folder / SNAPSHOT)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, key_provider: KeyProvider,
              clock: Clock | None = None, index_params: IndexParams | None = None,
              snapshot_on_close: bool = True, progress: Progress | None = None,
              checkpoint: Checkpoint | None = None, read_only: bool = False,
-             ) -> TemplateStore:
+             partition: tuple[int, int] | None = None,
+             snapshot_dir: str | os.PathLike[str] | None = None,
+             poll_interval: float = 0.5) -> TemplateStore:
         """Open an existing store. The index comes from the sealed snapshot when one is
         valid for the current epoch and erasure generation (rows changed since are
         re-read), else it is rebuilt from the sealed rows.
@@ -152,6 +171,15 @@ class TemplateStore:
         (signed from the file's head now) and ``audit.get()``; every other call raises
         ``ReadOnlyStore``.
 
+        ``path`` may be a PostgreSQL URL (``postgresql://user@host/db?schema=NAME``): then
+        any number of handles, in any processes on any hosts, open the store at once, each
+        an *instance* with its own index that follows the others' writes through the
+        change feed (``feed.py``; ``poll_interval`` is its fallback poll). Such an instance
+        may index only ``partition=(i, n)``, the subjects of partition i of n (merge the
+        n partitions' answers with :func:`biotemplate.merge_results`), and may keep its
+        sealed index snapshot in ``snapshot_dir`` (else it rebuilds on open).
+        docs/scale-out.md has the guarantees.
+
         Raises:
             StoreNotFound: no store in ``path``.
             StoreLocked: another handle has the store open for writing (not raised with
@@ -163,6 +191,15 @@ class TemplateStore:
         """
         if not isinstance(read_only, bool):
             raise InvalidInput("read_only must be True or False")
+        if is_url(path):
+            return shared.open(cls, str(path), key_provider=key_provider, clock=clock,
+                               index_params=index_params, progress=progress,
+                               checkpoint=checkpoint, read_only=read_only,
+                               partition=partition, snapshot_dir=snapshot_dir,
+                               poll_interval=poll_interval)
+        if partition is not None or snapshot_dir is not None:
+            raise InvalidInput("partition and snapshot_dir are for PostgreSQL stores; a "
+                               "SQLite store has one index, in its folder")
         writer = None if read_only else writer_lock(Path(path))  # before anything is read
         try:
             return cls._open(path, key_provider, clock, index_params, snapshot_on_close,
@@ -196,9 +233,18 @@ class TemplateStore:
             raise
         if last is not None:  # the clock never runs back past what the audit has seen
             store_clock.raise_to(to_us(last.ts_end))
-        store = cls(folder, vault, trail, store_clock, index_params, snapshot_on_close, writer)
+        store = cls(str(folder), vault, trail, store_clock, index_params, snapshot_on_close,
+                    writer, snapshot_path=folder / SNAPSHOT)
         if writer is None:  # read-only: no index, no temp swept, no entry written
             return store
+        store._load_index(progress=progress, lost=lost, last=last)
+        return store
+
+    def _load_index(self, *, progress: Progress | None, lost: AuditEntry | None,
+                    last: AuditEntry | None) -> None:
+        """Build the index on open (snapshot or rebuild) and audit what open found."""
+        store, trail, vault = self, self._p.trail, self._p.vault
+        store_clock = self._p.clock
         gallery = store._p.gallery
         gallery.sweep()
         source = gallery.load_snapshot(store_clock.now_us())
@@ -211,14 +257,15 @@ class TemplateStore:
             trail.append("migrate", actor=None, subject_keys=vault.moved_subject_keys)
         if vault.rolled_forward:
             trail.append("rollforward", actor=None, lost_subject_keys=vault.lost_subject_keys)
-        if lost is None and last is not None:
+        if lost is None and last is not None and not trail.atomic_with_records:
             lost = _uncommitted_change(trail, vault, last)
         if lost is not None:
             trail.append("rollback", actor=None, ref_seq=lost.seq, of=lost.event)
         trail.append("open", actor=None, records=len(gallery),
                      index="snapshot" if source == "loaded" else "rebuild",
-                     integrity_failures=len(gallery.integrity_failures))
-        return store
+                     integrity_failures=len(gallery.integrity_failures),
+                     **({} if gallery.partition is None
+                        else {"partition": list(gallery.partition)}))
 
     def _report_integrity(self) -> None:
         failures, missing = self._p.gallery.integrity_failures, self._p.gallery.missing
@@ -230,6 +277,8 @@ class TemplateStore:
     def close(self) -> None:
         """Audit the close, make the audit durable, release files and the writer lock.
         Safe to call twice. A read-only handle only releases its files."""
+        if self._follower is not None:
+            self._follower.stop()  # before the lock: it takes the lock per batch
         with self._p.lock:
             if self._p.closed:
                 return

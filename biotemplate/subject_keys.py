@@ -158,6 +158,12 @@ class SubjectKeys:
     def count(self) -> int:
         return self._db.entry_count()
 
+    def invalidate(self) -> None:
+        """Drop every cached entry: on a shared store another instance may have changed
+        them (listed a new record, resealed a bucket); they are read again when needed."""
+        with self._lock:
+            self._cache, self._version = {}, self._version + 1
+
     def preload(self) -> int:
         """Open every entry into the cache (a rebuild reads every row anyway); returns how
         many record ids they list. An entry that does not open is left out, so its rows

@@ -34,12 +34,14 @@ from numpy.typing import NDArray
 
 from . import _files, sealing
 from .backends.base import Backend, RecordRow
+from .backends.postgres import PostgresBackend
 from .backends.sqlite import SQLiteBackend
 from .clock import StoreClock
 from .codec import Plain, RecordCodec, Shredded
 from .errors import IntegrityError, KeyUnavailable, StoreExists, StoreNotFound
 from .keyring import Keyring, new_buckets
 from .keys import SecretKey
+from .keyslot import FileSlot, KeySlot, PgSlot
 from .policy import RetentionPolicy
 from .subject_keys import SubjectKeys, record_id_bytes
 
@@ -52,10 +54,14 @@ class Vault:
     """Sealed rows, key state and sealed settings of one store. Build with :meth:`create`
     or :meth:`open`; every mutation runs under the store's lock (the caller's)."""
 
-    def __init__(self, folder: Path, db: Backend, keyring: Keyring, kek: SecretKey,
-                 *, dim: int, model: str, policy: RetentionPolicy, clock: StoreClock) -> None:
-        self._folder, self._db, self._keyring, self._kek = folder, db, keyring, kek
+    def __init__(self, label: str, db: Backend, slot: KeySlot, keyring: Keyring,
+                 kek: SecretKey, *, dim: int, model: str, policy: RetentionPolicy,
+                 clock: StoreClock, shared: bool = False) -> None:
+        self._label, self._db, self._slot, self._keyring, self._kek = label, db, slot, keyring, kek
         self._policy, self._clock = policy, clock
+        # Several instances share this store (PostgreSQL): another may change the key
+        # state, the entries and the policy between two calls of this one (``refresh``).
+        self.shared = shared
         self.dim, self.model = dim, model
         self._keys = SubjectKeys(db, keyring)
         self._codec = RecordCodec(keyring, model=model, dim=dim, entries=self._keys.entry)
@@ -66,7 +72,7 @@ class Vault:
         self.moved_subject_keys = 0  # open moved them from a keyring of before buckets
 
     def __repr__(self) -> str:
-        return f"Vault({str(self._folder)!r}, store={self._keyring.store_id.hex()})"
+        return f"Vault({self._label!r}, store={self._keyring.store_id.hex()})"
 
     def __reduce__(self) -> Any:
         raise TypeError("a vault holds key material and cannot be pickled")
@@ -83,27 +89,43 @@ class Vault:
         """
         if any((folder / name).exists() for name in (RECORDS, KEYRING)):
             raise StoreExists(f"{folder} already holds a store (or part of one)")
-        now_us = clock.now_us()
-        keyring = Keyring.new(sealing.random_id(sealing.STORE_ID_SIZE),
-                              policy.epoch // timedelta(microseconds=1), now_us)
-        keyring.policies = [policy_digest(policy)]
+        slot = FileSlot(folder / KEYRING)
         created: list[Path] = []
         try:
-            keyring.save(folder / KEYRING, kek)
+            keyring = _new_keyring(policy, clock)
+            slot.save(keyring, kek)
             created.append(folder / KEYRING)
             db = SQLiteBackend.create(folder / RECORDS)
             created.append(folder / RECORDS)
-            config = {"v": 1, "dim": dim, "model": model, "metric": "cosine",
-                      "epoch_us": keyring.epoch_us}
-            with db.transaction():
-                db.put_meta("store_id", keyring.store_id)
-                db.put_meta("config", _seal_meta(keyring, "config", config))
-                db.put_meta("policy", _seal_meta(keyring, "policy", policy.to_dict()))
-                db.put_meta("state", _seal_meta(keyring, "state", _state(0, {})))
+            _write_settings(db, keyring, dim, model, policy)
         except BaseException:
             _files.remove_all(created)  # no half-made store left to block a retry
             raise
-        return cls(folder, db, keyring, kek, dim=dim, model=model, policy=policy, clock=clock)
+        return cls(str(folder), db, slot, keyring, kek, dim=dim, model=model, policy=policy,
+                   clock=clock)
+
+    @classmethod
+    def create_shared(cls, db: PostgresBackend, *, kek: SecretKey, dim: int, model: str,
+                      policy: RetentionPolicy, clock: StoreClock) -> Vault:
+        """A new store in a PostgreSQL schema just created (``db``): key state and
+        settings in one go; the caller drops the schema if this fails."""
+        slot = PgSlot(db)
+        keyring = _new_keyring(policy, clock)
+        slot.save(keyring, kek)
+        _write_settings(db, keyring, dim, model, policy)
+        return cls(db.location.display, db, slot, keyring, kek, dim=dim, model=model,
+                   policy=policy, clock=clock, shared=True)
+
+    @classmethod
+    def open_shared(cls, db: PostgresBackend, *, kek: SecretKey, clock: StoreClock,
+                    read_only: bool = False) -> Vault:
+        """Open the store of a PostgreSQL schema (``db`` checked by ``PostgresBackend.open``).
+
+        Raises:
+            KeyUnavailable: wrong master key. IntegrityError: as :meth:`open`.
+        """
+        return cls._opened(db, PgSlot(db), db.location.display, kek, clock, read_only,
+                           shared=True)
 
     @classmethod
     def open(cls, folder: Path, *, kek: SecretKey, clock: StoreClock,
@@ -119,18 +141,26 @@ class Vault:
         """
         if not (folder / RECORDS).exists() or not (folder / KEYRING).exists():
             raise StoreNotFound(f"{folder} holds no biotemplate store")
-        keyring = Keyring.load(folder / KEYRING, kek)
-        if not read_only:
-            _files.sweep_temps(folder / KEYRING)  # a killed save's temp may hold shredded keys
-        clock.raise_to(keyring.high_water_us)
+        slot = FileSlot(folder / KEYRING)
+        slot.load(kek)  # the master key is checked before the database is touched
         db = SQLiteBackend.open(folder / RECORDS, read_only=read_only)
+        return cls._opened(db, slot, str(folder), kek, clock, read_only)
+
+    @classmethod
+    def _opened(cls, db: Backend, slot: KeySlot, label: str, kek: SecretKey,
+                clock: StoreClock, read_only: bool, *, shared: bool = False) -> Vault:
         try:
+            keyring = slot.load(kek)
+            if not read_only:
+                slot.sweep()
+            clock.raise_to(keyring.high_water_us)
             if db.get_meta("store_id") != keyring.store_id:
                 raise IntegrityError("the keyring does not belong to this store")
             config = _open_meta(db, keyring, "config")
             policy = RetentionPolicy.from_dict(_open_meta(db, keyring, "policy"))
-            vault = cls(folder, db, keyring, kek, dim=int(config["dim"]),
-                        model=str(config["model"]), policy=policy, clock=clock)
+            vault = cls(label, db, slot, keyring, kek, dim=int(config["dim"]),
+                        model=str(config["model"]), policy=policy, clock=clock,
+                        shared=shared)
             vault.rolled_forward = vault._check_generation(read_only=read_only)
             vault._settle_policy(save=not read_only)
             vault.moved_subject_keys = vault._move_subject_keys(read_only=read_only)
@@ -141,6 +171,28 @@ class Vault:
 
     def close(self) -> None:
         self._db.close()
+
+    def refresh(self, *, write: bool) -> bool:
+        """On a shared store: take over the key state, policy and subject-key entries
+        another instance saved since this one last looked (one query when nothing
+        changed). Under the store's lock across instances (exclusive with ``write``, which
+        may also complete a change a crashed instance left; shared otherwise, writing
+        nothing). Returns whether anything was reloaded.
+
+        Raises:
+            IntegrityError: as :meth:`open` (the saved state does not fit the rows).
+        """
+        if not self.shared:
+            return False
+        self._keys.invalidate()  # entries may have changed without the key state moving
+        if not self._slot.changed():
+            return False
+        self._keyring.assume(self._slot.load(self._kek))
+        self._clock.raise_to(self._keyring.high_water_us)
+        self._policy = RetentionPolicy.from_dict(_open_meta(self._db, self._keyring, "policy"))
+        self.rolled_forward = self._check_generation(read_only=not write) or self.rolled_forward
+        self._settle_policy(save=write)
+        return True
 
     # --- identity and key state (reads) -------------------------------------------------
 
@@ -297,6 +349,10 @@ class Vault:
     def backup(self, dest: Path) -> None:
         self._db.backup(dest / RECORDS)
 
+    def forget_cached_entries(self) -> None:
+        """A shared store's feed brought changes: entries are read afresh when needed."""
+        self._keys.invalidate()
+
     # --- key state (writes) -------------------------------------------------------------
 
     @property
@@ -318,7 +374,7 @@ class Vault:
         """Persist the key state (atomic), with the clock's high-water mark."""
         k = self._keyring
         k.high_water_us = max(k.high_water_us, self._clock.high_water_us)
-        k.save(self._folder / KEYRING, self._kek)
+        self._slot.save(k, self._kek)
 
     def ensure_subject_keys(self, refs: Iterable[bytes]) -> set[bytes]:
         """Before sealing an enrolment's rows: every subject's key, a new random one for a
@@ -653,6 +709,25 @@ class KeyChange:
 def policy_digest(policy: RetentionPolicy) -> bytes:
     """Names a policy version (not a secret): what the keyring says is current."""
     return sealing.digest(msgpack.packb(policy.to_dict(), use_bin_type=True))
+
+
+def _new_keyring(policy: RetentionPolicy, clock: StoreClock) -> Keyring:
+    keyring = Keyring.new(sealing.random_id(sealing.STORE_ID_SIZE),
+                          policy.epoch // timedelta(microseconds=1), clock.now_us())
+    keyring.policies = [policy_digest(policy)]
+    return keyring
+
+
+def _write_settings(db: Backend, keyring: Keyring, dim: int, model: str,
+                    policy: RetentionPolicy) -> None:
+    """A new store's identity and sealed settings, in one transaction."""
+    config = {"v": 1, "dim": dim, "model": model, "metric": "cosine",
+              "epoch_us": keyring.epoch_us}
+    with db.transaction():
+        db.put_meta("store_id", keyring.store_id)
+        db.put_meta("config", _seal_meta(keyring, "config", config))
+        db.put_meta("policy", _seal_meta(keyring, "policy", policy.to_dict()))
+        db.put_meta("state", _seal_meta(keyring, "state", _state(0, {})))
 
 
 def _state(gen: int, intent: dict[str, Any]) -> dict[str, Any]:
