@@ -26,6 +26,7 @@ from .errors import (
 )
 from .hsm import Pkcs11KeyProvider
 from .index import IndexParams
+from .merge import merge_results
 from .keys import EnvKeyProvider, FileKeyProvider, KeyProvider, PassphraseKeyProvider
 from .policy import Purpose, RetentionPolicy
 from .results import (
@@ -93,6 +94,7 @@ __all__ = [
     "StoreStats",
     "TemplateStore",
     "Verification",
+    "merge_results",
     "__version__",
     "verify_audit",
 ]

@@ -771,9 +771,16 @@ def verify_audit(path: str | os.PathLike[str],
     A trail created before public keys were published names none: open its store once
     writable (that adds it), or verify with the master key (``store.audit.verify()``).
 
+    ``path`` may be a PostgreSQL store URL: the auditor role needs only SELECT on the
+    audit tables (docs/scale-out.md).
+
     Raises:
         StoreNotFound: no audit trail at ``path``.
     """
+    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+        from .audit_pg import verify_pg_audit  # the audit module itself knows no server
+
+        return verify_pg_audit(path, checkpoint)
     file = Path(path)
     if file.is_dir():
         file = file / "audit.db"

@@ -39,6 +39,9 @@ class SearchResult:
 
     ``decision`` is NIST's decision: True when at least one candidate scored at or above
     the purpose's threshold. ``audit_seq`` names the audit entry, for ``confirm_match``.
+    A result merged from partitions (:func:`~biotemplate.merge.merge_results`) lists
+    each partition's entry in ``audit_seqs``, and ``audit_seq_of`` names, per candidate,
+    the entry of the search that returned it (the one ``confirm_match`` checks).
     """
 
     candidates: list[Candidate]
@@ -47,6 +50,19 @@ class SearchResult:
     mode: str
     purpose: str
     audit_seq: int
+    audit_seqs: tuple[int, ...] = ()
+    sources: tuple[int, ...] = ()  # per candidate: its partition's audit seq (merged only)
+
+    def audit_seq_of(self, record_id: str) -> int:
+        """The audit seq to pass to ``confirm_match`` for one of this result's candidates.
+
+        Raises:
+            KeyError: ``record_id`` is not a candidate of this result.
+        """
+        for i, c in enumerate(self.candidates):
+            if c.record_id == record_id:
+                return self.sources[i] if self.sources else self.audit_seq
+        raise KeyError("not a candidate of this result")
 
 
 @dataclass(frozen=True, slots=True)

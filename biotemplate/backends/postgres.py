@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 
     from biotemplate.backends.base import Backend
 
-__all__ = ["PgLocation", "PostgresBackend", "is_url", "parse_url"]
+__all__ = ["PgLocation", "PostgresBackend", "grant_roles", "grant_statements", "is_url",
+           "parse_url"]
 
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "biotemplate"
@@ -700,6 +701,57 @@ class PostgresBackend:
         """Drop the store's schema (tests, and operators retiring a store)."""
         with self._lock, self._mapped("drop schema"):
             self._c().execute(f"DROP SCHEMA IF EXISTS {self._s} CASCADE")  # type: ignore[call-overload]
+
+
+def grant_statements(schema: str, *, service: str | None = None,
+                     auditor: str | None = None) -> list[str]:
+    """The least-privilege grants for a store's schema (the owner runs them):
+
+    - ``service``, the role the matching service's instances log in as: read and write
+      rows, entries, settings and key state; append to (never change) the audit trail;
+      no DDL, so it cannot drop the append-only triggers (only the owner can);
+    - ``auditor``: read the audit trail and its public key, nothing else (no row, no
+      entry, no key state): enough for ``verify_audit(url)``.
+
+    Raises:
+        InvalidInput: a name that is not a plain lower-case identifier.
+    """
+    for name in (schema, service, auditor):
+        if name is not None and not _SCHEMA_NAME.fullmatch(name):
+            raise InvalidInput("schema and role names must be lower-case identifiers")
+    s = schema
+    out = []
+    if service is not None:
+        out += [f"GRANT USAGE ON SCHEMA {s} TO {service}",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.records, {s}.subject_keys,"
+                f" {s}.meta, {s}.keyring TO {service}",
+                f"GRANT SELECT, INSERT ON {s}.changes, {s}.audit_entries, {s}.audit_meta"
+                f" TO {service}",
+                f"GRANT SELECT ON {s}.schema_version TO {service}"]
+    if auditor is not None:
+        out += [f"GRANT USAGE ON SCHEMA {s} TO {auditor}",
+                f"GRANT SELECT ON {s}.audit_entries, {s}.audit_meta, {s}.schema_version"
+                f" TO {auditor}"]
+    return out
+
+
+def grant_roles(url: str, *, service: str | None = None, auditor: str | None = None) -> None:
+    """Run :func:`grant_statements` for the store at ``url`` (as its owner); the roles
+    must exist. One transaction.
+
+    Raises:
+        StoreNotFound: no store at ``url``. StorageError: the grants failed.
+    """
+    db = PostgresBackend.open(parse_url(url))
+    try:
+        with db._lock, db._mapped("grant"):
+            conn = db._c()
+            with conn.transaction():
+                for statement in grant_statements(db.location.schema, service=service,
+                                                  auditor=auditor):
+                    conn.execute(statement)  # type: ignore[call-overload]
+    finally:
+        db.close()
 
 
 if TYPE_CHECKING:
