@@ -26,8 +26,8 @@ from .errors import (
 )
 from .hsm import Pkcs11KeyProvider
 from .index import IndexParams
-from .merge import merge_results
 from .keys import EnvKeyProvider, FileKeyProvider, KeyProvider, PassphraseKeyProvider
+from .merge import merge_results
 from .policy import Purpose, RetentionPolicy
 from .results import (
     BackupReceipt,
@@ -94,7 +94,7 @@ __all__ = [
     "StoreStats",
     "TemplateStore",
     "Verification",
-    "merge_results",
     "__version__",
+    "merge_results",
     "verify_audit",
 ]

@@ -148,11 +148,11 @@ class PgAuditTrail(AuditTrail):
         s = self._db.location.schema
         try:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            meta = dict(conn.execute(f"SELECT key, value FROM {s}.audit_meta").fetchall())  # type: ignore[call-overload]
+            meta = dict(conn.execute(f"SELECT key, value FROM {s}.audit_meta").fetchall())  # noqa: S608
             named = bytes(meta["public_key"]) if "public_key" in meta else None
             cur = conn.cursor(name="biotemplate_audit_verify")
             cur.itersize = 4096
-            cur.execute(_ROWS.format(s=s) + " ORDER BY seq")  # type: ignore[call-overload]
+            cur.execute(_ROWS.format(s=s) + " ORDER BY seq")
         except Exception as exc:
             conn.close()
             raise AuditError("audit trail unreadable") from exc

@@ -95,9 +95,9 @@ class Follower:
                 self.lag_error, pause = None, self.poll_interval
                 for _ in listener.notifies(timeout=self.poll_interval, stop_after=1):
                     pass
-            except Exception as exc:  # noqa: BLE001 - any failure: reconnect and catch up
-                self.lag_error = (str(exc) if isinstance(exc, BiotemplateError)
-                                  else f"the change feed's connection failed ({type(exc).__name__})")
+            except Exception as exc:
+                self.lag_error = (str(exc) if isinstance(exc, BiotemplateError) else
+                                  f"the change feed's connection failed ({type(exc).__name__})")
                 if listener is not None:
                     with contextlib.suppress(Exception):
                         listener.close()

@@ -78,7 +78,7 @@ def create(cls: type[TemplateStore], url: str, *, dim: int, model: str,
                     partition=None, snapshot_path=None, progress=None, poll_interval=0.5)
 
 
-def open(cls: type[TemplateStore], url: str, *, key_provider: KeyProvider,  # noqa: A001
+def open(cls: type[TemplateStore], url: str, *, key_provider: KeyProvider,
          clock: Clock | None, index_params: IndexParams | None, progress: Progress | None,
          checkpoint: Checkpoint | None, read_only: bool, partition: tuple[int, int] | None,
          snapshot_dir: str | os.PathLike[str] | None, poll_interval: float) -> TemplateStore:

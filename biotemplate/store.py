@@ -32,15 +32,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Self
 
-from . import _files, enrolment, matching, retention, rotation
-from . import shared
+from . import _files, enrolment, matching, retention, rotation, shared
 from ._calls import Parts, Releasable, StoreLock, listish, writer_lock
-from .backends.postgres import is_url
-from .feed import Follower
 from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
+from .backends.postgres import is_url
 from .clock import Clock, StoreClock, checked_clock, to_us
 from .errors import BiotemplateError, IntegrityError, InvalidInput, StoreExists
+from .feed import Follower
 from .gallery import SNAPSHOT, Gallery, Progress
 from .index import IndexParams
 from .keys import KeyProvider, check_key_location
@@ -261,11 +260,11 @@ class TemplateStore:
             lost = _uncommitted_change(trail, vault, last)
         if lost is not None:
             trail.append("rollback", actor=None, ref_seq=lost.seq, of=lost.event)
+        fields: dict[str, Any] = {} if gallery.partition is None else {
+            "partition": list(gallery.partition)}
         trail.append("open", actor=None, records=len(gallery),
                      index="snapshot" if source == "loaded" else "rebuild",
-                     integrity_failures=len(gallery.integrity_failures),
-                     **({} if gallery.partition is None
-                        else {"partition": list(gallery.partition)}))
+                     integrity_failures=len(gallery.integrity_failures), **fields)
 
     def _report_integrity(self) -> None:
         failures, missing = self._p.gallery.integrity_failures, self._p.gallery.missing
@@ -277,6 +276,8 @@ class TemplateStore:
     def close(self) -> None:
         """Audit the close, make the audit durable, release files and the writer lock.
         Safe to call twice. A read-only handle only releases its files."""
+        if self._p.closed:
+            return
         if self._follower is not None:
             self._follower.stop()  # before the lock: it takes the lock per batch
         with self._p.lock:

@@ -32,7 +32,6 @@ PostgreSQL's SQLSTATE, never data values or the password.
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +41,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from biotemplate.backends.base import RecordRow
+from biotemplate.backends.pg_schema import (
+    MIGRATIONS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    ddl,
+    grant_statements,
+)
 from biotemplate.errors import (
     BiotemplateError,
     InvalidInput,
@@ -58,12 +64,10 @@ if TYPE_CHECKING:
 __all__ = ["PgLocation", "PostgresBackend", "grant_roles", "grant_statements", "is_url",
            "parse_url"]
 
-SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "biotemplate"
 CONNECT_TIMEOUT_S = 5
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
 _COLUMNS = "seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob"
-_TAG = "seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, substr(blob, length(blob) - 15)"
+_TAG = _COLUMNS.replace("blob", "substr(blob, length(blob) - 15)")
 
 
 def is_url(location: object) -> bool:
@@ -121,7 +125,7 @@ def parse_url(url: str) -> PgLocation:
             schema = value
         else:
             rest.append((key, value))
-    if not _SCHEMA_NAME.fullmatch(schema):
+    if not SCHEMA_NAME.fullmatch(schema):
         raise InvalidInput("schema must be a lower-case identifier of at most 48 characters "
                            "(letters, digits, underscore)")
     conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
@@ -145,64 +149,17 @@ def _translate(exc: Exception, what: str) -> BiotemplateError:
         return InvalidInput(f"{what}: a record id already exists")
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return StorageError(f"{what}: permission denied for this role (SQLSTATE {state})")
-    if isinstance(exc, psycopg.OperationalError) and state is None:
+    if _lost(exc):
         return StorageError(f"{what}: lost the connection to PostgreSQL; the call did not "
                             "complete (the next call reconnects)")
     return StorageError(f"{what} failed (SQLSTATE {state or type(exc).__name__})")
 
 
-def _ddl(s: str) -> tuple[str, ...]:
-    """The schema, version 1. ``s`` is a checked identifier (``_SCHEMA_NAME``)."""
-    channel = f"biotemplate_{s}"
-    return (
-        f"CREATE TABLE {s}.meta (key text PRIMARY KEY, value bytea NOT NULL)",
-        f"CREATE TABLE {s}.records (seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE,"
-        " record_id text PRIMARY KEY, subject_ref bytea NOT NULL, epoch bigint NOT NULL,"
-        " expiry_us bigint NOT NULL, purposes text NOT NULL, model text NOT NULL,"
-        " held boolean NOT NULL, blob bytea NOT NULL)",
-        f"CREATE INDEX records_subject ON {s}.records (subject_ref)",
-        f"CREATE INDEX records_expiry ON {s}.records (expiry_us)",
-        f"CREATE TABLE {s}.subject_keys (bucket integer NOT NULL, subject_ref bytea NOT NULL,"
-        " blob bytea NOT NULL, PRIMARY KEY (bucket, subject_ref))",
-        f"CREATE TABLE {s}.keyring (id integer PRIMARY KEY CHECK (id = 1),"
-        " version bigint NOT NULL, blob bytea NOT NULL)",
-        f"CREATE TABLE {s}.changes (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-        " record_id text NOT NULL, op text NOT NULL)",
-        f"CREATE TABLE {s}.audit_entries (seq bigint PRIMARY KEY, ref_seq bigint,"
-        " body bytea NOT NULL, hash bytea NOT NULL, sig bytea NOT NULL)",
-        f"CREATE INDEX audit_ref_seq ON {s}.audit_entries (ref_seq)",
-        f"CREATE TABLE {s}.audit_meta (key text PRIMARY KEY, value bytea NOT NULL)",
-        # the feed: every write to records and keyring, logged by the database itself
-        f"CREATE FUNCTION {s}.log_record() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-        f" IF TG_OP = 'DELETE' THEN INSERT INTO {s}.changes (record_id, op)"
-        " VALUES (OLD.record_id, 'del'); RETURN OLD; END IF;"
-        f" INSERT INTO {s}.changes (record_id, op) VALUES (NEW.record_id,"
-        " CASE TG_OP WHEN 'INSERT' THEN 'add' ELSE 'reseal' END); RETURN NEW; END $$",
-        f"CREATE TRIGGER records_log AFTER INSERT OR UPDATE OR DELETE ON {s}.records"
-        f" FOR EACH ROW EXECUTE FUNCTION {s}.log_record()",
-        f"CREATE FUNCTION {s}.log_keys() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-        f" INSERT INTO {s}.changes (record_id, op) VALUES ('', 'keys'); RETURN NEW; END $$",
-        f"CREATE TRIGGER keyring_log AFTER INSERT OR UPDATE ON {s}.keyring"
-        f" FOR EACH ROW EXECUTE FUNCTION {s}.log_keys()",
-        f"CREATE FUNCTION {s}.notify() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-        f" PERFORM pg_notify('{channel}', ''); RETURN NULL; END $$",
-        f"CREATE TRIGGER changes_notify AFTER INSERT ON {s}.changes"
-        f" FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify()",
-        # the audit trail is append-only, here as in SQLite
-        f"CREATE FUNCTION {s}.append_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-        " RAISE EXCEPTION 'the audit trail is append-only'; END $$",
-        f"CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON {s}.audit_entries"
-        f" FOR EACH ROW EXECUTE FUNCTION {s}.append_only()",
-        f"CREATE TRIGGER audit_meta_write_once BEFORE UPDATE OR DELETE ON {s}.audit_meta"
-        f" FOR EACH ROW EXECUTE FUNCTION {s}.append_only()",
-        f"CREATE TABLE {s}.schema_version (version integer NOT NULL)",
-        f"INSERT INTO {s}.schema_version VALUES ({SCHEMA_VERSION})",
-    )
-
-
-# Migrations: version n -> n + 1, each a list of statements run in one transaction with the
-# version bump. Empty while the schema is at its first version.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+def _lost(exc: Exception) -> bool:
+    """A connection-level failure (the server went away, the session was terminated)."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(exc, _psycopg().OperationalError) and (
+        state is None or state.startswith(("08", "57P")))
 
 
 def _row(r: Sequence[Any]) -> RecordRow:
@@ -258,7 +215,7 @@ class PostgresBackend:
                                f"({why})") from None
         if self._read_only:
             conn.execute("SET default_transaction_read_only = on")
-        return conn
+        return conn  # type: ignore[no-any-return]
 
     def _c(self) -> psycopg.Connection[Any]:
         """The instance's connection; replaced if it was lost (never inside a transaction)."""
@@ -280,8 +237,21 @@ class PostgresBackend:
             raise _translate(exc, what) from None
 
     def _query(self, what: str, sql: str, args: Sequence[object] = ()) -> list[Any]:
-        with self._lock, self._mapped(what):
-            return self._c().execute(sql, args).fetchall()
+        """Run one statement; a read outside a transaction that meets a lost connection
+        is run once more on a new one (nothing of it was applied), anything else fails."""
+        with self._lock:
+            try:
+                with self._mapped(what):
+                    return self._c().execute(sql, args).fetchall()
+            except StorageError:
+                if self._tx_depth or not self._broken():
+                    raise
+            with self._mapped(what):
+                return self._c().execute(sql, args).fetchall()
+
+    def _broken(self) -> bool:
+        conn = self._conn
+        return conn is None or conn.closed or conn.broken
 
     def _write(self, what: str, sql: str, rows: Sequence[Sequence[object]]) -> int:
         if not self._tx_depth:
@@ -314,8 +284,8 @@ class PostgresBackend:
                         raise StoreExists(f"{location.display} already holds a schema named "
                                           f"{s!r}; a store is never created over one")
                     conn.execute(f"CREATE SCHEMA {s}")
-                    for statement in _ddl(s):
-                        conn.execute(statement)  # type: ignore[call-overload]
+                    for statement in ddl(s):
+                        conn.execute(statement)
         except BaseException:
             db.close()
             raise
@@ -367,8 +337,8 @@ class PostgresBackend:
                     found = int(conn.execute(f"SELECT version FROM {s}.schema_version"  # noqa: S608
                                              ).fetchone()[0])  # type: ignore[index]
                     if found == current:
-                        for statement in _MIGRATIONS[current]:
-                            conn.execute(statement)  # type: ignore[call-overload]
+                        for statement in MIGRATIONS[current]:
+                            conn.execute(statement)
                         conn.execute(f"UPDATE {s}.schema_version SET version = %s",  # noqa: S608
                                      (current + 1,))
                     current = max(found, current + 1)
@@ -427,16 +397,16 @@ class PostgresBackend:
         key = self.location.lock_key("writer")
         take, give = (("pg_advisory_lock_shared", "pg_advisory_unlock_shared") if shared
                       else ("pg_advisory_lock", "pg_advisory_unlock"))
-        with self._lock, self._mapped("lock"):  # not held across the body: other threads
-            conn = self._c()                    # of this instance go on using the session
-            conn.execute(f"SELECT {take}(%s)", (key,))  # type: ignore[call-overload]
+        self._query("lock", f"SELECT {take}(%s)", (key,))  # (retried on a new session)
+        conn = self._conn  # the session holding it; the lock is not held across the body:
+        # other threads of this instance go on using the session meanwhile
         try:
             yield
         finally:
             with self._lock:
-                if conn is self._conn and not conn.closed and not conn.broken:
+                if conn is not None and conn is self._conn and not self._broken():
                     with self._mapped("unlock"):  # (a lost session released it already)
-                        conn.execute(f"SELECT {give}(%s)", (key,))  # type: ignore[call-overload]
+                        conn.execute(f"SELECT {give}(%s)", (key,))
 
     # --- meta, rows ---------------------------------------------------------------------
 
@@ -614,10 +584,10 @@ class PostgresBackend:
         with self._lock, self._mapped("save keyring"):
             conn = self._c()
             if self._tx_depth:
-                found = conn.execute(sql, args).fetchall()  # type: ignore[call-overload]
+                found = conn.execute(sql, args).fetchall()
             else:
                 with conn.transaction():
-                    found = conn.execute(sql, args).fetchall()  # type: ignore[call-overload]
+                    found = conn.execute(sql, args).fetchall()
         if not found:
             raise StorageError("the key state was changed by another instance since this one "
                                "read it: refused (reopen, or retry the call)")
@@ -700,39 +670,7 @@ class PostgresBackend:
     def drop(self) -> None:
         """Drop the store's schema (tests, and operators retiring a store)."""
         with self._lock, self._mapped("drop schema"):
-            self._c().execute(f"DROP SCHEMA IF EXISTS {self._s} CASCADE")  # type: ignore[call-overload]
-
-
-def grant_statements(schema: str, *, service: str | None = None,
-                     auditor: str | None = None) -> list[str]:
-    """The least-privilege grants for a store's schema (the owner runs them):
-
-    - ``service``, the role the matching service's instances log in as: read and write
-      rows, entries, settings and key state; append to (never change) the audit trail;
-      no DDL, so it cannot drop the append-only triggers (only the owner can);
-    - ``auditor``: read the audit trail and its public key, nothing else (no row, no
-      entry, no key state): enough for ``verify_audit(url)``.
-
-    Raises:
-        InvalidInput: a name that is not a plain lower-case identifier.
-    """
-    for name in (schema, service, auditor):
-        if name is not None and not _SCHEMA_NAME.fullmatch(name):
-            raise InvalidInput("schema and role names must be lower-case identifiers")
-    s = schema
-    out = []
-    if service is not None:
-        out += [f"GRANT USAGE ON SCHEMA {s} TO {service}",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.records, {s}.subject_keys,"
-                f" {s}.meta, {s}.keyring TO {service}",
-                f"GRANT SELECT, INSERT ON {s}.changes, {s}.audit_entries, {s}.audit_meta"
-                f" TO {service}",
-                f"GRANT SELECT ON {s}.schema_version TO {service}"]
-    if auditor is not None:
-        out += [f"GRANT USAGE ON SCHEMA {s} TO {auditor}",
-                f"GRANT SELECT ON {s}.audit_entries, {s}.audit_meta, {s}.schema_version"
-                f" TO {auditor}"]
-    return out
+            self._c().execute(f"DROP SCHEMA IF EXISTS {self._s} CASCADE")
 
 
 def grant_roles(url: str, *, service: str | None = None, auditor: str | None = None) -> None:
@@ -749,7 +687,7 @@ def grant_roles(url: str, *, service: str | None = None, auditor: str | None = N
             with conn.transaction():
                 for statement in grant_statements(db.location.schema, service=service,
                                                   auditor=auditor):
-                    conn.execute(statement)  # type: ignore[call-overload]
+                    conn.execute(statement)
     finally:
         db.close()
 
