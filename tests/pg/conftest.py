@@ -64,3 +64,32 @@ def pg_url(pg_server: str) -> Iterator[str]:
     schema = f"bt_test_{secrets.token_hex(6)}"
     yield with_schema(pg_server, schema)
     drop_schema(pg_server, schema)
+
+
+@pytest.fixture
+def store(pg_url: str, policy, keys, clock):  # type: ignore[no-untyped-def]
+    """The conftest ``store`` fixture, on PostgreSQL: tests/pg/test_contract_pg.py runs
+    the contract tests that need no file of the store against it."""
+    import contextlib
+
+    import biotemplate as bt
+    from tests.conftest import DIM, MODEL
+
+    s = bt.TemplateStore.create(pg_url, dim=DIM, model=MODEL, policy=policy,
+                                key_provider=keys, clock=clock)
+    yield s
+    with contextlib.suppress(Exception):
+        s.close()
+
+
+@pytest.fixture(params=["exact", "hnsw"])
+def sstore(request: pytest.FixtureRequest, pg_url: str, policy, keys, clock):  # type: ignore[no-untyped-def]
+    """tests/unit/test_store.py's ``sstore`` (exact or HNSW search), on PostgreSQL."""
+    import biotemplate as bt
+    from tests.conftest import DIM
+
+    params = bt.IndexParams(exact_cutoff=0) if request.param == "hnsw" else None
+    s = bt.TemplateStore.create(pg_url, dim=DIM, model="test-model-v1", policy=policy,
+                                key_provider=keys, clock=clock, index_params=params)
+    yield s
+    s.close()
