@@ -151,6 +151,10 @@ def _across(db: PostgresBackend, vault: Vault,
         with db.global_lock(shared=shared):
             vault.refresh(write=not shared)
             trail.generation = vault.generation
+            if vault.rolled_forward:  # a change a dead instance committed, completed here
+                vault.rolled_forward = False
+                trail.append("rollforward", actor=None,
+                             lost_subject_keys=vault.lost_subject_keys)
             yield
 
     return across

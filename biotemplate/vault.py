@@ -68,6 +68,7 @@ class Vault:
         self._staged: dict[str, Any] | None = None  # the key change the open tx will make
         self._has_entries = True  # records.db's state says it holds the subject keys
         self.rolled_forward = False  # open completed a key change a crash interrupted
+        self._completed_unsaved = False  # refresh completed one in memory (shared stores)
         self.lost_subject_keys = 0  # ... without the bucket key it needed (an old keyring)
         self.moved_subject_keys = 0  # open moved them from a keyring of before buckets
 
@@ -185,14 +186,22 @@ class Vault:
         if not self.shared:
             return False
         self._keys.invalidate()  # entries may have changed without the key state moving
-        if not self._slot.changed():
-            return False
-        self._keyring.assume(self._slot.load(self._kek))
-        self._clock.raise_to(self._keyring.high_water_us)
-        self._policy = RetentionPolicy.from_dict(_open_meta(self._db, self._keyring, "policy"))
-        self.rolled_forward = self._check_generation(read_only=not write) or self.rolled_forward
-        self._settle_policy(save=write)
-        return True
+        changed = self._slot.changed()
+        if changed:
+            self._keyring.assume(self._slot.load(self._kek))
+            self._clock.raise_to(self._keyring.high_water_us)
+            self._policy = RetentionPolicy.from_dict(_open_meta(self._db, self._keyring,
+                                                                "policy"))
+            if self._check_generation(read_only=not write):
+                # completed a change an instance that died after its commit left unsaved
+                self._completed_unsaved = True
+            self._settle_policy(save=write)
+        if write and self._completed_unsaved:  # saved now (by _check_generation, or here
+            if not changed:                     # for one a reader completed in memory)
+                self.save_keys()
+            self._completed_unsaved = False
+            self.rolled_forward = True  # the store audits it
+        return changed
 
     # --- identity and key state (reads) -------------------------------------------------
 

@@ -78,6 +78,17 @@ def run(store: bt.TemplateStore, op: str, cmd: dict[str, Any]) -> Any:
         return v.match
     if op == "erase":
         return store.erase_subject(cmd["subject"], actor="worker", reason="test").records_erased
+    if op == "erase_and_die":  # killed after the commit, before the key-state save
+        import os
+
+        from biotemplate.vault import Vault
+
+        def die(self: Vault) -> None:
+            os._exit(9)
+
+        Vault.apply_staged = die  # type: ignore[method-assign,assignment]
+        store.erase_subject(cmd["subject"], actor="worker", reason="test")
+        raise AssertionError("not reached")
     if op == "delete":
         return store.delete(cmd["record_id"], actor="worker").record_id
     if op == "purge":

@@ -179,3 +179,25 @@ def test_four_partitions_in_four_processes_merge_to_the_single_index(
         merged = bt.merge_results(results, k=10)
         assert [c.record_id for c in merged.candidates] == [c[1] for c in single[i]]
         assert merged.decision == any(c[3] for c in single[i])
+
+
+def test_an_instance_killed_between_commit_and_key_save_is_completed_by_the_next(
+        shared, instances) -> None:
+    url, key, store = shared
+    vecs = vectors(10, 9)
+    enrol(store, vecs, "c")
+    doomed = Instance(url, key)
+    assert doomed.proc.stdin is not None
+    doomed.proc.stdin.write(json.dumps({"op": "erase_and_die", "subject": "c4"}) + "\n")
+    doomed.proc.stdin.flush()
+    assert doomed.proc.wait(timeout=30) == 9
+    # the erasure committed (rows and entries gone, the change staged in the database)
+    # but the key state was never saved: the next mutation, anywhere, completes it
+    receipt = store.erase_subject("c5", actor="t")
+    assert receipt.key_destroyed
+    assert store.stats().generation == 2  # the dead one's change, then this one
+    assert store.export_subject("c4", actor="t") == []
+    assert len(store.export_subject("c6", actor="t")) == 1
+    events = [store.audit.get(s).event for s in range(1, store.audit.checkpoint().seq + 1)]
+    assert events.count("rollforward") == 1 and events.count("erase") == 2
+    assert store.audit.verify().ok

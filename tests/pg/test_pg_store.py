@@ -285,3 +285,52 @@ def test_partitions_index_disjoint_subjects_and_serve_every_subject(pg_url, keys
             p.close()
     with pytest.raises(bt.InvalidInput):
         bt.TemplateStore.open(Path("/tmp/x"), key_provider=keys, partition=(0, 2))
+
+
+def test_an_instance_reopens_from_its_own_snapshot_and_catches_up(pg_url, keys, clock,
+                                                                  pg_store, tmp_path) -> None:
+    vecs = vectors(40, 13)
+    ids = enrol(pg_store, vecs, "sn")
+    cache = tmp_path / "instance-cache"
+    cache.mkdir()
+    mine = bt.TemplateStore.open(pg_url, key_provider=keys, clock=clock, snapshot_dir=cache)
+    mine.close()  # writes its sealed snapshot
+    assert any(cache.iterdir())
+    late = enrol(pg_store, vectors(2, 14), "late")  # while it was away
+    with bt.TemplateStore.open(pg_url, key_provider=keys, clock=clock,
+                               snapshot_dir=cache) as again:
+        opened = again.audit.get(again.audit.checkpoint().seq)
+        assert opened.event == "open" and opened.fields["index"] == "snapshot"
+        assert again.stats().indexed == 42
+        got = again.search(vectors(2, 14)[1], purpose="watchlist", actor="t").candidates
+        assert got[0].record_id == late[1]
+    # a deletion anywhere destroys a key the snapshot was sealed under: the next open of
+    # that instance rebuilds (and never serves the deleted template)
+    pg_store.delete(ids[3], actor="t")
+    with bt.TemplateStore.open(pg_url, key_provider=keys, clock=clock,
+                               snapshot_dir=cache) as third:
+        opened = third.audit.get(third.audit.checkpoint().seq)
+        assert opened.fields["index"] == "rebuild" and third.stats().indexed == 41
+        r = third.search(vecs[3], purpose="watchlist", k=10, actor="t", mode="investigation")
+        assert ids[3] not in {c.record_id for c in r.candidates}
+    with pytest.raises(bt.InvalidInput, match="snapshot"):
+        pg_store.snapshot()  # this instance keeps none
+
+
+def test_an_older_schema_is_migrated_and_a_newer_library_is_needed_for_a_newer_one(
+        pg_server, pg_url, keys, clock, pg_store, monkeypatch) -> None:
+    from biotemplate.backends import pg_schema, postgres
+
+    pg_store.close()
+    schema = parse_url(pg_url).schema
+    monkeypatch.setattr(postgres, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(pg_schema.MIGRATIONS, 1, (
+        f"CREATE INDEX records_epoch ON {schema}.records (epoch)",))
+    with bt.TemplateStore.open(pg_url, key_provider=keys, clock=clock, read_only=True):
+        pass  # a reader migrates nothing
+    assert sql(pg_server, f"SELECT version FROM {schema}.schema_version")[0][0] == 1
+    with bt.TemplateStore.open(pg_url, key_provider=keys, clock=clock) as s:
+        assert s.stats().records == 0
+    assert sql(pg_server, f"SELECT version FROM {schema}.schema_version")[0][0] == 2
+    assert sql(pg_server, "SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = "
+               "'records_epoch'", schema)
