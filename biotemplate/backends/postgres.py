@@ -189,6 +189,9 @@ class PostgresBackend:
         self._conn: psycopg.Connection[Any] | None = None
         self._tx_depth = 0
         self._closed = False
+        # The session holding the store's advisory lock, while one does: if it is lost,
+        # nothing may go on on a new session (which would not hold the lock).
+        self._locked: Any = None
 
     def __repr__(self) -> str:
         return f"PostgresBackend({self.location.display!r})"
@@ -225,6 +228,10 @@ class PostgresBackend:
         if conn is None or conn.closed or conn.broken:
             if self._tx_depth:
                 raise StorageError("lost the connection to PostgreSQL inside a transaction")
+            if self._locked is not None:  # the lock died with the session: fail the call
+                raise StorageError("lost the connection to PostgreSQL while holding the "
+                                   "store's lock; the call did not complete (the next "
+                                   "call reconnects)")
             self._conn = conn = self.connect()
         return conn
 
@@ -397,13 +404,16 @@ class PostgresBackend:
         key = self.location.lock_key("writer")
         take, give = (("pg_advisory_lock_shared", "pg_advisory_unlock_shared") if shared
                       else ("pg_advisory_lock", "pg_advisory_unlock"))
-        self._query("lock", f"SELECT {take}(%s)", (key,))  # (retried on a new session)
-        conn = self._conn  # the session holding it; the lock is not held across the body:
-        # other threads of this instance go on using the session meanwhile
-        try:
+        with self._lock:
+            if self._locked is not None:
+                raise StorageError("the store's lock is already held by this instance")
+            self._query("lock", f"SELECT {take}(%s)", (key,))  # (retried on a new session)
+            conn = self._locked = self._conn  # the lock is not held across the body:
+        try:                                   # other threads use the session meanwhile
             yield
         finally:
             with self._lock:
+                self._locked = None
                 if conn is not None and conn is self._conn and not self._broken():
                     with self._mapped("unlock"):  # (a lost session released it already)
                         conn.execute(f"SELECT {give}(%s)", (key,))

@@ -334,3 +334,26 @@ def test_an_older_schema_is_migrated_and_a_newer_library_is_needed_for_a_newer_o
     assert sql(pg_server, f"SELECT version FROM {schema}.schema_version")[0][0] == 2
     assert sql(pg_server, "SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = "
                "'records_epoch'", schema)
+
+
+def test_a_mutation_whose_session_dies_under_the_lock_never_goes_on_without_it(
+        pg_server, pg_store, monkeypatch) -> None:
+    """The store's lock lives in the session: once that session is gone, the call in
+    progress must fail rather than continue its writes on a new, unlocked session."""
+    from biotemplate.vault import Vault
+
+    enrol(pg_store, vectors(5, 15), "lk")
+    real = Vault.prepare_rotation
+
+    def killed_first(self: Vault, ref: bytes) -> int:
+        sql(pg_server, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+            "application_name = 'biotemplate' AND pid <> pg_backend_pid()")
+        return real(self, ref)
+
+    monkeypatch.setattr(Vault, "prepare_rotation", killed_first)
+    with pytest.raises(bt.StorageError, match="lost the connection"):
+        pg_store.erase_subject("lk2", actor="t")
+    monkeypatch.undo()
+    assert len(pg_store.export_subject("lk2", actor="t")) == 1  # nothing happened
+    assert pg_store.erase_subject("lk2", actor="t").key_destroyed  # and the next call works
+    assert pg_store.audit.verify().ok
