@@ -6,7 +6,8 @@ See the README for a quickstart, SECURITY.md for the threat model and docs/archi
 for how the parts fit together.
 """
 
-from .audit import AuditEntry, AuditReport, AuditView, Checkpoint, verify_audit
+from .audit import AuditEntry, AuditReport, AuditView, Checkpoint, checkpoint_audit, verify_audit
+from .audit_export import AuditRecord, export_audit
 from .errors import (
     AuditError,
     BiotemplateError,
@@ -56,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuditEntry",
     "AuditError",
+    "AuditRecord",
     "AuditReport",
     "AuditView",
     "BackupReceipt",
@@ -102,5 +104,7 @@ __all__ = [
     "TemplateStore",
     "Verification",
     "__version__",
+    "checkpoint_audit",
+    "export_audit",
     "verify_audit",
 ]
