@@ -27,7 +27,7 @@ import biotemplate as bt
 from biotemplate.errors import InvalidInput, InvalidPolicy, KeyUnavailable
 from biotemplate.keys import read_private
 from biotemplate.policy import format_duration, parse_duration
-from biotemplate.validation import check_subject_id
+from biotemplate.validation import MAX_SUBJECT_ID, check_subject_id
 
 from .progress import progress_bar
 
@@ -142,13 +142,13 @@ def aware_time(text: str) -> datetime:
 
 
 def subject_id(text: str) -> str:
-    """A subject id from the command line, checked here so that a bad one is a usage
-    error whose message does not repeat it."""
+    """An argparse type: a subject id, checked here so that a bad one is a usage error
+    whose message does not repeat it."""
     try:
         return check_subject_id(text)
     except InvalidInput:
-        raise UsageError("SUBJECT is not a valid subject id (1 to 256 characters of "
-                         "valid text)") from None
+        raise argparse.ArgumentTypeError(f"not a valid subject id (1 to {MAX_SUBJECT_ID} "
+                                         "characters of valid text)") from None
 
 
 # --- keys and the store ------------------------------------------------------------------
