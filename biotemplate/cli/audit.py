@@ -18,7 +18,7 @@ import sys
 
 import biotemplate as bt
 
-from .common import Reply, Subparsers, UsageError, add_command, add_group, read_text
+from .common import JSON, Reply, Subparsers, UsageError, add_command, add_group, read_text
 
 
 def register(subparsers: Subparsers) -> None:
@@ -57,8 +57,9 @@ def _verify(args: argparse.Namespace) -> Reply:
     if args.checkpoint:
         checkpoint = bt.Checkpoint.from_json(read_text(args.checkpoint, "--checkpoint", 4096))
     report = bt.verify_audit(args.store, checkpoint)
-    data = {"ok": report.ok, "entries": report.entries, "problems": list(report.problems),
-            "checkpoint_seq": None if checkpoint is None else checkpoint.seq}
+    data: JSON = {"ok": report.ok, "entries": report.entries,
+                  "problems": list[JSON](report.problems),
+                  "checkpoint_seq": None if checkpoint is None else checkpoint.seq}
     against = "" if checkpoint is None else f", and reaches checkpoint {checkpoint.seq}"
     if report.ok:
         return Reply(data, f"audit trail verifies: {report.entries} entries, every hash, "

@@ -31,7 +31,7 @@ from biotemplate.validation import MAX_SUBJECT_ID, check_subject_id
 
 from .progress import progress_bar
 
-JSON: TypeAlias = None | bool | int | float | str | list["JSON"] | dict[str, "JSON"]
+JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 MAX_INPUT_BYTES = 1 << 32  # a .npy or id file larger than 4 GiB is refused, not mapped
 
@@ -282,7 +282,7 @@ def jsonable(value: object) -> JSON:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, np.bool_ | np.integer | np.floating):
-        return value.item()  # type: ignore[no-any-return]
+        return jsonable(value.item())
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, timedelta):

@@ -19,7 +19,7 @@ from typing import NoReturn
 import biotemplate as bt
 
 from . import audit, keys, lifecycle, policy, records, report
-from .common import CliError, Reply, jsonable
+from .common import CliError, Handler, Reply, jsonable
 
 COMMAND_MODULES = (keys, lifecycle, records, policy, report, audit)
 """Each has ``register(subparsers)``; add a module here to add its commands."""
@@ -55,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) or a usage error (2, printed)
         return exc.code if isinstance(exc.code, int) else 2
+    handler: Handler = args.handler
     try:
-        reply = args.handler(args)
+        reply = handler(args)
     except CliError as exc:
         return _fail(args, exc.exit_code, "error", str(exc))
     except bt.BiotemplateError as exc:

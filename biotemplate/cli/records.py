@@ -136,8 +136,8 @@ def _enroll(args: argparse.Namespace) -> Reply:
             record_ids = store.enroll_many(templates, subject_ids=ids, purposes=args.purpose,
                                            ttl=args.ttl, source=args.source,
                                            actor=args.actor, progress=bar)
-    return Reply({"records": len(record_ids), "record_ids": record_ids,
-                  "purposes": args.purpose},
+    return Reply({"records": len(record_ids), "record_ids": list[JSON](record_ids),
+                  "purposes": list[JSON](args.purpose)},
                  f"enrolled {len(record_ids)} records for {', '.join(args.purpose)}")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 import biotemplate as bt
 from biotemplate.synthetic import Gallery, make_gallery, probes, strangers
 

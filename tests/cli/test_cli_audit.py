@@ -4,6 +4,7 @@ sources, each as a subprocess."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -44,7 +45,7 @@ def test_audit_without_the_key_beside_a_running_writer(site: Site) -> None:
         assert erase["subject_ref"] and erase["result"] == {"count": 2}
         for r in records:  # every line can be checked by the auditor
             assert len(r["hash"]) == 64 and len(r["signature"]) == 128
-        assert all(b["prev_hash"] == a["hash"] for a, b in zip(records, records[1:]))
+        assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(records))
         everything = "\n".join(lines)
         assert "P-0000" not in everything  # no subject id, ever
 

@@ -117,7 +117,7 @@ def matrix_site(tmp_path: Path) -> Site:
 def test_every_failure_in_process(matrix_site: Site, capsys: pytest.CaptureFixture[str]) -> None:
     for label, args, code, names in cases(matrix_site):
         got = main(args)
-        out, err = capsys.readouterr()
+        _out, err = capsys.readouterr()
         assert got == code, f"{label}: exit {got}, stderr {err!r}"
         assert "Traceback" not in err, label
         assert len(err.strip().splitlines()) == 1, f"{label}: {err!r}"

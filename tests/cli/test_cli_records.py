@@ -41,8 +41,8 @@ def test_keygen_init_enroll_search_verify(tmp_path: Path) -> None:
 
     done = run_cli("enroll", store, "--templates", str(tmp_path / "gallery.npy"),
                    "--subject-ids", str(tmp_path / "ids.txt"), "--purpose", "watchlist",
-                   "--purpose", "rare", "--ttl", "20d", "--source", "case-file-2", "--actor", "svc", *k,
-                   "--json")
+                   "--purpose", "rare", "--ttl", "20d", "--source", "case-file-2",
+                   "--actor", "svc", *k, "--json")
     assert done.code == 0, done.err
     assert done.json()["records"] == 16 and len(done.json()["record_ids"]) == 16
     assert done.err == ""  # no progress bar when stderr is not a terminal

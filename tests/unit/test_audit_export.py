@@ -5,6 +5,7 @@ regulator's export ``export_audit`` (Art. 12 fields, nothing biometric)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import sqlite3
@@ -65,7 +66,7 @@ def test_export_has_the_art_12_fields_and_nothing_biometric(
     # each line checks against the public key on its own
     verify = sealing.verifier_for(store.audit.public_key)
     assert all(verify(bytes.fromhex(r.hash), bytes.fromhex(r.signature)) for r in records)
-    assert all(b.prev_hash == a.hash for a, b in zip(records, records[1:], strict=False))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
 
     part = list(bt.export_audit(store_dir / "audit.db", since=3, until=5))
     assert [r.seq for r in part] == [3, 4, 5] and part[0].prev_hash == records[1].hash
