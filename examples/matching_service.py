@@ -77,7 +77,7 @@ class Service(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: Service
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         routes = {"/enrol": self.enrol, "/verify": self.verify, "/identify": self.identify,
                   "/erase": self.erase}
         route = routes.get(self.path)
@@ -144,7 +144,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Silenced: http.server's own lines may quote a malformed request."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -176,7 +176,7 @@ def call(base: str, path: str, body: dict[str, Any], actor: str = "demo-client",
                                      headers={"Content-Type": "application/json",
                                               "X-Actor": actor, "X-Reason": "demo"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
