@@ -151,7 +151,8 @@ class TemplateStore:
         checkpoint), no index built, no template decrypted. It offers :meth:`stats`
         (``indexed``, ``purposes``, ``shredded_rows`` and ``integrity_failures`` stay
         empty: they come from decrypting) and ``audit.verify()``, ``audit.checkpoint()``
-        (signed from the file's head now) and ``audit.get()``; every other call raises
+        (signed from the file's head now), ``audit.get()`` and ``audit.entries()``,
+        :meth:`retention_report` and :attr:`policy`; every other call raises
         ``ReadOnlyStore``.
 
         Raises:
