@@ -66,6 +66,7 @@ class Service(ThreadingHTTPServer):
     """The HTTP server and the one store its request threads share."""
 
     daemon_threads = True
+    request_queue_size = 128  # socketserver's default (5) resets bursts of connections
 
     def __init__(self, address: tuple[str, int], store: bt.TemplateStore, *,
                  verbose: bool = False) -> None:
