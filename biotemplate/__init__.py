@@ -6,7 +6,8 @@ See the README for a quickstart, SECURITY.md for the threat model and docs/archi
 for how the parts fit together.
 """
 
-from .audit import AuditEntry, AuditReport, AuditView, Checkpoint, verify_audit
+from .audit import AuditEntry, AuditReport, AuditView, Checkpoint, checkpoint_audit, verify_audit
+from .audit_export import AuditRecord, export_audit
 from .errors import (
     AuditError,
     BiotemplateError,
@@ -38,9 +39,13 @@ from .results import (
     HoldReceipt,
     IndexReport,
     KeyReceipt,
+    PolicyDiff,
     PolicyReceipt,
     PurgeReport,
+    PurposeChange,
+    PurposeRetention,
     RecordView,
+    RetentionReport,
     RotationReceipt,
     SearchResult,
     StoreStats,
@@ -53,6 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuditEntry",
     "AuditError",
+    "AuditRecord",
     "AuditReport",
     "AuditView",
     "BackupReceipt",
@@ -77,14 +83,18 @@ __all__ = [
     "KeyUnavailable",
     "PassphraseKeyProvider",
     "Pkcs11KeyProvider",
+    "PolicyDiff",
     "PolicyReceipt",
     "PolicyViolation",
     "PurgeReport",
     "Purpose",
+    "PurposeChange",
+    "PurposeRetention",
     "ReadOnlyStore",
     "RecordNotFound",
     "RecordView",
     "RetentionPolicy",
+    "RetentionReport",
     "RotationReceipt",
     "SearchResult",
     "StorageError",
@@ -95,6 +105,8 @@ __all__ = [
     "TemplateStore",
     "Verification",
     "__version__",
+    "checkpoint_audit",
+    "export_audit",
     "merge_results",
     "verify_audit",
 ]

@@ -54,9 +54,10 @@ from .validation import check_subject_id, check_text
 from .vault import KeyChange, Vault
 
 LOCK = "lock"
-READ_ONLY = ("this store was opened with read_only=True: it offers stats() and the audit "
-             "trail (verify, checkpoint, get); calls that write, or read templates or "
-             "subject ids, belong to the one writable handle")
+READ_ONLY = ("this store was opened with read_only=True: it offers stats(), "
+             "retention_report(), the policy and the audit trail (verify, checkpoint, get, "
+             "entries); calls that write, or read templates or subject ids, belong to the "
+             "one writable handle")
 
 
 class StoreLock:

@@ -80,8 +80,8 @@ from biotemplate.errors import (
     StoreNotFound,
 )
 
-__all__ = ["AuditEntry", "AuditReport", "AuditTrail", "AuditView", "Checkpoint", "Signer",
-           "Verifier", "verify_audit"]
+__all__ = ["AuditEntry", "AuditReport", "AuditTrail", "AuditView", "Checkpoint", "SignedEntry",
+           "Signer", "Verifier", "checkpoint_audit", "offline_trail", "verify_audit"]
 
 Signer = Callable[[bytes], bytes]
 Verifier = Callable[[bytes, bytes], bool]
@@ -134,6 +134,17 @@ class AuditEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class SignedEntry:
+    """A verified entry with its chain hash, its predecessor's hash and its signature,
+    so that whoever receives it (an export) can check it against the public key."""
+
+    entry: AuditEntry
+    hash: bytes
+    prev: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class AuditReport:
     """What ``verify()`` found; ``ok`` is True iff ``problems`` is empty."""
 
@@ -147,7 +158,13 @@ class Checkpoint:
     """A signed (store, seq, head hash, time, public key), to be kept by a witness outside
     the host. Version 2 carries (and signs) the audit public key, so a witness can check it
     and :func:`verify_audit` can check that it is the file's; version 1 (no key, written
-    before keys were published) is still read and verified."""
+    before keys were published) is still read and verified.
+
+    Version 3 (``entry_signed``, from :func:`checkpoint_audit`) is taken without the
+    master key: its signature is the head entry's own (over ``head``, the entry's hash,
+    whose body names its seq, store and time), and ``ts`` is that entry's time. It proves
+    the same thing to :meth:`AuditTrail.verify`: the trail reached entry ``seq`` with
+    hash ``head``, signed under ``public_key``."""
 
     store_id: bytes
     seq: int
@@ -155,18 +172,26 @@ class Checkpoint:
     ts: datetime
     signature: bytes
     public_key: bytes | None = None  # Ed25519, raw 32 bytes; None in version 1
+    entry_signed: bool = False  # version 3: ``signature`` is the head entry's
 
     def message(self) -> bytes:
-        """The signed bytes; their length (> 32) keeps them apart from entry signatures."""
+        """The signed bytes: for versions 1 and 2 their length (> 32) keeps them apart
+        from entry signatures; version 3 is an entry signature, over the head hash."""
+        if self.entry_signed:
+            return self.head
         signed = [self.store_id, self.seq, self.head, _us(self.ts)]
         return _CHECKPOINT_DOMAIN + _pack(signed if self.public_key is None
                                           else [*signed, self.public_key])
+
+    @property
+    def version(self) -> int:
+        return 3 if self.entry_signed else 1 if self.public_key is None else 2
 
     def to_bytes(self) -> bytes:
         d = {"v": 1, "store": self.store_id, "seq": self.seq, "head": self.head,
              "ts": _us(self.ts), "sig": self.signature}
         if self.public_key is not None:
-            d.update(v=2, key=self.public_key)
+            d.update(v=self.version, key=self.public_key)
         return _pack(d)
 
     @classmethod
@@ -186,7 +211,7 @@ class Checkpoint:
              "head": self.head.hex(), "ts": self.ts.isoformat(),
              "signature": self.signature.hex()}
         if self.public_key is not None:
-            d.update(v=2, public_key=self.public_key.hex())
+            d.update(v=self.version, public_key=self.public_key.hex())
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -205,13 +230,13 @@ class Checkpoint:
     @classmethod
     def _build(cls, v: Any, store: Any, seq: Any, head: Any, ts: Any, sig: Any,
                key: Any) -> Checkpoint:
-        if not (v == (1 if key is None else 2) and isinstance(store, bytes)
+        if not (v in ((1,) if key is None else (2, 3)) and isinstance(store, bytes)
                 and 1 <= len(store) <= 64 and type(seq) is int and seq >= 1
                 and isinstance(head, bytes) and len(head) == 32 and type(ts) is int
                 and isinstance(sig, bytes) and len(sig) == 64
                 and (key is None or (isinstance(key, bytes) and len(key) == 32))):
             raise ValueError
-        return cls(store, seq, head, _dt(ts), sig, key)
+        return cls(store, seq, head, _dt(ts), sig, key, entry_signed=v == 3)
 
 
 class AuditTrail:
@@ -523,9 +548,10 @@ class AuditTrail:
         return AuditReport(not problems, count, tuple(problems))
 
     @contextlib.contextmanager
-    def _reader(self) -> Iterator[tuple[Iterable[Any], object]]:
-        """(every row in seq order, the clear public key of ``meta``) from one read
-        snapshot, on a connection of its own so appends go on meanwhile.
+    def _reader(self, first: int = 1, last: int = (1 << 63) - 1,
+                ) -> Iterator[tuple[Iterable[Any], object]]:
+        """(the rows ``first`` to ``last`` in seq order, the clear public key of ``meta``)
+        from one read snapshot, on a connection of its own so appends go on meanwhile.
 
         Raises:
             AuditError: the file cannot be read.
@@ -540,8 +566,16 @@ class AuditTrail:
             if ro is not None:
                 ro.close()
             raise AuditError("audit database unreadable") from exc
+
+        def rows() -> Iterator[Any]:
+            try:
+                yield from ro.execute(f"{_COLS} WHERE seq >= ? AND seq <= ? ORDER BY seq",
+                                      (first, last))
+            except sqlite3.Error as exc:
+                raise AuditError("cannot read the audit trail") from exc
+
         try:
-            yield ro.execute(f"{_COLS} ORDER BY seq"), named
+            yield rows(), named
         finally:
             ro.close()
 
@@ -566,6 +600,64 @@ class AuditTrail:
                             self._public_key)
             return Checkpoint(cp.store_id, cp.seq, cp.head, cp.ts, self._sign(cp.message()),
                               cp.public_key)
+
+    def entry_checkpoint(self) -> Checkpoint:
+        """A version 3 checkpoint of the head in the file now, signed by the head entry
+        itself: nothing is signed here, so it needs no key (:func:`checkpoint_audit`).
+
+        Raises:
+            IntegrityError: no entries, or the newest fails verification.
+            AuditError: the file cannot be read, or the trail names no public key.
+        """
+        if self._public_key is None:
+            raise AuditError("this audit trail names no public key")
+        with self._lock:
+            self._ensure_open()
+            row = self._newest_row()
+        if row is None:
+            raise IntegrityError("the audit trail has no entries: genesis missing")
+        entry = self._checked(row)
+        return Checkpoint(self._store_id, row[0], row[3], entry.ts_end, row[4],
+                          self._public_key, entry_signed=True)
+
+    def entries(self, since: int = 1, until: int | None = None) -> Iterator[SignedEntry]:
+        """Entries ``since`` to ``until`` (inclusive; None: the last), each verified
+        (hash, signature, store) and chained to the one before it, streamed from one
+        read snapshot on a connection of its own (appends go on meanwhile).
+
+        Raises:
+            InvalidInput: ``since`` or ``until`` is not a positive int.
+            IntegrityError: an entry fails verification, does not chain, or is missing
+                (the message names its seq); the entries before it were yielded.
+            AuditError: the file cannot be read.
+        """
+        for bound in (since, until):
+            if bound is not None and (type(bound) is not int or not 1 <= bound < 1 << 63):
+                raise InvalidInput("since and until must be audit sequence numbers (>= 1)")
+        with self._lock:
+            self._ensure_open()
+        last = (1 << 63) - 1 if until is None else until
+        expected, prev_hash = max(1, since - 1), None
+        with self._reader(expected, last) as (rows, _):  # one snapshot for the whole walk
+            for row in rows:
+                seq = row[0]
+                found, entry, actual, prev = self._inspect(row)
+                if seq != expected:
+                    raise IntegrityError(f"audit entry {expected} is missing")
+                if prev_hash is not None and prev != prev_hash:
+                    found.append("chain broken")
+                if found or entry is None or prev is None:
+                    raise IntegrityError(f"audit entry {seq} failed verification")
+                if seq >= since:
+                    yield SignedEntry(entry, actual, prev, row[4])
+                expected, prev_hash = seq + 1, actual
+
+    def _newest_row(self) -> Any:
+        """The newest row of the file, or None (under ``self._lock``)."""
+        try:
+            return self._conn.execute(f"{_COLS} ORDER BY seq DESC LIMIT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise AuditError("cannot read the audit trail") from exc
 
     def sync(self) -> None:
         """Make every appended entry durable now. Raises: AuditError: the fsync failed."""
@@ -753,6 +845,88 @@ class AuditView:
         """
         return self._trail.get(seq)
 
+    def entries(self, since: int = 1, until: int | None = None) -> Iterator[SignedEntry]:
+        """Verified, chained entries ``since`` to ``until`` (inclusive), streamed; for
+        the regulator's view of them see :func:`biotemplate.audit_export.export_audit`.
+
+        Raises:
+            InvalidInput: bad bounds. IntegrityError: an entry fails verification or
+                does not chain (those before it were yielded). AuditError: unreadable.
+        """
+        return self._trail.entries(since, until)
+
+
+def _offline(path: str | os.PathLike[str]) -> AuditTrail | str:
+    """A read-only trail over a store's ``audit.db`` with the public key the file names
+    (no master key), or the problem that prevents one.
+
+    Raises:
+        StoreNotFound: no audit trail at ``path``.
+    """
+    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+        from .audit_pg import offline_pg  # the audit module itself knows no server
+
+        return offline_pg(path)
+    file = Path(path)
+    if file.is_dir():
+        file = file / "audit.db"
+    if not file.is_file():
+        raise StoreNotFound(f"no audit trail at {file}")
+    conn = None
+    try:
+        conn = _files.sqlite_connect(file, "ro")
+        meta = _meta(conn)
+    except sqlite3.Error:
+        if conn is not None:
+            conn.close()
+        return "audit database unreadable"
+    key, store = meta.get("public_key"), meta.get("store_id")
+    try:
+        verifier = sealing.verifier_for(key) if isinstance(key, bytes) else None
+    except ValueError:
+        verifier = None
+    if verifier is None or not isinstance(store, bytes):
+        conn.close()
+        return ("audit.db names no usable public key (a trail created before keys were "
+                "published gets one on its store's next writable open)")
+    return AuditTrail(conn, file, store, _cannot_sign, verifier, _no_clock, public_key=key,
+                      read_only=True)
+
+
+@contextlib.contextmanager
+def offline_trail(path: str | os.PathLike[str]) -> Iterator[AuditTrail]:
+    """A store's audit trail opened read-only with the public key it names, for
+    auditors without the master key and beside a running writer (``mode=ro``): it can
+    :meth:`~AuditTrail.verify`, read :meth:`~AuditTrail.entries` and take an
+    :meth:`~AuditTrail.entry_checkpoint`; it appends and signs nothing.
+
+    Raises:
+        StoreNotFound: no audit trail at ``path``.
+        AuditError: the file is unreadable or names no public key.
+    """
+    trail = _offline(path)
+    if isinstance(trail, str):
+        raise AuditError(trail)
+    try:
+        yield trail
+    finally:
+        trail.close()
+
+
+def checkpoint_audit(path: str | os.PathLike[str]) -> Checkpoint:
+    """A checkpoint of a store's audit trail without its master key (version 3: signed
+    by the head entry itself), for a witness. ``path`` is the store folder or the
+    ``audit.db`` file; the file is opened read-only and may be live under a writer.
+    Verify the trail first (:func:`verify_audit`): this checks only the head entry.
+
+    Raises:
+        StoreNotFound: no audit trail at ``path``.
+        AuditError: the file is unreadable or names no public key.
+        IntegrityError: no entries, or the newest fails verification.
+    """
+    with offline_trail(path) as trail:
+        return trail.entry_checkpoint()
+
 
 def verify_audit(path: str | os.PathLike[str],
                  checkpoint: Checkpoint | None = None) -> AuditReport:
@@ -777,35 +951,9 @@ def verify_audit(path: str | os.PathLike[str],
     Raises:
         StoreNotFound: no audit trail at ``path``.
     """
-    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
-        from .audit_pg import verify_pg_audit  # the audit module itself knows no server
-
-        return verify_pg_audit(path, checkpoint)
-    file = Path(path)
-    if file.is_dir():
-        file = file / "audit.db"
-    if not file.is_file():
-        raise StoreNotFound(f"no audit trail at {file}")
-    conn = None
-    try:
-        conn = _files.sqlite_connect(file, "ro")
-        meta = _meta(conn)
-    except sqlite3.Error:
-        if conn is not None:
-            conn.close()
-        return AuditReport(False, 0, ("audit database unreadable",))
-    key, store = meta.get("public_key"), meta.get("store_id")
-    try:
-        verifier = sealing.verifier_for(key) if isinstance(key, bytes) else None
-    except ValueError:
-        verifier = None
-    if verifier is None or not isinstance(store, bytes):
-        conn.close()
-        return AuditReport(False, 0, ("audit.db names no usable public key (a trail created "
-                                      "before keys were published gets one on its store's "
-                                      "next writable open)",))
-    trail = AuditTrail(conn, file, store, _cannot_sign, verifier, _no_clock, public_key=key,
-                       read_only=True)
+    trail = _offline(path)
+    if isinstance(trail, str):
+        return AuditReport(False, 0, (trail,))
     try:
         return trail.verify(checkpoint)
     finally:

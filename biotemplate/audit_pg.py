@@ -29,7 +29,6 @@ from typing import Any
 from .audit import (
     _COLS,
     AuditEntry,
-    AuditReport,
     AuditTrail,
     Checkpoint,
     Signer,
@@ -42,7 +41,7 @@ from .audit import (
 from .backends.postgres import PostgresBackend
 from .errors import AuditError, BiotemplateError, IntegrityError, InvalidInput, RecordNotFound
 
-__all__ = ["PgAuditTrail", "verify_pg_audit"]
+__all__ = ["PgAuditTrail", "offline_pg"]
 
 _ROWS = _COLS.replace("FROM entries", "FROM {s}.audit_entries")
 
@@ -58,6 +57,7 @@ class PgAuditTrail(AuditTrail):
         super().__init__(None, db.location.schema, store_id,  # type: ignore[arg-type]
                          signer, verifier, clock, public_key=public_key, read_only=read_only)
         self._db = db
+        self._owns_db = False  # an offline trail (no store) closes its own connection
 
     def __repr__(self) -> str:
         return f"PgAuditTrail({self._db.location.display!r})"
@@ -140,7 +140,8 @@ class PgAuditTrail(AuditTrail):
         return self._checked(rows[0]) if rows else None
 
     @contextlib.contextmanager
-    def _reader(self) -> Iterator[tuple[Iterable[Any], object]]:
+    def _reader(self, first: int = 1, last: int = (1 << 63) - 1,
+                ) -> Iterator[tuple[Iterable[Any], object]]:
         try:
             conn = self._db.connect()
         except BiotemplateError as exc:
@@ -150,9 +151,10 @@ class PgAuditTrail(AuditTrail):
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             meta = dict(conn.execute(f"SELECT key, value FROM {s}.audit_meta").fetchall())  # noqa: S608
             named = bytes(meta["public_key"]) if "public_key" in meta else None
-            cur = conn.cursor(name="biotemplate_audit_verify")
+            cur = conn.cursor(name="biotemplate_audit_read")
             cur.itersize = 4096
-            cur.execute(_ROWS.format(s=s) + " ORDER BY seq")
+            cur.execute(_ROWS.format(s=s) + " WHERE seq >= %s AND seq <= %s ORDER BY seq",
+                        (first, last))
         except Exception as exc:
             conn.close()
             raise AuditError("audit trail unreadable") from exc
@@ -168,6 +170,10 @@ class PgAuditTrail(AuditTrail):
             yield rows(), named
         finally:
             conn.close()
+
+    def _newest_row(self) -> Any:
+        rows = self._rows("ORDER BY seq DESC LIMIT 1", ())
+        return rows[0] if rows else None
 
     def checkpoint(self) -> Checkpoint:
         """Sign the shared trail's head as it is now (after checking it)."""
@@ -201,14 +207,17 @@ class PgAuditTrail(AuditTrail):
     def close(self) -> None:
         with self._lock:
             self._closed = True  # the connection belongs to the backend (closed by the vault)
+        if self._owns_db:
+            self._db.close()
 
     def _newer_head(self) -> tuple[int, bytes]:
         return self._read_head()
 
 
-def verify_pg_audit(url: str, checkpoint: Checkpoint | None = None) -> AuditReport:
-    """Verify a PostgreSQL store's audit trail without its master key (``verify_audit``).
-    Needs only SELECT on ``audit_entries`` and ``audit_meta`` (the auditor role).
+def offline_pg(url: str) -> PgAuditTrail | str:
+    """A read-only trail of the PostgreSQL store at ``url`` with the public key it names
+    (no master key; the auditor role's SELECT on the audit tables suffices), or the
+    problem that prevents one (``audit.offline_trail``, ``verify_audit``).
 
     Raises:
         StoreNotFound: no store at ``url``. StorageError: the server cannot be reached.
@@ -219,15 +228,18 @@ def verify_pg_audit(url: str, checkpoint: Checkpoint | None = None) -> AuditRepo
     db = PostgresBackend.open(parse_url(url), read_only=True)
     try:
         meta = db.audit_meta()
-        key, store = meta.get("public_key"), meta.get("store_id")
-        try:
-            verifier = sealing.verifier_for(key) if key is not None else None
-        except ValueError:
-            verifier = None
-        if verifier is None or store is None:
-            return AuditReport(False, 0, ("the store names no usable audit public key",))
-        trail = PgAuditTrail(db, store, _cannot_sign, verifier, _no_clock, public_key=key,
-                             read_only=True)
-        return trail.verify(checkpoint)
-    finally:
+    except BaseException:
         db.close()
+        raise
+    key, store = meta.get("public_key"), meta.get("store_id")
+    try:
+        verifier = sealing.verifier_for(key) if key is not None else None
+    except ValueError:
+        verifier = None
+    if verifier is None or store is None:
+        db.close()
+        return "the store names no usable audit public key"
+    trail = PgAuditTrail(db, store, _cannot_sign, verifier, _no_clock, public_key=key,
+                         read_only=True)
+    trail._owns_db = True
+    return trail

@@ -149,6 +149,21 @@ class RecordCodec:
         return _with_blob(moved, sealing.seal(key, encode_plain(plain), self._aad(moved)),
                           held)
 
+    def with_expiry(self, row: RecordRow, plain: Plain, expiry_us: int) -> RecordRow:
+        """The record ``plain`` (opened from ``row``) sealed again with another expiry: a
+        new epoch (the one its new expiry falls in) unless it is held, and a new nonce.
+
+        Raises:
+            Shredded: the new epoch's key is gone (the caller never moves a record into
+                the past of the ratchet).
+        """
+        moved = RecordRow(record_id=row.record_id, subject_ref=row.subject_ref,
+                          epoch=expiry_us // self.keyring.epoch_us, expiry_us=expiry_us,
+                          purposes=row.purposes, model=row.model, held=row.held, blob=b"",
+                          seq=row.seq)
+        key = self._key(moved, self._entry(moved).key)
+        return _with_blob(moved, sealing.seal(key, encode_plain(plain), self._aad(moved)),
+                          row.held)
 
     def rekey(self, row: RecordRow) -> RecordRow:
         """The same record sealed under the keyring's pending ratchet state, or under its

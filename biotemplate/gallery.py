@@ -159,6 +159,12 @@ class Gallery:
                         self._open_rows(rows, now_us, self.shredded, self.integrity_failures))
         return len(gone) + len(vanished) + len(stale)
 
+    def shorten(self, rows: Sequence[RecordRow]) -> None:
+        """Rows just committed with an earlier expiry (a tighter policy): the index
+        filters by it from now on, and candidates are confirmed against the new rows."""
+        self._index.shorten({row.record_id: row.expiry_us for row in rows})
+        self.remember([row for row in rows if row.record_id in self._fingerprints])
+
     def live_per_purpose(self) -> dict[str, int]:
         return {p: s["live"] for p, s in self._index.stats().get("purposes", {}).items()}
 

@@ -32,7 +32,7 @@ import heapq
 import math
 import operator
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -366,6 +366,28 @@ class TemplateIndex:
                     if (sub := self._subs.get(purpose)) is not None:
                         self._erase(purpose, sub, group)
             return len(labels)
+
+    def shorten(self, expiries_us: Mapping[str, int]) -> int:
+        """Bring records' expiry forward (a tighter policy applied to stored records);
+        an expiry is never moved later, and unknown ids are ignored. Searches filter by
+        the new expiry at once; ``hide_expired`` hides them when it passes.
+
+        Returns: how many records' expiry moved.
+
+        Raises:
+            InvalidInput: an expiry is not an int.
+        """
+        new = {rid: _check_int(exp, "expiry_us") for rid, exp in expiries_us.items()}
+        moved = 0
+        with self._lock.write():
+            for rid, exp in new.items():
+                label = self._label_of.get(rid)
+                if label is None or exp >= self._expiry[label]:
+                    continue
+                self._expiry[label] = exp  # the heap's older entry is now stale: skipped
+                heapq.heappush(self._heap, (exp, label))
+                moved += 1
+        return moved
 
     def hide_expired(self, now_us: int) -> int:
         """Hide every record whose expiry is <= ``now_us``; a purge removes them later.

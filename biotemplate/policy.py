@@ -30,6 +30,7 @@ depends on leap years), e.g. ``"90m"``, ``"30d"``, ``"1d12h"``.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import numbers
 import os
@@ -372,6 +373,17 @@ class RetentionPolicy:
         return {"epoch": format_duration(self.epoch),
                 "purposes": {name: p.to_dict() for name, p in self.purposes.items()}}
 
+    def to_toml(self) -> str:
+        """The policy as a TOML file that :meth:`from_toml_string` reads back equal (the
+        canonical structure of :meth:`to_dict`; no comments: the file is regenerated)."""
+        lines = [f"epoch = {_toml_value(format_duration(self.epoch))}"]
+        for name, purpose in self.purposes.items():
+            key = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_value(name)
+            lines += ["", f"[purposes.{key}]"]
+            lines += [f"{field} = {_toml_value(value)}"
+                      for field, value in purpose.to_dict().items()]
+        return "\n".join(lines) + "\n"
+
     def purpose(self, name: str) -> Purpose:
         """Look up a purpose by name.
 
@@ -436,3 +448,18 @@ class RetentionPolicy:
             raise InvalidInput(f"purposes lists {', '.join(map(shown, repeated[:4]))} "
                                "more than once")
         return [self.purpose(name) for name in purposes]
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value of the policy's types: str, int, float, bool, list of str."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        # JSON's string escapes are TOML's (without surrogates, since non-ASCII text is
+        # written as it is); DEL must be escaped in TOML and is not in JSON.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise InvalidInput(f"a policy holds no {type(value).__name__}")

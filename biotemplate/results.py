@@ -151,10 +151,98 @@ class HoldReceipt:
 
 @dataclass(frozen=True, slots=True)
 class PolicyReceipt:
-    """A retention policy applied; ``digest`` names the policy version now in force."""
+    """A retention policy applied; ``digest`` names the policy version now in force.
+
+    A tighter policy applies to what is stored: ``records_shortened`` records got an
+    earlier expiry (resealed in the same transaction), ``records_expired`` of them expire
+    at once (their new limit had already passed; the next purge shreds them)."""
 
     digest: str
     audit_seq: int
+    records_shortened: int = 0
+    records_expired: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PurposeChange:
+    """How one purpose differs between the policy in force and a proposed one.
+
+    ``fields`` maps each field that differs to (current, proposed), spelled as in the
+    policy file (None: absent). ``tightened``: a shorter ``max_retention``, or the purpose
+    removed. ``records``: stored records tagged with the purpose (expired ones too, until
+    purged); ``shortened``: those whose expiry the proposed policy would bring forward."""
+
+    purpose: str
+    status: str  # "added", "removed" or "changed"
+    fields: Mapping[str, tuple[Any, Any]]
+    tightened: bool
+    records: int
+    shortened: int
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDiff:
+    """What ``set_policy(proposed)`` would change, computed without changing anything.
+
+    ``records_shortened`` and ``records_expired`` are what its receipt would count (each
+    record once, whatever the number of its purposes). ``epoch_changed``: the proposal
+    has another epoch length, which ``set_policy`` refuses."""
+
+    changes: tuple[PurposeChange, ...]
+    epoch_changed: bool
+    records_shortened: int
+    records_expired: int
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes) or self.epoch_changed
+
+
+@dataclass(frozen=True, slots=True)
+class PurposeRetention:
+    """Retention of one purpose's stored records, from the rows' clear headers.
+
+    Counts are of records tagged with the purpose (a record with two purposes counts in
+    both). ``live``: not expired. ``expiring_24h/7d/30d``: live records whose expiry falls
+    within that time from now (each window includes the shorter ones). ``oldest_expiry``:
+    the earliest expiry still stored (in the past when expired records await a purge);
+    ``latest_expiry``: the furthest. ``held``: records of subjects under legal hold,
+    ``held_expired`` of them past their expiry (kept only by the hold). ``purge_removes``:
+    what ``purge_expired()`` would shred now. ``beyond_limit``: records whose expiry lies
+    further ahead than the purpose's ``max_retention`` from now (0 unless the policy was
+    changed behind the store's back). ``in_policy`` is False for a purpose the policy no
+    longer defines."""
+
+    purpose: str
+    in_policy: bool
+    max_retention: str | None
+    records: int
+    live: int
+    expiring_24h: int
+    expiring_7d: int
+    expiring_30d: int
+    oldest_expiry: datetime | None
+    latest_expiry: datetime | None
+    held: int
+    held_expired: int
+    purge_removes: int
+    beyond_limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionReport:
+    """What is stored, what is about to expire, and what the next purge would do.
+
+    Built from the clear row headers (expiry, purposes, hold flag) and the keyring's
+    holds, so it decrypts nothing and works on a read-only handle. ``records`` counts
+    each stored row once; ``purge_removes`` and ``purge_keeps_held`` are what
+    ``purge_expired()`` run at ``at`` would shred and keep (held) across all purposes."""
+
+    at: datetime
+    records: int
+    purge_removes: int
+    purge_keeps_held: int
+    purposes: tuple[PurposeRetention, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ The public methods are on :class:`~.store.TemplateStore`.
 
 from __future__ import annotations
 
+from . import policy_change
 from ._calls import Parts, subject_field
 from .backends.base import RecordRow
 from .clock import from_us
@@ -206,7 +207,9 @@ def release_hold(p: Parts, subject_id: str, *, actor: str, reason: str) -> HoldR
 
 def set_policy(p: Parts, policy: RetentionPolicy, *, actor: str,
                reason: str | None = None) -> PolicyReceipt:
-    """The ordering of :meth:`TemplateStore.set_policy`."""
+    """The ordering of :meth:`TemplateStore.set_policy`: the records a tighter policy
+    shortens (``policy_change``) are resealed, their subjects' buckets rotated, and the
+    policy stored, all in one records transaction with the audit entry."""
     with p.audited("policy", actor, reason=reason) as f:
         check_text(reason, "reason", optional=True)
         if not isinstance(policy, RetentionPolicy):
@@ -215,13 +218,17 @@ def set_policy(p: Parts, policy: RetentionPolicy, *, actor: str,
         if policy.epoch != current.epoch:
             raise PolicyViolation("the epoch length is fixed when the store is created "
                                   f"({format_duration(current.epoch)})")
-        with p.lock:  # no enrolment can slip in between the check and the change
-            for name, live in p.gallery.live_per_purpose().items():
-                if name not in policy.purposes and live > 0:
-                    raise PolicyViolation(f"purpose {name!r} still has live records")
-            seq = p.vault.replace_policy(policy, lambda gen: p.trail.append(
-                "policy", actor=str(actor), policy=policy.to_dict(), gen=gen, **f),
-                p.mutation)
+        with p.lock:  # no enrolment can slip in between the plan and the change
+            plan = policy_change.shortening(p.vault, current, policy, p.clock.now_us())
+            rows = plan.rows
+            with p.gallery.changing([r.record_id for r in rows]):
+                seq = p.vault.replace_policy(policy, lambda gen: p.trail.append(
+                    "policy", actor=str(actor), policy=policy.to_dict(), gen=gen,
+                    records_shortened=len(rows), records_expired=plan.expired, **f),
+                    p.mutation, shortened=rows)
+                p.gallery.shorten(rows)  # committed: searches see the new expiry
             p.apply_key_change()
-            return PolicyReceipt(digest=policy_digest(policy).hex(), audit_seq=seq)
-
+            if rows:
+                p.gallery.drop_snapshot()  # sealed under a key that died with the buckets
+            return PolicyReceipt(digest=policy_digest(policy).hex(), audit_seq=seq,
+                                 records_shortened=len(rows), records_expired=plan.expired)

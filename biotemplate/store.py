@@ -28,11 +28,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
 
-from . import _files, enrolment, matching, retention, rotation, shared
+from . import _files, enrolment, matching, policy_change, reports, retention, rotation, shared
 from ._calls import Parts, Releasable, StoreLock, listish, writer_lock
 from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
@@ -52,9 +52,11 @@ from .results import (
     HoldReceipt,
     IndexReport,
     KeyReceipt,
+    PolicyDiff,
     PolicyReceipt,
     PurgeReport,
     RecordView,
+    RetentionReport,
     RotationReceipt,
     SearchResult,
     StoreStats,
@@ -167,7 +169,8 @@ class TemplateStore:
         checkpoint), no index built, no template decrypted. It offers :meth:`stats`
         (``indexed``, ``purposes``, ``shredded_rows`` and ``integrity_failures`` stay
         empty: they come from decrypting) and ``audit.verify()``, ``audit.checkpoint()``
-        (signed from the file's head now) and ``audit.get()``; every other call raises
+        (signed from the file's head now), ``audit.get()`` and ``audit.entries()``,
+        :meth:`retention_report` and :attr:`policy`; every other call raises
         ``ReadOnlyStore``.
 
         ``path`` may be a PostgreSQL URL (``postgresql://user@host/db?schema=NAME``): then
@@ -441,13 +444,59 @@ class TemplateStore:
 
     def set_policy(self, policy: RetentionPolicy, *, actor: str,
                    reason: str | None = None) -> PolicyReceipt:
-        """Replace the retention policy (audited). The epoch length is fixed at creation;
-        existing records keep the expiry they were sealed with.
+        """Replace the retention policy (audited). The epoch length is fixed at creation.
+
+        A tighter policy applies to what is stored: a record tagged with a purpose whose
+        ``max_retention`` is shortened (or which is removed: a limit of zero) gets the
+        expiry ``created + smallest max_retention of its purposes`` when that is earlier,
+        or expires at once when that moment has passed. Those records are resealed, and
+        their subjects' buckets rotated (older copies of records.db no longer open them),
+        in the transaction that stores the policy; the receipt and the audit entry count
+        them. A looser policy never extends a stored record. :meth:`policy_diff` shows the
+        effect first.
 
         Raises:
-            PolicyViolation: a different epoch, or a purpose removed while records use it.
+            PolicyViolation: a different epoch length.
         """
         return retention.set_policy(self._p, policy, actor=actor, reason=reason)
+
+    def policy_diff(self, policy: RetentionPolicy) -> PolicyDiff:
+        """What :meth:`set_policy` would change now, changing nothing: the fields that
+        differ per purpose, and how many stored records it would shorten or expire.
+        Decrypts the rows of the purposes it tightens (their creation time is sealed),
+        so it needs the writable handle; not audited (it returns counts only).
+
+        Raises:
+            InvalidInput: ``policy`` is not a RetentionPolicy.
+            ReadOnlyStore: the handle is read-only.
+        """
+        self._p.alive()
+        if not isinstance(policy, RetentionPolicy):
+            raise InvalidInput("policy must be a RetentionPolicy")
+        with self._p.lock:
+            return policy_change.diff(self._p.vault, policy, self._p.clock.now_us())
+
+    def retention_report(self, now: datetime | None = None) -> RetentionReport:
+        """Per purpose: live records, how many expire within 24 h / 7 d / 30 d of ``now``
+        (default: the store's clock), the oldest and latest expiry, held records, what
+        the next purge would shred, and records beyond the policy's limit.
+
+        Read from the rows' clear headers and the keyring's holds: nothing is decrypted,
+        so it works on a read-only handle (beside a running writer). Not audited: it
+        names no subject and no record.
+
+        Raises:
+            InvalidInput: ``now`` is not a timezone-aware datetime.
+        """
+        self._p.alive(needs_writer=False)
+        if now is None:
+            now_us = self._p.clock.now_us()
+        elif isinstance(now, datetime) and now.utcoffset() is not None:
+            now_us = to_us(now)
+        else:
+            raise InvalidInput("now must be a timezone-aware datetime (UTC)")
+        with self._p.lock:
+            return reports.retention_report(self._p.vault, now_us)
 
     def rotate_master_key(self, new_key_provider: KeyProvider, *, actor: str) -> KeyReceipt:
         """Seal the key state under a new master key; no record is re-encrypted (they are

@@ -322,6 +322,25 @@ class SubjectKeys:
             done += len(puts)
         return done
 
+    def rewrap(self, buckets: Iterable[int]) -> int:
+        """Inside a records transaction: reseal every entry of these buckets under their
+        pending keys (saved by the keyring before it), content unchanged: after the
+        commit the old bucket keys are destroyed, so the entries of those buckets in any
+        older copy of records.db no longer open. Returns how many were resealed."""
+        kr, done = self._keyring, 0
+        for bucket in sorted(set(buckets)):
+            old, new, puts = kr.buckets[bucket], kr.pending[bucket], []
+            for ref, blob in self._db.bucket_entries(bucket):
+                try:
+                    raw = sealing.open_bound(old, KIND, kr.store_id, [ref, bucket], blob)
+                except IntegrityError:
+                    continue  # unreadable already, and stays so
+                puts.append((bucket, ref, sealing.seal_bound(new, KIND, kr.store_id,
+                                                             [ref, bucket], raw)))
+            self._db.put_entries(puts)
+            done += len(puts)
+        return done
+
     def settle(self, committed: bool) -> None:
         """After every records transaction: what it wrote reaches the cache if it
         committed; an enrolment's new keys are dropped either way (they are in their

@@ -318,6 +318,11 @@ class Vault:
         """Move a record between its epoch key and its subject's hold key."""
         return self._codec.reseal(row, held=held)
 
+    def with_expiry(self, row: RecordRow, plain: Plain, expiry_us: int) -> RecordRow:
+        """``row`` (opened as ``plain``) sealed again with an earlier expiry (a tighter
+        policy); written by :meth:`replace_policy`."""
+        return self._codec.with_expiry(row, plain, expiry_us)
+
     def insert(self, rows: Sequence[RecordRow]) -> None:
         """Inside the caller's transaction: an enrolment's rows, and their ids listed in
         their subjects' entries (a new subject's entry, with its key, created): the rows
@@ -684,23 +689,35 @@ class Vault:
             self.save_keys()
 
     def replace_policy(self, policy: RetentionPolicy, audit: Callable[[int], int],
-                       transaction: Callable[[], AbstractContextManager[None]]) -> int:
+                       transaction: Callable[[], AbstractContextManager[None]], *,
+                       shortened: Sequence[RecordRow] = ()) -> int:
         """Store ``policy`` and call ``audit(generation)`` inside ``transaction()`` (the
         caller's records transaction); returns what ``audit`` returned. The caller then
         applies the staged change. Both versions are accepted while the change is in
         flight, so a crash on either side of the commit leaves a store that opens (with
-        the version that committed)."""
+        the version that committed).
+
+        ``shortened``: rows a tighter policy resealed with an earlier expiry
+        (:meth:`with_expiry`), written in the same transaction. The buckets of their
+        subjects are rotated with them (new keys saved as pending before, the old ones
+        destroyed after the commit), so an older copy of records.db, which still holds
+        those records with their longer expiry, no longer opens them with this keyring."""
         current, new = policy_digest(self._policy), policy_digest(policy)
+        buckets = sorted({self._keyring.bucket_of(r.subject_ref) for r in shortened})
         self._keyring.policies = [current, new]
+        self._keyring.pending = {b: sealing.random_key() for b in buckets}
         self.save_keys()
         try:
             with transaction():
+                self._db.update(shortened)
+                self._keys.rewrap(buckets)
                 self._db.put_meta("policy", _seal_meta(self._keyring, "policy",
                                                        policy.to_dict()))
-                seq = audit(self.stage(policy=new))
+                seq = audit(self.stage(policy=new, rotate=buckets))
         except BaseException:
             self._staged = None
             self._keyring.policies = [current]
+            self._keyring.pending = {}
             self.save_keys()
             raise
         self._policy = policy

@@ -61,7 +61,8 @@ class Backend(Protocol):
         ...
 
     def update(self, rows: Sequence[RecordRow]) -> None:
-        """Replace epoch, held and blob of existing rows (a reseal), by record id."""
+        """Replace expiry, epoch, held and blob of existing rows (a reseal), by record id.
+        The expiry only ever moves earlier (a tighter policy applied to stored records)."""
         ...
 
     def delete(self, record_ids: Sequence[str]) -> int:

@@ -51,6 +51,7 @@ from biotemplate.backends.pg_schema import (
 from biotemplate.errors import (
     BiotemplateError,
     InvalidInput,
+    RecordNotFound,
     StorageError,
     StoreExists,
     StoreNotFound,
@@ -441,9 +442,17 @@ class PostgresBackend:
                     " (%s, %s, %s, %s, %s, %s, %s, %s)", params)
 
     def update(self, rows: Sequence[RecordRow]) -> None:
-        self._write("update", f"UPDATE {self._s}.records SET epoch = %s, held = %s, blob = %s"  # noqa: S608
-                    " WHERE record_id = %s",
-                    [(r.epoch, r.held, r.blob, r.record_id) for r in rows])
+        """Reseal in place: expiry, epoch, held and blob change, ``seq`` stays; logged
+        'reseal'.
+
+        Raises:
+            RecordNotFound: a row to reseal does not exist (nothing may vanish silently).
+        """
+        n = self._write("update", f"UPDATE {self._s}.records SET expiry_us = %s, epoch = %s,"  # noqa: S608
+                        " held = %s, blob = %s WHERE record_id = %s",
+                        [(r.expiry_us, r.epoch, r.held, r.blob, r.record_id) for r in rows])
+        if n != len(rows):
+            raise RecordNotFound("a record to reseal is gone")
 
     def delete(self, record_ids: Sequence[str]) -> int:
         if not self._tx_depth:

@@ -307,15 +307,18 @@ class SQLiteBackend:
                 raise
 
     def update(self, rows: Sequence[RecordRow]) -> None:
-        """Reseal in place: epoch, held and blob change, ``seq`` stays; logged 'reseal'.
+        """Reseal in place: expiry, epoch, held and blob change, ``seq`` stays; logged
+        'reseal'.
 
         Raises:
             RecordNotFound: a row to reseal does not exist (nothing may vanish silently).
         """
-        sql = "UPDATE records SET epoch = ?, held = ?, blob = ? WHERE record_id = ?"
+        sql = ("UPDATE records SET expiry_us = ?, epoch = ?, held = ?, blob = ?"
+               " WHERE record_id = ?")
         with self._lock, _mapped("update"):
             for r in rows:
-                if self._write(sql, [(r.epoch, int(r.held), r.blob, r.record_id)]) != 1:
+                if self._write(sql, [(r.expiry_us, r.epoch, int(r.held), r.blob,
+                                      r.record_id)]) != 1:
                     raise RecordNotFound("cannot reseal a record that does not exist")
 
     def delete(self, record_ids: Sequence[str]) -> int:

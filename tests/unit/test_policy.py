@@ -507,3 +507,15 @@ def test_resolve_ttl_non_positive(ttl: timedelta) -> None:
 def test_resolve_ttl_not_timedelta(ttl: Any) -> None:
     with pytest.raises(InvalidInput):
         ttl_policy().resolve_ttl(["long"], ttl)
+
+
+def test_to_toml_reads_back_equal() -> None:
+    """``policy show`` prints this; a compliance engineer edits it and applies it."""
+    d = RetentionPolicy.from_toml_string(DESIGN_TOML).to_dict()
+    d["purposes"]["door.v2"] = {"max_retention": "90m", "modes": ["verification"],
+                                "match_threshold": 0.7,
+                                "description": 'quotes " \\ tab\t DEL\x7f é 😀'}
+    policy = RetentionPolicy.from_dict(d)
+    text = policy.to_toml()
+    assert RetentionPolicy.from_toml_string(text) == policy
+    assert '[purposes."door.v2"]' in text and "[purposes.watchlist]" in text
