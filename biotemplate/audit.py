@@ -61,7 +61,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -567,16 +567,22 @@ class AuditTrail:
                 ro.close()
             raise AuditError("audit database unreadable") from exc
 
-        def rows() -> Iterator[Any]:
-            try:
-                yield from ro.execute(f"{_COLS} WHERE seq >= ? AND seq <= ? ORDER BY seq",
-                                      (first, last))
+        def rows() -> Generator[Any, None, None]:
+            try:  # a plain loop: closing this generator must not touch the cursor
+                cur = ro.execute(f"{_COLS} WHERE seq >= ? AND seq <= ? ORDER BY seq",
+                                 (first, last))
+                batch = cur.fetchmany(1024)
+                while batch:
+                    yield from batch
+                    batch = cur.fetchmany(1024)
             except sqlite3.Error as exc:
                 raise AuditError("cannot read the audit trail") from exc
 
+        walk = rows()
         try:
-            yield rows(), named
+            yield walk, named
         finally:
+            walk.close()
             ro.close()
 
     def checkpoint(self) -> Checkpoint:

@@ -22,7 +22,7 @@ that only changes where rows live). What differs, and why:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,12 @@ from .backends.postgres import PostgresBackend
 from .errors import AuditError, BiotemplateError, IntegrityError, InvalidInput, RecordNotFound
 
 __all__ = ["PgAuditTrail", "offline_pg"]
+
+
+def _psycopg_error() -> type[Exception]:
+    import psycopg
+
+    return psycopg.Error
 
 _ROWS = _COLS.replace("FROM entries", "FROM {s}.audit_entries")
 
@@ -159,16 +165,22 @@ class PgAuditTrail(AuditTrail):
             conn.close()
             raise AuditError("audit trail unreadable") from exc
 
-        def rows() -> Iterator[Any]:
+        def rows() -> Generator[Any, None, None]:
             try:
-                for a, b, c, d, e in cur:
-                    yield int(a), None if b is None else int(b), bytes(c), bytes(d), bytes(e)
-            except Exception as exc:
+                batch = cur.fetchmany(4096)
+                while batch:
+                    for a, b, c, d, e in batch:
+                        yield (int(a), None if b is None else int(b), bytes(c), bytes(d),
+                               bytes(e))
+                    batch = cur.fetchmany(4096)
+            except _psycopg_error() as exc:
                 raise AuditError("audit trail unreadable") from exc
 
+        walk = rows()
         try:
-            yield rows(), named
+            yield walk, named
         finally:
+            walk.close()
             conn.close()
 
     def _newest_row(self) -> Any:

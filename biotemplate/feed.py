@@ -70,7 +70,7 @@ class Follower:
             StorageError: the database could not be read (the feed resumes later).
         """
         total = 0
-        while not self._stop.is_set():
+        while True:
             with self._p.lock.reading():
                 if self._p.closed:
                     return total

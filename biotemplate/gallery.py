@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from . import _files, snapshot
 from .backends.base import RecordRow
 from .codec import Plain, Shredded
-from .errors import BiotemplateError, IntegrityError, InvalidInput
+from .errors import BiotemplateError, IntegrityError, InvalidInput, KeyUnavailable
 from .index import Hit, IndexParams, TemplateIndex
 from .validation import normalised
 from .vault import Vault
@@ -74,7 +74,7 @@ class Gallery:
         """None for a record removed while a search ran: the caller drops it."""
         return self._subjects.get(record_id)
 
-    def confirm(self, lists: list[list[Hit]]) -> tuple[list[list[Hit]], int]:
+    def confirm(self, lists: list[list[Hit]], now_us: int) -> tuple[list[list[Hit]], int]:
         """Keep only hits whose row is still in the records database, unchanged since it
         was indexed (one query for all of them): a row deleted or edited behind the
         store's back, or a stale snapshot, never yields a candidate. Returns the kept
@@ -89,14 +89,62 @@ class Gallery:
                or (current[rid] != known.get(rid) and rid not in changing)}
         if not bad:
             return lists, 0
+        if self._vault.shared:
+            # Another instance deletes and reseals rows: a row gone is dropped (deleted
+            # elsewhere), a row resealed (a hold, a rotation, a shortened expiry) is read
+            # and authenticated now, and kept if it is still this subject's and live. What
+            # does not open here (this instance's keys are a change behind) is dropped
+            # until the feed brings it; the feed, not a search, reports tampering.
+            resealed = [rid for rid in bad if rid in current and rid in known]
+            bad -= self._reauthenticated(resealed, now_us)
+            if not bad:
+                return lists, 0
+            return [[h for h in hits if h.record_id not in bad] for hits in lists], 0
         # no failure: a record the store itself is changing or has already forgotten (a
         # deletion that finished between this search's index lookup and its confirmation)
-        # On a shared store another instance deletes and reseals rows: a row gone or
-        # changed is dropped from this answer until the feed brings it, not reported.
-        failed = (set() if self._vault.shared else
-                  {rid for rid in bad if rid not in changing and rid in known})
+        failed = {rid for rid in bad if rid not in changing and rid in known}
         self.integrity_failures.update(failed)
         return [[h for h in hits if h.record_id not in bad] for hits in lists], len(failed)
+
+    def _resealed(self, rows: Sequence[RecordRow], now_us: int) -> None:
+        """Indexed records another instance resealed (a hold, a rotation, a shorter
+        expiry): authenticated again under the current keys; the vector stays where it is,
+        the expiry only moves earlier. A row that no longer opens leaves the index."""
+        for row in rows:
+            try:
+                plain = self._vault.open_row(row)
+            except Shredded:
+                self.forget([row.record_id])
+                self.shredded.add(row.record_id)
+                continue
+            except IntegrityError:
+                self.forget([row.record_id])
+                self.integrity_failures.add(row.record_id)
+                continue
+            if plain.subject_id != self._subjects.get(row.record_id):
+                self.forget([row.record_id])
+                self.integrity_failures.add(row.record_id)
+                continue
+            self._index.shorten({row.record_id: row.expiry_us})
+            self._fingerprints[row.record_id] = snapshot.fingerprint(row)
+
+    def _reauthenticated(self, record_ids: Sequence[str], now_us: int) -> set[str]:
+        """The ids among ``record_ids`` (indexed, resealed since) whose row opens under
+        this instance's keys, still names the indexed subject and is live; their
+        fingerprints are taken again."""
+        if not record_ids:
+            return set()
+        ok: set[str] = set()
+        for row in self._vault.rows.rows_by_ids(record_ids):  # type: ignore[attr-defined]
+            try:
+                plain = self._vault.open_row(row)
+            except (IntegrityError, KeyUnavailable):  # (Unlisted, Shredded): not servable
+                continue
+            if plain.subject_id == self._subjects.get(row.record_id) and row.expiry_us > now_us:
+                self._index.shorten({row.record_id: row.expiry_us})
+                self._fingerprints[row.record_id] = snapshot.fingerprint(row)
+                ok.add(row.record_id)
+        return ok
 
     @contextmanager
     def changing(self, record_ids: Sequence[str]) -> Iterator[None]:
@@ -144,19 +192,22 @@ class Gallery:
         for _, rid, op in changes:
             if rid:
                 final[rid] = op
-        gone = [rid for rid, op in final.items() if op == "del" and rid in self._fingerprints]
+        gone = [rid for rid, op in final.items() if op == "del"]
         touched = [rid for rid, op in final.items() if op != "del"]
         current = {r.record_id: r for r in self._vault.rows.headers(touched)}
         stale = [rid for rid, row in current.items()
                  if self._fingerprints.get(rid) != snapshot.fingerprint(row)
                  and self.accepts(row.subject_ref)]
         vanished = [rid for rid in touched if rid not in current and rid in self._fingerprints]
-        self.forget(gone + vanished + [rid for rid in stale if rid in self._fingerprints])
+        self.forget(gone + vanished)
         if stale:
             self._vault.forget_cached_entries()
             rows = self._vault.rows.rows_by_ids(stale)  # type: ignore[attr-defined]
+            resealed = [r for r in rows if r.record_id in self._subjects]
+            self._resealed(resealed, now_us)
+            fresh = [r for r in rows if r.record_id not in self._subjects]
             _index_rows(self._index, self._subjects, self._fingerprints,
-                        self._open_rows(rows, now_us, self.shredded, self.integrity_failures))
+                        self._open_rows(fresh, now_us, self.shredded, self.integrity_failures))
         return len(gone) + len(vanished) + len(stale)
 
     def shorten(self, rows: Sequence[RecordRow]) -> None:
@@ -344,10 +395,14 @@ class Gallery:
         """Bring a loaded snapshot up to the rows: re-read changed ones, forget gone ones."""
         db = self._vault.rows
         current: dict[str, bytes] = {}
+        others: set[str] = set()  # another partition's rows: never read here
         for batch in db.scan_headers():
             for row in batch:
                 current[row.record_id] = snapshot.fingerprint(row)
-        changed = [rid for rid, fp in current.items() if seen.get(rid) != fp]
+                if not self.accepts(row.subject_ref):
+                    others.add(row.record_id)
+        changed = [rid for rid, fp in current.items()
+                   if seen.get(rid) != fp and rid not in others]
         gone = [rid for rid in seen if rid not in current]
         # gone but still listed in its subject's entry: removed behind the store's back
         vanished = {rid for rid in gone if (sid := self._subjects.get(rid)) is not None
@@ -361,16 +416,21 @@ class Gallery:
         _index_rows(self._index, self._subjects, self._fingerprints,
                     self._open_rows(rows, now_us, self.shredded, self.integrity_failures))
 
-    def write_snapshot(self, now_us: int) -> tuple[int, int]:
+    def write_snapshot(self, now_us: int, covered: int | None = None) -> tuple[int, int]:
         """Seal the index to ``index.snapshot``; returns (change seq covered, bytes).
-        Expired vectors are overwritten first, so the file holds only live templates."""
+        Expired vectors are overwritten first, so the file holds only live templates.
+
+        On a shared store (``covered``: the last change the feed applied) the snapshot
+        claims only what the index holds: its own fingerprints, stamped with that change,
+        and no row count, so the next open always compares it with the rows and re-reads
+        whatever changed since (another instance may have written meanwhile)."""
         if self._path is None:
             raise InvalidInput("this instance keeps no index snapshot (open it with "
                                "snapshot_dir= to keep one)")
         if self.incomplete:  # rows committed that the index failed to take
             self.rebuild(now_us)
         db = self._vault.rows
-        seq = db.last_change()
+        seq = db.last_change() if covered is None else covered
         self._index.hide_expired(now_us)  # so export_state overwrites them
         state = self._index.export_state()
         state["record_ids"] = list(self._subjects)
@@ -378,10 +438,15 @@ class Gallery:
         state["integrity_failures"] = sorted(self.integrity_failures)
         state["shredded"] = sorted(self.shredded)
         state["missing"] = sorted(self.missing)
-        fingerprints = {row.record_id: snapshot.fingerprint(row)
-                        for batch in db.scan_headers() for row in batch}
+        if covered is None:
+            fingerprints = {row.record_id: snapshot.fingerprint(row)
+                            for batch in db.scan_headers() for row in batch}
+            state["row_count"] = len(fingerprints)
+        else:
+            fingerprints = {rid: self._fingerprints[rid] for rid in self._subjects
+                            if rid in self._fingerprints}
+            state["row_count"] = -1
         state["rows"] = snapshot.pack_fingerprints(fingerprints)
-        state["row_count"] = len(fingerprints)
         return seq, snapshot.write(self._path, self._vault.keyring, state, seq)
 
     def sweep(self) -> None:

@@ -85,11 +85,11 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
         rule = search_rule(p.vault.policy, purpose, mode, k, reason)
         units = (normalised(as_templates(probes, p.vault.dim)) if batch
                  else unit_template(probes, p.vault.dim)[None, :])
-        lists = p.gallery.search(units, purpose, min(k, rule.max_candidates),
-                                 p.clock.now_us())
+        now_us = p.clock.now_us()
+        lists = p.gallery.search(units, purpose, min(k, rule.max_candidates), now_us)
         if mode == "identification":  # only what can become a candidate is confirmed
             lists = [[h for h in hits if h.score >= rule.match_threshold] for hits in lists]
-        lists, dropped = p.gallery.confirm(lists)
+        lists, dropped = p.gallery.confirm(lists, now_us)
         if dropped:
             f = {**f, "unconfirmed": dropped}
         out = []

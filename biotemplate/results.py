@@ -301,3 +301,7 @@ class StoreStats:
     missing_rows: int  # listed in a subject's key entry, row gone (found by a rebuild)
     purposes: Mapping[str, Mapping[str, int]]  # per sub-index: live, hidden, deleted, ef...
     index_params: Mapping[str, Any]
+    # PostgreSQL instances: the last change the index applied, and why the change feed is
+    # stalled (None while it keeps up): a stalled instance misses others' enrolments
+    feed_seq: int | None = None
+    feed_error: str | None = None

@@ -132,7 +132,8 @@ def _started(cls: type[TemplateStore], label: str, vault: Vault, trail: PgAuditT
                 Instance(), snapshot_path=snapshot_path, partition=partition,
                 across=_across(db, vault, trail))
     try:
-        after = db.last_change()  # changes committed while the index builds are replayed
+        with store._p.lock:  # completes (and audits) a change a dead instance left
+            after = db.last_change()  # changes committed while the index builds: replayed
         store._load_index(progress=progress, lost=None, last=None)
         follower = Follower(store._p, db, after=after, poll_interval=poll_interval)
         follower.catch_up()

@@ -283,18 +283,22 @@ class TemplateStore:
             return
         if self._follower is not None:
             self._follower.stop()  # before the lock: it takes the lock per batch
-        with self._p.lock:
-            if self._p.closed:
-                return
-            if self._snapshot_on_close and not self._p.gallery.incomplete:  # else: rebuilt
-                try:
-                    self.snapshot()
-                except BiotemplateError:
-                    pass  # an optimisation (the next open rebuilds), refused when read-only
-            try:
+        # A PostgreSQL instance's snapshot and "close" entry are its own: no need to stop
+        # every instance's writers for them (the shared lock keeps its keys current).
+        lock = self._p.lock.reading() if self._follower is not None else self._p.lock
+        try:
+            with lock:  # (on PostgreSQL this may fail: the files are released anyway)
+                if self._p.closed:
+                    return
+                if self._snapshot_on_close and not self._p.gallery.incomplete:  # else: rebuilt
+                    try:
+                        self.snapshot()
+                    except BiotemplateError:
+                        pass  # an optimisation (the next open rebuilds), refused read-only
                 if self._p.writer is not None:
                     self._p.trail.append("close", actor=None)
-            finally:
+        finally:
+            if not self._p.closed:
                 self._p.release()
 
     def __enter__(self) -> Self:
@@ -559,8 +563,12 @@ class TemplateStore:
         """Write a sealed index snapshot now (also done on close). Expired vectors are
         overwritten before it is taken."""
         self._p.alive()
-        with self._p.lock:
-            seq, size = self._p.gallery.write_snapshot(self._p.clock.now_us())
+        with self._p.lock.reading() if self._follower is not None else self._p.lock:
+            covered = None
+            if self._follower is not None:  # a shared store: the index is what the feed
+                self._follower.catch_up()   # applied, up to its sequence number
+                covered = self._follower.seq
+            seq, size = self._p.gallery.write_snapshot(self._p.clock.now_us(), covered)
             audit_seq = self._p.trail.append("snapshot", actor=None, seq=seq,
                                            records=len(self._p.gallery), bytes=size)
             return IndexReport(records=len(self._p.gallery), change_seq=seq, audit_seq=audit_seq)
@@ -580,13 +588,15 @@ class TemplateStore:
         """Counts and sizes for operators. No keys, templates or subject ids."""
         self._p.alive(needs_writer=False)
         with self._p.lock:  # a consistent picture, not one taken mid-mutation
-            index = self._p.gallery.index_stats()
+            index, feed = self._p.gallery.index_stats(), self._follower
             return StoreStats(dim=self.dim, model=self.model, records=self._p.vault.rows.count(),
                               indexed=len(self._p.gallery),
                               shredded_rows=len(self._p.gallery.shredded),
                               integrity_failures=len(self._p.gallery.integrity_failures),
                               missing_rows=len(self._p.gallery.missing),
                               purposes=index["purposes"], index_params=index["params"],
+                              feed_seq=None if feed is None else feed.seq,
+                              feed_error=None if feed is None else feed.lag_error,
                               **self._p.vault.key_stats())
 
 

@@ -125,8 +125,13 @@ class Vault:
         Raises:
             KeyUnavailable: wrong master key. IntegrityError: as :meth:`open`.
         """
-        return cls._opened(db, PgSlot(db), db.location.display, kek, clock, read_only,
-                           shared=True)
+        # Nothing is written here, outside the store's lock: a change found half done is
+        # completed in memory, and saved by the first locked call (``refresh``).
+        vault = cls._opened(db, PgSlot(db), db.location.display, kek, clock, True,
+                            shared=True)
+        if vault.rolled_forward:
+            vault.rolled_forward, vault._completed_unsaved = False, not read_only
+        return vault
 
     @classmethod
     def open(cls, folder: Path, *, kek: SecretKey, clock: StoreClock,
@@ -173,6 +178,13 @@ class Vault:
     def close(self) -> None:
         self._db.close()
 
+    def _state_generation(self) -> int:
+        """The generation records say the store has (one small read and AEAD open)."""
+        try:
+            return int(_open_meta(self._db, self._keyring, "state")["gen"])
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError("store state is malformed") from None
+
     def refresh(self, *, write: bool) -> bool:
         """On a shared store: take over the key state, policy and subject-key entries
         another instance saved since this one last looked (one query when nothing
@@ -186,7 +198,10 @@ class Vault:
         if not self.shared:
             return False
         self._keys.invalidate()  # entries may have changed without the key state moving
-        changed = self._slot.changed()
+        # The key state moved, or a change committed whose key-state save never came (an
+        # instance that died after its commit, or a COMMIT whose reply was lost): both
+        # are read back from the database, never decided from this instance's copy.
+        changed = self._slot.changed() or self._state_generation() != self._keyring.generation
         if changed:
             self._keyring.assume(self._slot.load(self._kek))
             self._clock.raise_to(self._keyring.high_water_us)

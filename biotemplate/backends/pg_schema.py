@@ -19,6 +19,9 @@ __all__ = ["MIGRATIONS", "SCHEMA_NAME", "SCHEMA_VERSION", "ddl", "grant_statemen
 
 SCHEMA_VERSION = 1
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+# names that are not roles (or not safe to grant to): a grant to them reaches every role
+_RESERVED = frozenset({"public", "current_user", "session_user", "current_role", "user",
+                       "all", "none", "pg_database_owner"})
 
 
 def ddl(s: str) -> tuple[str, ...]:
@@ -42,6 +45,8 @@ def ddl(s: str) -> tuple[str, ...]:
         " body bytea NOT NULL, hash bytea NOT NULL, sig bytea NOT NULL)",
         f"CREATE INDEX audit_ref_seq ON {s}.audit_entries (ref_seq)",
         f"CREATE TABLE {s}.audit_meta (key text PRIMARY KEY, value bytea NOT NULL)",
+        f"CREATE TABLE {s}.audit_lock (id integer PRIMARY KEY CHECK (id = 1))",
+        f"INSERT INTO {s}.audit_lock VALUES (1)",
         # the feed: every write to records and keyring, logged by the database itself
         f"CREATE FUNCTION {s}.log_record() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
         f" IF TG_OP = 'DELETE' THEN INSERT INTO {s}.changes (record_id, op)"
@@ -89,8 +94,9 @@ def grant_statements(schema: str, *, service: str | None = None,
         InvalidInput: a name that is not a plain lower-case identifier.
     """
     for name in (schema, service, auditor):
-        if name is not None and not SCHEMA_NAME.fullmatch(name):
-            raise InvalidInput("schema and role names must be lower-case identifiers")
+        if name is not None and (not SCHEMA_NAME.fullmatch(name) or name in _RESERVED):
+            raise InvalidInput("schema and role names must be lower-case identifiers, not "
+                               "a reserved name such as public")
     s = schema
     out = []
     if service is not None:
@@ -99,7 +105,8 @@ def grant_statements(schema: str, *, service: str | None = None,
                 f" {s}.meta, {s}.keyring TO {service}",
                 f"GRANT SELECT, INSERT ON {s}.changes, {s}.audit_entries, {s}.audit_meta"
                 f" TO {service}",
-                f"GRANT SELECT ON {s}.schema_version TO {service}"]
+                f"GRANT SELECT ON {s}.schema_version TO {service}",
+                f"GRANT SELECT, UPDATE ON {s}.audit_lock TO {service}"]
     if auditor is not None:
         out += [f"GRANT USAGE ON SCHEMA {s} TO {auditor}",
                 f"GRANT SELECT ON {s}.audit_entries, {s}.audit_meta, {s}.schema_version"

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from biotemplate.backends.base import RecordRow
 from biotemplate.backends.pg_schema import (
@@ -67,6 +68,7 @@ __all__ = ["PgLocation", "PostgresBackend", "grant_roles", "grant_statements", "
 
 DEFAULT_SCHEMA = "biotemplate"
 CONNECT_TIMEOUT_S = 5
+LOCK_TIMEOUT_S = 120.0  # a mutation waits this long for another instance's to finish
 _COLUMNS = "seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob"
 _TAG = _COLUMNS.replace("blob", "substr(blob, length(blob) - 15)")
 
@@ -129,7 +131,8 @@ def parse_url(url: str) -> PgLocation:
     if not SCHEMA_NAME.fullmatch(schema):
         raise InvalidInput("schema must be a lower-case identifier of at most 48 characters "
                            "(letters, digits, underscore)")
-    conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
+    encoded = urlencode(rest, quote_via=quote)
+    conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, encoded, ""))
     return PgLocation(conninfo, schema)
 
 
@@ -177,6 +180,11 @@ def _params(r: RecordRow) -> tuple[object, ...]:
             r.model, r.held, r.blob)
 
 
+class CommitUnknown(StorageError):
+    """The connection was lost while COMMIT was in flight: the transaction may or may not
+    have been applied. The store completes or forgets it on its next locked call."""
+
+
 class PostgresBackend:
     """The :class:`~biotemplate.backends.base.Backend` over one PostgreSQL schema, plus the
     shared key state, the audit entries and the change feed. Build it with :meth:`create`
@@ -209,14 +217,19 @@ class PostgresBackend:
         try:
             conn = psycopg.connect(self.location.conninfo, autocommit=True,
                                    connect_timeout=CONNECT_TIMEOUT_S,
-                                   application_name="biotemplate")
+                                   fallback_application_name=f"biotemplate:{self._s}",
+                                   keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                                   keepalives_count=3)
         except psycopg.OperationalError as exc:
-            text = str(exc).lower()
-            why = ("authentication failed" if "authentication" in text or "password" in text
-                   else "server unreachable" if "connect" in text or "timeout" in text
-                   else "connection refused")
-            raise StorageError(f"cannot connect to PostgreSQL at {self.location.display} "
-                               f"({why})") from None
+            # libpq names host, port, user and database, never the password
+            lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+            why = lines[-1][:300] if lines else type(exc).__name__
+            raise StorageError(f"cannot connect to PostgreSQL at {self.location.display}: "
+                               f"{why}") from None
+        # Pinned, whatever the server's or role's defaults: the chain head is read inside
+        # mutations (READ COMMITTED), and a mutation's commit is durable when it returns.
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        conn.execute("SET synchronous_commit = on")
         if self._read_only:
             conn.execute("SET default_transaction_read_only = on")
         return conn  # type: ignore[no-any-return]
@@ -386,8 +399,14 @@ class PostgresBackend:
                         pass  # the original error matters more; the server rolls back
                 raise
             self._tx_depth = 0
-            with self._mapped("commit"):
+            try:
                 tx.__exit__(None, None, None)
+            except _psycopg().Error as exc:
+                if _lost(exc):  # the COMMIT was sent: it may have been applied
+                    raise CommitUnknown("lost the connection to PostgreSQL during COMMIT: "
+                                        "the call may have completed (the next call of "
+                                        "any instance completes it if it did)") from None
+                raise _translate(exc, "commit") from None
 
     @property
     def in_transaction(self) -> bool:
@@ -403,21 +422,35 @@ class PostgresBackend:
             StorageError: the connection failed.
         """
         key = self.location.lock_key("writer")
-        take, give = (("pg_advisory_lock_shared", "pg_advisory_unlock_shared") if shared
-                      else ("pg_advisory_lock", "pg_advisory_unlock"))
-        with self._lock:
-            if self._locked is not None:
-                raise StorageError("the store's lock is already held by this instance")
-            self._query("lock", f"SELECT {take}(%s)", (key,))  # (retried on a new session)
-            conn = self._locked = self._conn  # the lock is not held across the body:
-        try:                                   # other threads use the session meanwhile
+        take, give = (("pg_try_advisory_lock_shared", "pg_advisory_unlock_shared") if shared
+                      else ("pg_try_advisory_lock", "pg_advisory_unlock"))
+        # Polled, not waited for: waiting would hold this instance's connection (and its
+        # searches' confirmations and audit entries) for as long as another instance's
+        # mutation runs. Given up after LOCK_TIMEOUT_S with a clear error.
+        deadline, pause = time.monotonic() + LOCK_TIMEOUT_S, 0.002
+        while True:
+            with self._lock:
+                if self._locked is not None:
+                    raise StorageError("the store's lock is already held by this instance")
+                if self._query("lock", f"SELECT {take}(%s)", (key,))[0][0]:
+                    conn = self._locked = self._conn
+                    break
+            if time.monotonic() > deadline:
+                raise StorageError(f"the store's lock was not granted within "
+                                   f"{LOCK_TIMEOUT_S:.0f} s (another instance's long "
+                                   "mutation, or a session holding it)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        try:  # not held across the body: other threads use the session meanwhile
             yield
         finally:
             with self._lock:
                 self._locked = None
                 if conn is not None and conn is self._conn and not self._broken():
-                    with self._mapped("unlock"):  # (a lost session released it already)
+                    try:
                         conn.execute(f"SELECT {give}(%s)", (key,))
+                    except _psycopg().Error:  # never raised: the body's outcome stands;
+                        conn.close()          # ending the session releases its locks
 
     # --- meta, rows ---------------------------------------------------------------------
 
@@ -626,7 +659,9 @@ class PostgresBackend:
             conn = self._c()
 
             def run() -> tuple[int, bytes]:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.location.lock_key("audit"),))
+                # a row lock (needs UPDATE on audit_lock, which only the service role has),
+                # not an advisory lock any role that can connect could take
+                conn.execute(f"SELECT 1 FROM {s}.audit_lock WHERE id = 1 FOR UPDATE")  # noqa: S608
                 head = conn.execute(f"SELECT seq, hash FROM {s}.audit_entries"  # noqa: S608
                                     " ORDER BY seq DESC LIMIT 1").fetchone()
                 seq, prev = (int(head[0]) + 1, bytes(head[1])) if head else (1, bytes(32))

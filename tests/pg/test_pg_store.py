@@ -29,6 +29,12 @@ def enrol(store: bt.TemplateStore, vecs: np.ndarray, prefix: str, **kw: object) 
                              source="case-file", actor="test", **kw)  # type: ignore[arg-type]
 
 
+def terminate(server: str, url: str) -> None:
+    """Kill every session of this test's store (and no other test's)."""
+    sql(server, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+        "application_name = %s", f"biotemplate:{parse_url(url).schema}")
+
+
 def sql(server: str, statement: str, *args: object) -> list[tuple[object, ...]]:
     with psycopg.connect(server, autocommit=True) as conn:
         cur = conn.execute(statement, args)  # type: ignore[call-overload]
@@ -107,8 +113,7 @@ def test_a_connection_killed_mid_batch_leaves_nothing_half_written(pg_server, pg
     rows, entries = pg_store.stats().records, pg_store.audit.checkpoint().seq
 
     def kill(done: int, total: int) -> None:
-        sql(pg_server, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-            "application_name = 'biotemplate' AND pid <> pg_backend_pid()")
+        terminate(pg_server, pg_url)
 
     with pytest.raises(bt.StorageError, match="lost the connection"):
         enrol(pg_store, vectors(3000, 3), "big", progress=kill)
@@ -127,8 +132,7 @@ def test_a_lost_connection_fails_a_call_then_the_instance_catches_up(pg_server, 
                                                                      clock, pg_store) -> None:
     other = bt.TemplateStore.open(pg_url, key_provider=keys, clock=clock, poll_interval=0.05)
     try:
-        sql(pg_server, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-            "application_name = 'biotemplate' AND pid <> pg_backend_pid()")
+        terminate(pg_server, pg_url)
         vecs = vectors(5, 4)
         for _ in range(3):  # this handle's own connection died too: one call may fail
             try:
@@ -183,6 +187,7 @@ def test_a_stale_instance_cannot_write_back_old_key_state(pg_url, keys, clock,
     enrol(pg_store, vectors(4, 6), "st")
     other = bt.TemplateStore.open(pg_url, key_provider=keys, clock=clock)
     try:
+        other._follower.stop()  # (its feed would bring its copy up to date)
         pg_store.erase_subject("st0", actor="t")  # moves the key state past `other`'s copy
         stale = other._p.vault
         with pytest.raises(bt.StorageError, match="another instance"):
@@ -337,7 +342,7 @@ def test_an_older_schema_is_migrated_and_a_newer_library_is_needed_for_a_newer_o
 
 
 def test_a_mutation_whose_session_dies_under_the_lock_never_goes_on_without_it(
-        pg_server, pg_store, monkeypatch) -> None:
+        pg_server, pg_url, pg_store, monkeypatch) -> None:
     """The store's lock lives in the session: once that session is gone, the call in
     progress must fail rather than continue its writes on a new, unlocked session."""
     from biotemplate.vault import Vault
@@ -346,8 +351,7 @@ def test_a_mutation_whose_session_dies_under_the_lock_never_goes_on_without_it(
     real = Vault.prepare_rotation
 
     def killed_first(self: Vault, ref: bytes) -> int:
-        sql(pg_server, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-            "application_name = 'biotemplate' AND pid <> pg_backend_pid()")
+        terminate(pg_server, pg_url)
         return real(self, ref)
 
     monkeypatch.setattr(Vault, "prepare_rotation", killed_first)
