@@ -38,7 +38,7 @@ from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
 from .backends.postgres import is_url
 from .clock import Clock, StoreClock, checked_clock, to_us
-from .errors import BiotemplateError, IntegrityError, InvalidInput, StoreExists
+from .errors import BiotemplateError, IntegrityError, InvalidInput, StorageError, StoreExists
 from .feed import Follower
 from .gallery import SNAPSHOT, Gallery, Progress
 from .index import IndexParams
@@ -548,6 +548,10 @@ class TemplateStore:
             StoreExists: ``dest`` exists.
         """
         with self._p.audited("backup", actor) as f:
+            if self._follower is not None:
+                raise StorageError("a PostgreSQL store is backed up with PostgreSQL's tools "
+                                   "(pg_dump --schema, or base backups): see "
+                                   "docs/scale-out.md")
             folder = Path(dest)
             try:
                 folder.mkdir(mode=0o700, parents=True)
