@@ -201,3 +201,44 @@ def test_an_instance_killed_between_commit_and_key_save_is_completed_by_the_next
     events = [store.audit.get(s).event for s in range(1, store.audit.checkpoint().seq + 1)]
     assert events.count("rollforward") == 1 and events.count("erase") == 2
     assert store.audit.verify().ok
+
+
+@pytest.mark.slow
+def test_concurrent_writers_on_every_instance_converge(shared, instances) -> None:
+    """Three processes enrol and erase at once, each its own subjects: every instance's
+    feed must end up with exactly the rows the database holds (no change skipped)."""
+    import threading
+    import time
+
+    url, key, store = shared
+    instances += [Instance(url, key) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def work(i: int, inst: Instance) -> None:
+        try:
+            for b in range(8):
+                vecs = vectors(15, 100 * i + b)
+                inst.call("enroll", templates=vecs.tolist(),
+                          subjects=[f"w{i}-{b}-{j}" for j in range(15)])
+                inst.call("erase", subject=f"w{i}-{b}-0")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, inst))
+               for i, inst in enumerate(instances)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    expected = 3 * 8 * 14
+    deadline = time.time() + 60
+    counts: list[int] = []
+    while time.time() < deadline:
+        counts = [inst.call("stats")["indexed"] for inst in instances]
+        if counts == [expected] * 3 and store.stats().indexed == expected:
+            break
+        time.sleep(0.2)
+    assert counts == [expected] * 3
+    assert store.stats().indexed == expected == store.stats().records
+    assert store.audit.verify().ok
