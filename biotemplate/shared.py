@@ -32,7 +32,6 @@ from .gallery import Progress
 from .index import IndexParams
 from .keys import KeyProvider
 from .policy import RetentionPolicy
-from .validation import check_text
 from .vault import Vault
 
 if TYPE_CHECKING:
@@ -51,14 +50,9 @@ class Instance:
 def create(cls: type[TemplateStore], url: str, *, dim: int, model: str,
            policy: RetentionPolicy, key_provider: KeyProvider, clock: Clock | None,
            index_params: IndexParams | None) -> TemplateStore:
-    """``TemplateStore.create`` for a URL: schema, key state, settings and genesis entry;
-    if any step fails, the schema is dropped again."""
+    """``TemplateStore.create`` for a URL (dim, model and policy checked by it): schema,
+    key state, settings and genesis entry; if any step fails, the schema is dropped."""
     location = parse_url(url)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536:
-        raise InvalidInput("dim must be an int between 1 and 65536")
-    check_text(model, "model", limit=128)
-    if not isinstance(policy, RetentionPolicy):
-        raise InvalidInput("policy must be a RetentionPolicy (use from_toml/from_dict)")
     store_clock = StoreClock(checked_clock(clock))
     kek = key_provider.master_key()
     db = PostgresBackend.create(location)

@@ -114,16 +114,16 @@ class TemplateStore:
         the ``postgres`` extra): the store is then created in that schema (which must not
         exist) and this handle is its first instance (see :meth:`open`).
         """
-        if is_url(path):
-            return shared.create(cls, str(path), dim=dim, model=model, policy=policy,
-                                 key_provider=key_provider, clock=clock,
-                                 index_params=index_params)
-        folder = Path(path)
         if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536:
             raise InvalidInput("dim must be an int between 1 and 65536")
         check_text(model, "model", limit=128)
         if not isinstance(policy, RetentionPolicy):
             raise InvalidInput("policy must be a RetentionPolicy (use from_toml/from_dict)")
+        if is_url(path):
+            return shared.create(cls, str(path), dim=dim, model=model, policy=policy,
+                                 key_provider=key_provider, clock=clock,
+                                 index_params=index_params)
+        folder = Path(path)
         store_clock = StoreClock(checked_clock(clock))
         if (folder / AUDIT).exists():
             raise StoreExists(f"{folder} already holds a store (or part of one)")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from biotemplate.errors import InvalidInput
+
 
 @dataclass(frozen=True, slots=True)
 class RecordRow:
@@ -131,3 +133,19 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def purposes_column(purposes: Sequence[str]) -> str:
+    """Purpose tags as both backends store them: sorted, comma-joined (a tag with a comma
+    is refused, since it would read back as two).
+
+    Raises:
+        InvalidInput: a tag contains a comma.
+    """
+    if any("," in tag for tag in purposes):
+        raise InvalidInput("a purpose tag contains a comma")
+    return ",".join(sorted(purposes))
+
+
+def purposes_of(column: str) -> tuple[str, ...]:
+    return tuple(column.split(",")) if column else ()

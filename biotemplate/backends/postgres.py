@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from biotemplate.backends.base import RecordRow
+from biotemplate.backends.base import RecordRow, purposes_column, purposes_of
 from biotemplate.backends.pg_schema import (
     MIGRATIONS,
     SCHEMA_NAME,
@@ -168,15 +168,12 @@ def _lost(exc: Exception) -> bool:
 
 def _row(r: Sequence[Any]) -> RecordRow:
     seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob = r
-    tags = tuple(purposes.split(",")) if purposes else ()
-    return RecordRow(record_id, bytes(subject_ref), int(epoch), int(expiry_us), tags, model,
-                     bool(held), bytes(blob), int(seq))
+    return RecordRow(record_id, bytes(subject_ref), int(epoch), int(expiry_us),
+                     purposes_of(purposes), model, bool(held), bytes(blob), int(seq))
 
 
 def _params(r: RecordRow) -> tuple[object, ...]:
-    if any("," in tag for tag in r.purposes):
-        raise InvalidInput("a purpose tag contains a comma")
-    return (r.record_id, r.subject_ref, r.epoch, r.expiry_us, ",".join(sorted(r.purposes)),
+    return (r.record_id, r.subject_ref, r.epoch, r.expiry_us, purposes_column(r.purposes),
             r.model, r.held, r.blob)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from biotemplate import _files
-from biotemplate.backends.base import RecordRow
+from biotemplate.backends.base import RecordRow, purposes_column, purposes_of
 from biotemplate.errors import (
     BiotemplateError,
     IntegrityError,
@@ -186,15 +186,13 @@ def _start(path: Path, *, new: bool, read_only: bool = False) -> sqlite3.Connect
 
 def _row(r: Any) -> RecordRow:
     seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob = r
-    tags = tuple(purposes.split(",")) if purposes else ()
-    return RecordRow(record_id, subject_ref, epoch, expiry_us, tags, model, bool(held), blob, seq)
+    return RecordRow(record_id, subject_ref, epoch, expiry_us, purposes_of(purposes), model,
+                     bool(held), blob, seq)
 
 
 def _params(r: RecordRow) -> tuple[object, ...]:
-    if any("," in tag for tag in r.purposes):
-        raise InvalidInput("a purpose tag contains a comma")
-    tags = ",".join(sorted(r.purposes))
-    return (r.record_id, r.subject_ref, r.epoch, r.expiry_us, tags, r.model, int(r.held), r.blob)
+    return (r.record_id, r.subject_ref, r.epoch, r.expiry_us, purposes_column(r.purposes),
+            r.model, int(r.held), r.blob)
 
 
 class SQLiteBackend:
