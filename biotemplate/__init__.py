@@ -7,6 +7,7 @@ for how the parts fit together.
 """
 
 from .audit import AuditEntry, AuditReport, AuditView, Checkpoint, verify_audit
+from .calibration import CalibrationReport
 from .errors import (
     AuditError,
     BiotemplateError,
@@ -46,6 +47,7 @@ from .results import (
     Verification,
 )
 from .store import TemplateStore
+from .tuning import IndexHealth, TuneReport
 
 __version__ = "0.1.0"
 
@@ -56,6 +58,7 @@ __all__ = [
     "AuditView",
     "BackupReceipt",
     "BiotemplateError",
+    "CalibrationReport",
     "Candidate",
     "Checkpoint",
     "Confirmation",
@@ -64,6 +67,7 @@ __all__ = [
     "ErasureReceipt",
     "FileKeyProvider",
     "HoldReceipt",
+    "IndexHealth",
     "IndexParams",
     "IndexReport",
     "IntegrityError",
@@ -92,6 +96,7 @@ __all__ = [
     "StoreNotFound",
     "StoreStats",
     "TemplateStore",
+    "TuneReport",
     "Verification",
     "__version__",
     "verify_audit",
