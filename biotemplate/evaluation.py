@@ -354,17 +354,18 @@ def eer(mated: object, nonmated: object) -> Eer:
     """The equal error rate (ISO/IEC 19795-1: the rate at which FMR equals FNMR).
 
     On finite sets the two curves are steps and rarely meet exactly, so the rule here is:
-    among the DET thresholds, take the lowest t minimising |FMR(t) - FNMR(t)|, and report
-    ``rate = (FMR(t) + FNMR(t)) / 2`` with both rates at t.
+    among the DET thresholds, take the t minimising |FMR(t) - FNMR(t)| (ties: the smaller
+    ``(FMR + FNMR) / 2``, then the lower t), and report ``rate = (FMR(t) + FNMR(t)) / 2``
+    with both rates at t.
 
     Raises:
         InvalidInput: either set empty, not 1-D, or has NaN.
     """
     curve = det(mated, nonmated)
-    i = int(np.argmin(np.abs(curve.fmr - curve.fnmr)))  # argmin keeps the first (lowest)
-    fmr, fnmr = float(curve.fmr[i]), float(curve.fnmr[i])
-    return Eer(rate=(fmr + fnmr) / 2, threshold=float(curve.thresholds[i]), fmr=fmr,
-               fnmr=fnmr)
+    mean = (curve.fmr + curve.fnmr) / 2
+    i = int(np.lexsort((curve.thresholds, mean, np.abs(curve.fmr - curve.fnmr)))[0])
+    return Eer(rate=float(mean[i]), threshold=float(curve.thresholds[i]),
+               fmr=float(curve.fmr[i]), fnmr=float(curve.fnmr[i]))
 
 
 # --- identification through a store -------------------------------------------------
