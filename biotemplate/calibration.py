@@ -46,7 +46,7 @@ from .evaluation import (
     verification_scores,
 )
 from .policy import RetentionPolicy
-from .validation import as_templates, normalised
+from .validation import as_templates
 
 __all__ = ["CalibrationReport", "calibrate"]
 
@@ -103,7 +103,7 @@ def calibrate(p: Parts, purpose: str, templates: object, labels: object,
             raise InvalidInput("calibrate needs target_fmr, target_fpir or both")
         fmr_goal = None if target_fmr is None else check_target(target_fmr, "target_fmr")
         fpir_goal = None if target_fpir is None else check_target(target_fpir, "target_fpir")
-        units = normalised(as_templates(templates, p.vault.dim))
+        units = as_templates(templates, p.vault.dim)  # as a search takes them: same scores
         if units.shape[0] < 2:
             raise InvalidInput("calibrate needs at least two templates")
         codes = label_codes(labels, units.shape[0])

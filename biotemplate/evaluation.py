@@ -121,7 +121,7 @@ def rule_of_three(rate: float) -> int:
 
 
 def check_scores(values: object, name: str) -> Scores:
-    """A 1-D, non-empty float64 array without NaN (infinities are allowed: -inf is "no
+    """A 1-D, non-empty float64 array without NaN or +inf (-inf is allowed: it is "no
     candidate" in a search)."""
     if isinstance(values, str | bytes):
         raise InvalidInput(f"{name} must be a 1-D array of scores, not a string")
@@ -135,7 +135,19 @@ def check_scores(values: object, name: str) -> Scores:
         raise InvalidInput(f"{name} is empty: a rate over no comparisons is undefined")
     if np.isnan(arr).any():
         raise InvalidInput(f"{name} contains NaN")
+    if np.isposinf(arr).any():
+        raise InvalidInput(f"{name} contains +inf")
     return arr
+
+
+def float32_above(score: float) -> float:
+    """The smallest float32 value strictly above ``score``. Thresholds are float32 values,
+    the precision the index scores in, so that a threshold compares the same with float32
+    scores (numpy compares a float32 array with a Python float in float32) and float64."""
+    candidate = np.float32(score)
+    if float(candidate) <= score:
+        candidate = np.nextafter(candidate, np.float32(np.inf))
+    return float(candidate)
 
 
 def check_target(rate: object, name: str) -> float:
@@ -268,8 +280,9 @@ def threshold_for(nonmated: object, fmr: float) -> Threshold:
 
     With the scores sorted high to low, s(1) >= s(2) >= ..., and m the largest count with
     m / n <= fmr, every t above s(m+1) lets at most m scores match, and no t at or below
-    it does; so t is the next float above s(m+1). Ties are handled by that rule: scores
-    equal to s(m+1) all fall below t, even if fewer than m false matches remain.
+    it does; so t is the next float32 value above s(m+1) (thresholds are float32, the
+    index's precision: :func:`float32_above`). Ties are handled by that rule: scores equal
+    to s(m+1) all fall below t, even if fewer than m false matches remain.
 
     Given the highest score of each *non-mated search* instead (-inf for a search with
     no candidate), the same rule gives the threshold for a target FPIR (NIST FRTE).
@@ -286,7 +299,7 @@ def threshold_for(nonmated: object, fmr: float) -> Threshold:
     while m > 0 and m / n > target:
         m -= 1
     ordered = np.sort(scores)[::-1]
-    threshold = float(np.nextafter(ordered[m], np.inf))
+    threshold = float32_above(float(ordered[m]))
     false = int(n - np.searchsorted(ordered[::-1], threshold, side="left"))
     needed = rule_of_three(target)
     warning = None

@@ -91,6 +91,23 @@ def test_errors_never_quote_a_label() -> None:
 TEN = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
+def up(score: float) -> float:
+    """The smallest float32 above ``score``, worked out by hand."""
+    f = np.float32(score)
+    return float(f if float(f) > score else np.nextafter(f, np.float32(2)))
+
+
+def test_thresholds_are_float32_values_just_above_the_score() -> None:
+    assert ev.float32_above(0.5) == float(np.nextafter(np.float32(0.5), np.float32(1)))
+    assert ev.float32_above(0.8) == float(np.float32(0.8)) > 0.8  # rounds up already
+    assert ev.float32_above(0.1) == float(np.float32(0.1)) > 0.1  # so does 0.1
+    assert ev.float32_above(float(np.float32(0.1))) == float(
+        np.nextafter(np.float32(0.1), np.float32(1)))  # a float32 score: one step up
+    scores32 = np.float32([0.3, 0.5, 0.7])
+    t = ev.threshold_for(scores32, 0.34)  # one of three may match
+    assert (scores32 >= t.threshold).sum() == (scores32.astype(np.float64) >= t.threshold).sum() == 1
+
+
 @pytest.mark.parametrize(("fmr", "above", "matches"), [
     (0.2, 0.8, 2),  # 2 of 10 may match: t just above the 3rd highest (0.8)
     (0.25, 0.8, 2),  # 2.5 rounds down to 2
@@ -100,7 +117,7 @@ TEN = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 ])
 def test_threshold_for_by_hand(fmr: float, above: float, matches: int) -> None:
     got = ev.threshold_for(TEN, fmr)
-    assert got.threshold == np.nextafter(above, np.inf)
+    assert got.threshold == up(above)
     assert got.false_matches == matches and got.rate == matches / 10 and got.scores == 10
     assert got.target == fmr and got.rate <= fmr
 
@@ -109,11 +126,11 @@ def test_threshold_for_ties_at_the_threshold_all_fall_below_it() -> None:
     # 2 of 4 may match, but the 1st..3rd highest are tied at 0.5: a threshold that lets
     # two of them match lets all three, so none may; the rate achieved is 0, not 0.5.
     got = ev.threshold_for([0.5, 0.1, 0.5, 0.5], 0.5)
-    assert got.threshold == np.nextafter(0.5, np.inf) and got.false_matches == 0
+    assert got.threshold == up(0.5) and got.false_matches == 0
     # and at exactly 0.5 all three match (decision: score >= threshold)
     assert sum(s >= 0.5 for s in [0.5, 0.1, 0.5, 0.5]) == 3
     got = ev.threshold_for([0.5, 0.1, 0.5, 0.5], 0.75)
-    assert got.threshold == np.nextafter(0.1, np.inf) and got.false_matches == 3
+    assert got.threshold == up(0.1) and got.false_matches == 3
 
 
 def test_threshold_for_survives_float_rounding_of_the_count() -> None:
@@ -135,10 +152,11 @@ def test_threshold_for_rule_of_three() -> None:
 def test_threshold_for_with_search_tops_gives_an_fpir_threshold() -> None:
     # four non-mated searches, two with no candidate at all (-inf): FPIR 0.5 allows two
     got = ev.threshold_for([0.7, -np.inf, 0.4, -np.inf], 0.5)
-    assert got.threshold == np.nextafter(-np.inf, np.inf) and got.false_matches == 2
+    assert got.threshold == float(np.finfo(np.float32).min) and got.false_matches == 2
 
 
-@pytest.mark.parametrize("scores", [[], [[0.1, 0.2]], [0.1, float("nan")], "0.1", None])
+@pytest.mark.parametrize("scores", [[], [[0.1, 0.2]], [0.1, float("nan")], [0.1, float("inf")],
+                                    "0.1", None])
 def test_threshold_for_refuses_bad_scores(scores: object) -> None:
     with pytest.raises(bt.InvalidInput) as info:
         ev.threshold_for(scores, 0.1)
@@ -166,8 +184,8 @@ def test_threshold_for_is_monotone_in_fmr(scores: list[float], f1: float, f2: fl
     arr = np.asarray(scores)
     for got, target in ((strict, low), (loose, high)):
         assert (arr >= got.threshold).mean() == got.rate <= target
-        below = np.nextafter(got.threshold, -np.inf)  # the lowest: one step down fails
-        assert (arr >= below).mean() > target
+        below = np.nextafter(np.float32(got.threshold), np.float32(-2))  # one step down
+        assert (arr >= float(below)).mean() > target  # fails: it is the lowest float32
 
 
 # --- det and eer ------------------------------------------------------------------------
