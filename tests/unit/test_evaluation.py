@@ -105,7 +105,8 @@ def test_thresholds_are_float32_values_just_above_the_score() -> None:
         np.nextafter(np.float32(0.1), np.float32(1)))  # a float32 score: one step up
     scores32 = np.float32([0.3, 0.5, 0.7])
     t = ev.threshold_for(scores32, 0.34)  # one of three may match
-    assert (scores32 >= t.threshold).sum() == (scores32.astype(np.float64) >= t.threshold).sum() == 1
+    as64 = scores32.astype(np.float64)
+    assert (scores32 >= t.threshold).sum() == (as64 >= t.threshold).sum() == 1
 
 
 @pytest.mark.parametrize(("fmr", "above", "matches"), [
