@@ -79,6 +79,23 @@ class CalibrationReport:
     warnings: tuple[str, ...]
     audit_seq: int
 
+    def summary(self) -> str:
+        """A few lines for a terminal (what ``biotemplate calibrate`` prints)."""
+        lines = [f"purpose {self.purpose}, model {self.model}: proposed threshold "
+                 f"{self.threshold:.6f} (now {self.current_threshold:.6f})",
+                 f"  {self.templates} templates of {self.subjects} subjects; "
+                 f"{self.mated_pairs} mated, {self.nonmated_pairs} non-mated pairs; "
+                 f"{self.searches} searches of N={self.gallery}"]
+        for name, rate, target in (("FMR", self.fmr, self.target_fmr),
+                                   ("FNMR", self.fnmr, None),
+                                   ("FPIR", self.fpir, self.target_fpir)):
+            if rate is not None:
+                goal = f", target {target:g}" if target is not None else ""
+                lines.append(f"  {name:<4} {rate.value:.6f} ({rate.errors}/{rate.trials}, "
+                             f"95% CI {rate.low:.6f}-{rate.high:.6f}{goal})")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
     def apply_to(self, policy: RetentionPolicy) -> RetentionPolicy:
         """``policy`` with this purpose's ``match_threshold`` set to the proposed one, for
         ``store.set_policy(report.apply_to(store.policy), actor=..., reason=...)``.

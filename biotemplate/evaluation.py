@@ -56,11 +56,13 @@ if TYPE_CHECKING:  # only for the annotation: this module does not need a store 
 __all__ = [
     "DetCurve",
     "Eer",
+    "Evaluation",
     "IdentificationRates",
     "Rate",
     "Threshold",
     "det",
     "eer",
+    "evaluate",
     "identification_rates",
     "label_codes",
     "threshold_for",
@@ -379,6 +381,65 @@ def eer(mated: object, nonmated: object) -> Eer:
     i = int(np.lexsort((curve.thresholds, mean, np.abs(curve.fmr - curve.fnmr)))[0])
     return Eer(rate=float(mean[i]), threshold=float(curve.thresholds[i]),
                fmr=float(curve.fmr[i]), fnmr=float(curve.fnmr[i]))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Evaluation:
+    """Everything :func:`evaluate` measured on a labelled set (what ``biotemplate
+    evaluate`` prints). ``fnmr``, ``eer`` and ``det`` are None when no label appears
+    twice (no mated pair)."""
+
+    templates: int
+    subjects: int
+    threshold: Threshold
+    fmr: Rate
+    fnmr: Rate | None
+    eer: Eer | None
+    det: DetCurve | None
+
+    def summary(self) -> str:
+        """A few lines for a terminal: counts, the threshold, the rates at it, the EER."""
+        t = self.threshold
+        lines = [f"{self.templates} templates of {self.subjects} subjects: "
+                 f"{0 if self.det is None else self.det.mated} mated and {t.scores} "
+                 "non-mated pairs",
+                 f"threshold for FMR <= {t.target:g}: {t.threshold:.6f}",
+                 f"  FMR  {self.fmr.value:.6f} ({self.fmr.errors}/{self.fmr.trials}, 95% CI "
+                 f"{self.fmr.low:.6f}-{self.fmr.high:.6f})"]
+        if self.fnmr is not None:
+            lines.append(f"  FNMR {self.fnmr.value:.6f} ({self.fnmr.errors}/{self.fnmr.trials}, "
+                         f"95% CI {self.fnmr.low:.6f}-{self.fnmr.high:.6f})")
+        if self.eer is not None:
+            lines.append(f"EER {self.eer.rate:.6f} at {self.eer.threshold:.6f}")
+        if t.warning:
+            lines.append(f"warning: {t.warning}")
+        if self.fnmr is None:
+            lines.append("warning: no label appears twice: FNMR, EER and DET need mated pairs")
+        return "\n".join(lines)
+
+
+def evaluate(templates: object, labels: object, *, target_fmr: float = 1e-3) -> Evaluation:
+    """One call from a labelled set to a threshold: :func:`verification_scores`, then
+    :func:`threshold_for` at ``target_fmr``, the FMR and FNMR there with Wilson
+    intervals, :func:`eer` and :func:`det` (draw it with ``plots.plot_det``).
+
+    Raises:
+        InvalidTemplate: bad templates. InvalidInput: bad labels or target; every
+            template has the same label (no non-mated pair).
+    """
+    target = check_target(target_fmr, "target_fmr")
+    mated, nonmated = verification_scores(templates, labels)
+    if not nonmated.size:
+        raise InvalidInput("every template has the same label: no non-mated pair")
+    chosen = threshold_for(nonmated, target)
+    curve = det(mated, nonmated) if mated.size else None
+    codes = label_codes(labels, len(cast(Sequence[object], labels)))  # checked above
+    return Evaluation(
+        templates=len(codes), subjects=int(codes.max()) + 1, threshold=chosen,
+        fmr=Rate.of(chosen.false_matches, chosen.scores),
+        fnmr=Rate.of(int((mated < chosen.threshold).sum()), mated.size) if mated.size
+        else None,
+        eer=eer(mated, nonmated) if mated.size else None, det=curve)
 
 
 # --- identification through a store -------------------------------------------------

@@ -114,6 +114,21 @@ class IndexHealth:
         """Whether some purpose has outgrown its tuning."""
         return any(h.stale for h in self.purposes)
 
+    def summary(self) -> str:
+        """One line per purpose, for a terminal."""
+        lines = []
+        for h in self.purposes:
+            if h.added_miss is None:
+                what = "searched exactly" if h.ef_source == "exact" else "nothing measured"
+            else:
+                m = h.added_miss
+                what = (f"added miss {m.value:.4f} ({m.errors}/{m.trials}, 95% CI up to "
+                        f"{m.high:.4f}), graph {h.graph_us or 0:.0f} us/probe")
+            lines.append(f"{h.purpose}: {h.live} live, ef {h.ef} ({h.ef_source}): {what}")
+            if h.warning:
+                lines.append(f"  warning: {h.warning}")
+        return "\n".join(lines)
+
     def of(self, purpose: str) -> PurposeHealth:
         """Raises: KeyError: no such purpose in the report."""
         for h in self.purposes:
@@ -148,6 +163,20 @@ class TuneReport:
     probes: int
     purposes: tuple[PurposeTuning, ...]
     audit_seq: int
+
+    def summary(self) -> str:
+        """One line per purpose tuned, for a terminal."""
+        lines = [f"target added miss {self.target_added_miss:g}, {self.probes} probes"]
+        for t in self.purposes:
+            got = "-" if t.added_miss is None else f"{t.added_miss.value:.4f}"
+            lines.append(f"{t.purpose}: ef {t.ef_before} ({t.source_before}, added miss "
+                         f"{t.before.rate:.4f}) -> {t.ef} (added miss {got}; "
+                         f"{'met' if t.met else 'NOT met'}; auto_ef {t.auto_ef})"
+                         + ("; a larger M would likely be cheaper" if t.larger_m_advised
+                            else ""))
+            if t.warning:
+                lines.append(f"  warning: {t.warning}")
+        return "\n".join(lines)
 
     def of(self, purpose: str) -> PurposeTuning:
         """Raises: KeyError: the purpose was not tuned (searched exactly, or not asked)."""

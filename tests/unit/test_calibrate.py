@@ -69,6 +69,9 @@ def test_calibrate_for_a_target_fmr(enrolled: bt.TemplateStore, population: Gall
     assert fnmr.errors == int((mated < report.threshold).sum())
     assert fmr.low <= fmr.value <= fmr.high and fnmr.low <= fnmr.value <= fnmr.high
     assert report.warnings == ()  # 15,930 pairs support 0.01 (needs 300)
+    text = report.summary()
+    assert f"{report.threshold:.6f}" in text and "FMR" in text and "FPIR" not in text
+    assert "C-0" not in text
 
 
 def test_calibrate_for_a_target_fpir_searches_the_gallery(

@@ -395,3 +395,23 @@ def test_plots_without_matplotlib_name_the_extra() -> None:
 def test_rule_of_three_helper() -> None:
     assert ev.rule_of_three(1e-3) == 3000 and ev.rule_of_three(0.2) == 15
     assert math.isclose(3 / 0.003, 1000)
+
+
+def test_evaluate_is_the_one_call_behind_the_evaluate_command() -> None:
+    g = make_gallery(60, 3, 32, seed=8, genuine=0.4)
+    got = ev.evaluate(g.templates, g.subject_ids, target_fmr=0.01)
+    mated, nonmated = ev.verification_scores(g.templates, g.subject_ids)
+    assert got.threshold == ev.threshold_for(nonmated, 0.01)
+    assert (got.templates, got.subjects) == (180, 60)
+    assert got.fmr.errors == got.threshold.false_matches and got.fmr.trials == nonmated.size
+    assert got.fnmr is not None and got.fnmr.errors == int((mated < got.threshold.threshold).sum())
+    assert got.eer == ev.eer(mated, nonmated) and got.det is not None
+    text = got.summary()
+    assert "threshold for FMR <= 0.01" in text and "EER" in text and "P-0" not in text
+    single = ev.evaluate(g.templates[::3], g.subject_ids[::3], target_fmr=0.1)
+    assert single.fnmr is None and single.det is None and "no label appears twice" in \
+        single.summary()
+    with pytest.raises(bt.InvalidInput, match="same label"):
+        ev.evaluate(g.templates[:3], g.subject_ids[:3])
+    with pytest.raises(bt.InvalidInput):
+        ev.evaluate(g.templates, g.subject_ids, target_fmr=0)

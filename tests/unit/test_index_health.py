@@ -99,6 +99,9 @@ def test_tuning_reaches_its_target_where_auto_ef_misses(
         assert (h.ef, h.ef_source, h.tuned_ef, h.tuned_live) == (t.ef, "tuned", t.ef, N)
         assert h.added_miss is not None and h.added_miss.errors == t.added_miss.errors
         assert h.found == t.added_miss.trials and not h.stale
+    summary = report.summary()
+    assert f"ef {t.ef_before} (auto" in summary and f"-> {t.ef} " in summary
+    assert "met" in summary and "P-0" not in summary
 
 
 def test_the_tuning_is_saved_sealed_and_used_after_reopening(
@@ -167,6 +170,7 @@ def test_exact_purposes_have_nothing_to_miss(
     with reopen(folder, keys) as store:
         health = store.index_health(actor="ops", sample=20)
         assert [h.purpose for h in health.purposes] == ["small", "watch"]
+        assert "small: 100 live, ef 0 (exact): searched exactly" in health.summary()
         small = health.of("small")
         assert (small.ef_source, small.live, small.probes, small.added_miss) == \
             ("exact", 100, 0, None)
