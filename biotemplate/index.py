@@ -50,6 +50,7 @@ __all__ = ["Hit", "IndexParams", "TemplateIndex", "TunedEf", "auto_ef", "retune_
 _CHUNK = 10_000  # rows per add_items call, so `progress` ticks and the GIL is let go
 _MIN_CAPACITY = 1_024
 _BEST_FETCH = 13  # what a k=1 search fetches (3k + 10): the smallest beam of any search
+_TRIAL_CHUNK = 256  # queries per write-lock hold while a trial ef is set
 _NORM_TOLERANCE = 1e-3  # scores assume unit vectors; reject what the caller forgot to normalise
 
 Labels = NDArray[np.uint64]
@@ -648,27 +649,31 @@ class TemplateIndex:
         """Each query's best subject as the graph finds it for a one-candidate search (k=1:
         the smallest beam any search uses), at ``ef`` (None: the ef in use), and the
         seconds the graph took on one thread. A trial ef is set and put back under the
-        write lock, so no search runs at it; searches wait for the trial."""
-        with self._lock.read() if ef is None else self._lock.write():
-            sub = self._subs.get(purpose)
-            if sub is None or not sub.live or not len(queries):
-                return [None] * len(queries), 0.0
-            with _translated("search at a trial ef"):
-                if ef is not None:
-                    sub.index.set_ef(_check_int(ef, "ef", 1))
-                try:
-                    started = time.perf_counter()
-                    found, dist = sub.index.knn_query(
-                        queries, k=min(_BEST_FETCH, len(sub.live)), num_threads=1)
-                    seconds = time.perf_counter() - started
-                finally:
+        write lock, so no search runs at it; searches wait for one chunk of queries at a
+        time (``_TRIAL_CHUNK``), not for the whole trial."""
+        out: list[Hit | None] = []
+        seconds = 0.0
+        for lo in range(0, len(queries), _TRIAL_CHUNK):
+            with self._lock.read() if ef is None else self._lock.write():
+                sub = self._subs.get(purpose)
+                if sub is None or not sub.live:
+                    return [None] * len(queries), 0.0
+                with _translated("search at a trial ef"):
                     if ef is not None:
-                        sub.index.set_ef(sub.ef)
-            out: list[Hit | None] = []
-            for row_l, row_d in zip(found, dist, strict=True):
-                hits = self._collect(row_l.tolist(), (1.0 - row_d).tolist(), 1, now_us)
-                out.append(hits[0] if hits else None)
-            return out, seconds
+                        sub.index.set_ef(_check_int(ef, "ef", 1))
+                    try:
+                        started = time.perf_counter()
+                        found, dist = sub.index.knn_query(
+                            queries[lo:lo + _TRIAL_CHUNK], k=min(_BEST_FETCH, len(sub.live)),
+                            num_threads=1)
+                        seconds += time.perf_counter() - started
+                    finally:
+                        if ef is not None:
+                            sub.index.set_ef(sub.ef)
+                for row_l, row_d in zip(found, dist, strict=True):
+                    hits = self._collect(row_l.tolist(), (1.0 - row_d).tolist(), 1, now_us)
+                    out.append(hits[0] if hits else None)
+        return out, seconds
 
     # -- snapshots (the caller seals the state; nothing here touches disk) ---------------
 

@@ -40,7 +40,7 @@ the efs; audit entries and reports carry counts, rates and efs only.
 
 **Cost.** Exact search is O(sample x live x d), the trials O(ladder x sample x ef):
 ~1 min at 100k records (d=512, 6,000 probes). Mutations wait for the whole call;
-searches wait only while a trial ef is set (one trial at a time).
+searches wait only while a trial ef is set, 256 probes at a time (ms to a second).
 """
 
 from __future__ import annotations
