@@ -73,8 +73,8 @@ def main() -> None:
         templates, labels = dlib_embeddings(args.images)
         model = "dlib-128"
     else:
-        templates, labels = synthetic(300, 4, 128, genuine=0.7, seed=21)
-        model = "synthetic-128"
+        templates, labels = synthetic(300, 4, 512, genuine=0.7, seed=21)  # as the demo's
+        model = "synthetic-512"
     people = sorted(set(labels))
     print(f"{len(templates)} templates of {len(people)} people, model {model}")
     mated, nonmated = ev.verification_scores(templates, labels)
@@ -139,11 +139,12 @@ def main() -> None:
         from biotemplate import plots
 
         if args.det:
-            curves = {f"{model}": curve}
+            curves = {model: curve}
             if not args.images:  # the demo data is easy; show a harder capture beside it
-                hard_t, hard_l = synthetic(300, 4, 128, genuine=0.3, seed=22)
-                curves[f"{model}, poor capture"] = ev.det(*ev.verification_scores(hard_t,
-                                                                                  hard_l))
+                curves = {"synthetic demo data (genuine ~0.7)": curve}
+                hard_t, hard_l = synthetic(300, 4, 512, genuine=0.25, seed=22)
+                curves["same model, poor capture (genuine ~0.25)"] = ev.det(
+                    *ev.verification_scores(hard_t, hard_l))
             plots.plot_det(curves, args.det, threshold=chosen.threshold)
             print(f"wrote {args.det}")
         if args.scores:
