@@ -212,6 +212,30 @@ def test_refusals_are_audited(store: bt.TemplateStore, call: str, kwargs: dict[s
     assert last.outcome == "refused" and last.event == call.replace("_", "-")
 
 
+def test_a_tuning_that_never_committed_is_rolled_back_on_open(
+        tmp_path: Path, keys: bt.FileKeyProvider) -> None:
+    """A kill between the tune-index entry and the records commit: the audit must not
+    claim a tuning the store does not have."""
+    folder = tmp_path / "s"
+    store = make(folder, keys)
+    seq = store.tune_index(TARGET, actor="ops", sample=200, seed=SEED).audit_seq
+    store._p.release()  # as if killed: no close entry, no snapshot
+    with reopen(folder, keys) as again:  # committed: kept, nothing rolled back
+        assert again.stats().purposes["watch"]["tuned_live"] == N
+        head = again.audit.verify().entries
+        assert all(again.audit.get(s).event != "rollback" for s in range(seq + 1, head + 1))
+        seq = again.tune_index(TARGET, actor="ops", sample=200, seed=SEED).audit_seq
+        again._p.release()
+    with sqlite3.connect(folder / "records.db") as db:  # the commit that never happened
+        db.execute("DELETE FROM meta WHERE key = 'index'")
+    with reopen(folder, keys) as again:
+        entries = [again.audit.get(s) for s in range(seq + 1, again.audit.verify().entries)]
+        rollback = [e for e in entries if e.event == "rollback"]
+        assert rollback and rollback[0].fields["ref_seq"] == seq
+        assert rollback[0].fields["of"] == "tune-index"
+        assert "tuned_ef" not in again.stats().purposes["watch"]
+
+
 def test_tuned_ef_rule() -> None:
     t = TunedEf(ef=100, live=1000, M=16)
     assert tuned_ef(t, 500) == tuned_ef(t, 1000) == 100
