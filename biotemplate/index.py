@@ -647,8 +647,9 @@ class TemplateIndex:
     def best_graph(self, queries: Vectors, purpose: str, now_us: int,
                    ef: int | None = None) -> tuple[list[Hit | None], float]:
         """Each query's best subject as the graph finds it for a one-candidate search (k=1:
-        the smallest beam any search uses), at ``ef`` (None: the ef in use), and the
-        seconds the graph took on one thread. A trial ef is set and put back under the
+        the smallest beam any search uses), at ``ef`` (None: the ef in use), and the CPU
+        seconds the graph took (it runs on this thread: unlike wall time, CPU time does
+        not grow when other work shares the machine). A trial ef is set and put back under the
         write lock, so no search runs at it; searches wait for one chunk of queries at a
         time (``_TRIAL_CHUNK``), not for the whole trial."""
         out: list[Hit | None] = []
@@ -662,11 +663,11 @@ class TemplateIndex:
                     if ef is not None:
                         sub.index.set_ef(_check_int(ef, "ef", 1))
                     try:
-                        started = time.perf_counter()
+                        started = time.thread_time()  # one thread runs the query
                         found, dist = sub.index.knn_query(
                             queries[lo:lo + _TRIAL_CHUNK], k=min(_BEST_FETCH, len(sub.live)),
                             num_threads=1)
-                        seconds += time.perf_counter() - started
+                        seconds += time.thread_time() - started
                     finally:
                         if ef is not None:
                             sub.index.set_ef(sub.ef)

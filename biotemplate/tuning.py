@@ -19,8 +19,9 @@ and scores at or above the threshold. The graph is then searched as a one-candid
 search would search it (k = 1, the narrowest beam any search uses, so the reading holds
 for every k), and the **added miss rate** is the fraction of found mates it does not
 return at or above the threshold, with a 95 % Wilson interval. Latency is the graph's
-mean time per probe on one thread (a full ``search`` adds ~0.5 ms of validation,
-confirmation and audit: benchmarks/RESULTS.md).
+mean CPU time per probe on one thread (CPU time, so that other load on the machine does
+not inflate it; a full ``search`` adds ~0.5 ms of validation, confirmation and audit:
+benchmarks/RESULTS.md).
 
 **How tuning picks.** The same probes are searched at each ef of a ladder (16 ... 8192,
 below the live count); the choice is the smallest ef that meets the target with the next
@@ -78,7 +79,7 @@ class Trial:
     misses: int  # mates exact search found that the graph did not return
     found: int  # mates exact search found (the trials' denominator)
     rate: float  # misses / found (0.0 when nothing was found)
-    graph_us: float  # mean graph time per probe, one thread
+    graph_us: float  # mean graph CPU time per probe, one thread
 
 
 @dataclass(frozen=True, slots=True)
