@@ -473,11 +473,12 @@ class TemplateStore:
                    purpose: str | None = None, sample: int | None = None,
                    seed: int | None = None) -> TuneReport:
         """Pick, per purpose searched through a graph, the smallest ef whose added miss
-        rate (as :meth:`index_health` measures it) is at or under the target; save it
-        sealed with the store (audited), use it now and on every open, growing it with
-        the gallery until the next tuning. Says when a larger M would likely be
-        cheaper. ``sample`` defaults to 9 / target probes (about half yield a countable
-        mate). ``auto_ef`` remains the starting point of an untuned purpose.
+        rate (as :meth:`index_health` measures it) is at or under the target with 95 %
+        confidence (the Wilson interval's upper end); save it sealed with the store
+        (audited), use it now and on every open, growing it with the gallery until the
+        next tuning. Says when a larger M would likely be cheaper. ``sample`` defaults
+        to 10 / target probes (about half yield a countable mate). ``auto_ef`` remains
+        the starting point of an untuned purpose.
 
         Raises:
             InvalidInput: target not in (0, 1); bad sample or seed; the store was

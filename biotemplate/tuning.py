@@ -24,8 +24,11 @@ not inflate it; a full ``search`` adds ~0.5 ms of validation, confirmation and a
 benchmarks/RESULTS.md).
 
 **How tuning picks.** The same probes are searched at each ef of a ladder (16 ... 8192,
-below the live count); the choice is the smallest ef that meets the target with the next
-ef meeting it too (one lucky reading does not decide). It is saved sealed in
+below the live count). An ef *meets* the target when the upper end of the 95 % Wilson
+interval of its added miss rate is at or under it (so the default sample, 10 / target
+probes, leaves ~5 / target found mates: 3.84 / target are needed to show the target with
+no miss at all); the choice is the smallest ef that meets it with the next ef meeting it
+too (one lucky reading does not decide). It is saved sealed in
 ``records.db`` (setting ``index``: ef, live count and M per purpose) with its audit entry,
 used at once and on every open, and grows with the sub-index like ``auto_ef``'s curve
 between tunings (``index.tuned_ef``); after more than 2x growth ``index_health`` and
@@ -57,7 +60,7 @@ from numpy.typing import NDArray
 
 from ._calls import Parts
 from .errors import InvalidInput
-from .evaluation import Rate, rule_of_three
+from .evaluation import Rate, wilson
 from .index import Hit, TunedEf, auto_ef, retune_due
 from .policy import Purpose
 from .validation import normalised
@@ -148,7 +151,7 @@ class PurposeTuning:
     source_before: str
     auto_ef: int
     ef: int  # chosen (saved)
-    met: bool  # the target was met (else: the best ef tried, and a warning)
+    met: bool  # the target was met at 95 % (else: the best ef tried, and a warning)
     added_miss: Rate | None  # at the chosen ef (None: no mate found, nothing measured)
     before: Trial  # the ef in use before tuning, on the same probes
     trials: tuple[Trial, ...]
@@ -238,6 +241,13 @@ def _trial(p: Parts, purpose: str, probes: NDArray[np.float32], refs: list[bytes
                  graph_us=1e6 * seconds / max(1, len(refs)))
 
 
+def meets(trial: Trial, target: float) -> bool:
+    """Whether a trial shows the added miss rate at or under ``target`` with 95 %
+    confidence: the upper end of its Wilson interval, not the point estimate (a tuning
+    that met the target only on average missed 4x the target on fresh probes)."""
+    return trial.found > 0 and wilson(trial.misses, trial.found)[1] <= target
+
+
 def _sample(sample: object, default: int) -> int:
     if sample is None:
         return default
@@ -310,8 +320,9 @@ def tune_index(p: Parts, target: float, purpose: str | None, sample: int | None,
                 or not 0.0 < float(target) < 1.0):
             raise InvalidInput("target_added_miss must be a number strictly between 0 and 1")
         target = float(target)
-        # about half the probes land above the threshold (those are counted): 1.5x margin
-        n = _sample(sample, min(MAX_SAMPLE, 3 * rule_of_three(target)))
+        # about half the probes find their mate at or above the threshold (those count);
+        # with no miss, 3.84 / target of them are needed to show the target at 95 %
+        n = _sample(sample, min(MAX_SAMPLE, math.ceil(10 / target)))
         rng = np.random.default_rng(_seed(seed))
         with p.lock:
             rules = _rules(p, purpose)
@@ -356,7 +367,7 @@ def _tune(p: Parts, rule: Purpose, n: int, rng: np.random.Generator, target: flo
         for ef in [e for e in LADDER if e < live] or [LADDER[0]]:
             trial = _trial(p, rule.name, probes, refs, found, t, ef, ef)
             trials.append(trial)
-            if trial.rate > target:
+            if not meets(trial, target):
                 chosen = None
             elif chosen is None:
                 chosen = trial
@@ -369,10 +380,10 @@ def _tune(p: Parts, rule: Purpose, n: int, rng: np.random.Generator, target: flo
         warnings.append(f"no ef up to {trials[-1].ef} kept the added miss rate at or under "
                         f"{target:g} (best: {pick.rate:.4g} at ef={pick.ef}): rebuild with a "
                         "larger M (IndexParams(M=32), then rebuild_index)")
-    if pick.found < rule_of_three(target):
-        warnings.append(f"{pick.found} mates found among {n} probes cannot show a rate of "
-                        f"{target:g} (the rule of three needs {rule_of_three(target)}): "
-                        "raise sample")
+    if wilson(0, pick.found)[1] > target:
+        warnings.append(f"{pick.found} mates found among {n} probes cannot show a rate under "
+                        f"{target:g} at 95 % even with no miss (about {math.ceil(3.84 / target)} "
+                        "are needed): raise sample")
     return PurposeTuning(purpose=rule.name, live=live, ef_before=ef_before,
                          source_before=source, auto_ef=auto_ef(live), ef=pick.ef, met=met,
                          added_miss=Rate.of(pick.misses, pick.found),

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 import biotemplate as bt
+from biotemplate import evaluation as ev
 from biotemplate.index import TunedEf, tuned_ef
 from biotemplate.synthetic import make_gallery
+from biotemplate.tuning import meets
 
 DIM, MODEL = 64, "test-model-v1"
 N = 4000
@@ -85,10 +87,11 @@ def test_tuning_reaches_its_target_where_auto_ef_misses(
     assert t.source_before == "auto" and t.ef_before == t.auto_ef == 64
     assert t.before.rate > TARGET  # auto_ef misses on this graph
     assert t.trials[0].ef == 16 and t.trials[0].rate > 10 * TARGET
-    assert t.met and t.added_miss is not None and t.added_miss.value <= TARGET
-    # the smallest ef meeting the target with the next ef meeting it too
+    assert t.met and t.added_miss is not None and t.added_miss.high <= TARGET
+    # the smallest ef meeting the target (95 % upper bound) with the next ef meeting it too
     efs = [x.ef for x in t.trials]
-    ok = [x.rate <= TARGET for x in t.trials]
+    ok = [meets(x, TARGET) for x in t.trials]
+    assert ok == [ev.wilson(x.misses, x.found)[1] <= TARGET for x in t.trials]
     first = next(i for i in range(len(ok) - 1) if ok[i] and ok[i + 1])
     assert t.ef == efs[first] > 64 and efs[-1] == efs[first + 1]
     assert all(x.found == t.before.found for x in t.trials)  # one set of probes
@@ -234,6 +237,16 @@ def test_a_tuning_that_never_committed_is_rolled_back_on_open(
         assert rollback and rollback[0].fields["ref_seq"] == seq
         assert rollback[0].fields["of"] == "tune-index"
         assert "tuned_ef" not in again.stats().purposes["watch"]
+
+
+def test_too_few_probes_cannot_meet_a_target(tmp_path: Path,
+                                              keys: bt.FileKeyProvider) -> None:
+    with make(tmp_path / "s", keys) as store:
+        t = store.tune_index(TARGET, actor="ops", sample=40, seed=SEED).of("watch")
+        assert not t.met and t.larger_m_advised
+        assert t.warning is not None and "raise sample" in t.warning
+        assert t.added_miss is not None and t.added_miss.high > TARGET  # ~20 found mates
+        assert t.ef == min(t.trials, key=lambda x: (x.rate, -x.ef)).ef  # the best tried
 
 
 def test_tuned_ef_rule() -> None:
