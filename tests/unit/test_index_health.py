@@ -161,7 +161,7 @@ def test_a_tuned_ef_grows_with_the_gallery_and_is_flagged_after_2x(
         health = store.index_health(sample=50, actor="ops", seed=1)
         assert health.stale and health.of("watch").stale
         assert "tune_index again" in (health.of("watch").warning or "")
-        again = store.tune_index(TARGET, actor="ops", purpose="watch", sample=SAMPLE, seed=3)
+        again = store.tune_index(TARGET, actor="ops", purpose="watch", sample=200, seed=3)
         assert not store.index_health(sample=10, actor="ops").stale
         assert store.stats().purposes["watch"]["tuned_live"] == live
         assert again.of("watch").live == live
