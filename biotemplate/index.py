@@ -70,8 +70,9 @@ class IndexParams:
     # Beam width while searching; hnswlib uses max(ef, k), so an over-fetch of k items
     # is always searched with ef >= k. None (the default): each sub-index's ef grows with
     # its live count (see ``auto_ef``), because a fixed ef that finds the mate at 100k
-    # misses it at 1M. An int fixes ef for every sub-index (faster, and your own
-    # measurement of what the index may miss).
+    # misses it at 1M, or follows the ef ``TemplateStore.tune_index`` measured for it
+    # (``tuned_ef``). An int fixes ef for every sub-index and overrides a tuning (faster,
+    # and your own measurement of what the index may miss).
     ef_search: int | None = None
     # Sub-indexes with this many live items or fewer are searched exactly.
     exact_cutoff: int = 2048
