@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -325,6 +325,10 @@ class DetCurve:
     mated: int
     nonmated: int
 
+    def __repr__(self) -> str:  # one line, not a million rates
+        return (f"DetCurve({self.thresholds.size} thresholds, mated={self.mated}, "
+                f"nonmated={self.nonmated})")
+
     def at(self, threshold: float) -> tuple[float, float]:
         """(FMR, FNMR) at any threshold, not only the curve's own points."""
         i = int(np.searchsorted(self.thresholds, threshold, side="left"))
@@ -387,7 +391,8 @@ def eer(mated: object, nonmated: object) -> Eer:
 class Evaluation:
     """Everything :func:`evaluate` measured on a labelled set (what ``biotemplate
     evaluate`` prints). ``fnmr``, ``eer`` and ``det`` are None when no label appears
-    twice (no mated pair)."""
+    twice (no mated pair). ``mated`` and ``nonmated`` are the scores themselves (for
+    ``plots.plot_scores``; left out of the repr)."""
 
     templates: int
     subjects: int
@@ -396,6 +401,8 @@ class Evaluation:
     fnmr: Rate | None
     eer: Eer | None
     det: DetCurve | None
+    mated: NDArray[np.float32] = field(repr=False)
+    nonmated: NDArray[np.float32] = field(repr=False)
 
     def summary(self) -> str:
         """A few lines for a terminal: counts, the threshold, the rates at it, the EER."""
@@ -439,7 +446,8 @@ def evaluate(templates: object, labels: object, *, target_fmr: float = 1e-3) -> 
         fmr=Rate.of(chosen.false_matches, chosen.scores),
         fnmr=Rate.of(int((mated < chosen.threshold).sum()), mated.size) if mated.size
         else None,
-        eer=eer(mated, nonmated) if mated.size else None, det=curve)
+        eer=eer(mated, nonmated) if mated.size else None, det=curve, mated=mated,
+        nonmated=nonmated)
 
 
 # --- identification through a store -------------------------------------------------

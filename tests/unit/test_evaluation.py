@@ -406,6 +406,9 @@ def test_evaluate_is_the_one_call_behind_the_evaluate_command() -> None:
     assert got.fmr.errors == got.threshold.false_matches and got.fmr.trials == nonmated.size
     assert got.fnmr is not None and got.fnmr.errors == int((mated < got.threshold.threshold).sum())
     assert got.eer == ev.eer(mated, nonmated) and got.det is not None
+    np.testing.assert_array_equal(got.mated, mated)
+    np.testing.assert_array_equal(got.nonmated, nonmated)
+    assert "array" not in repr(got)
     text = got.summary()
     assert "threshold for FMR <= 0.01" in text and "EER" in text and "P-0" not in text
     single = ev.evaluate(g.templates[::3], g.subject_ids[::3], target_fmr=0.1)
