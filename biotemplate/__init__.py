@@ -8,6 +8,7 @@ for how the parts fit together.
 
 from .audit import AuditEntry, AuditReport, AuditView, Checkpoint, checkpoint_audit, verify_audit
 from .audit_export import AuditRecord, export_audit
+from .calibration import CalibrationReport
 from .errors import (
     AuditError,
     BiotemplateError,
@@ -52,6 +53,7 @@ from .results import (
     Verification,
 )
 from .store import TemplateStore
+from .tuning import IndexHealth, TuneReport
 
 __version__ = "0.1.0"
 
@@ -63,6 +65,7 @@ __all__ = [
     "AuditView",
     "BackupReceipt",
     "BiotemplateError",
+    "CalibrationReport",
     "Candidate",
     "Checkpoint",
     "Confirmation",
@@ -71,6 +74,7 @@ __all__ = [
     "ErasureReceipt",
     "FileKeyProvider",
     "HoldReceipt",
+    "IndexHealth",
     "IndexParams",
     "IndexReport",
     "IntegrityError",
@@ -103,6 +107,7 @@ __all__ = [
     "StoreNotFound",
     "StoreStats",
     "TemplateStore",
+    "TuneReport",
     "Verification",
     "__version__",
     "checkpoint_audit",

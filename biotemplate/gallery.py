@@ -27,7 +27,7 @@ from . import _files, snapshot
 from .backends.base import RecordRow
 from .codec import Plain, Shredded
 from .errors import BiotemplateError, IntegrityError, InvalidInput, KeyUnavailable
-from .index import Hit, IndexParams, TemplateIndex
+from .index import Hit, IndexParams, TemplateIndex, TunedEf
 from .validation import normalised
 from .vault import Vault
 
@@ -46,6 +46,9 @@ class Gallery:
         # (i, n): index only the subjects of partition i of n (``in_partition``)
         self.partition = partition
         self._index = TemplateIndex(vault.dim, params)
+        # efs measured by tune_index (sealed setting "index"), kept across rebuilds
+        self._tuned: dict[str, TunedEf] = vault.index_tuning()
+        self._index.set_tuned(self._tuned)
         self._subjects: dict[str, str] = {}  # record id -> subject id
         # record id -> fingerprint of the authentic row it was indexed from (header fields
         # and AEAD tag): every candidate is confirmed against its row before it is served
@@ -222,6 +225,37 @@ class Gallery:
     def index_stats(self) -> dict[str, Any]:
         return self._index.stats()
 
+    # --- measuring the index (tuning.py: index_health, tune_index) -----------------------
+
+    @property
+    def params(self) -> IndexParams:
+        return self._params if self._params is not None else IndexParams()
+
+    @property
+    def tuned(self) -> dict[str, TunedEf]:
+        """The efs in use from the last tuning (a copy)."""
+        return dict(self._tuned)
+
+    def use_tuning(self, tuned: dict[str, TunedEf]) -> None:
+        """A tuning just committed (``Vault.save_index_tuning``): search with it now."""
+        self._tuned = dict(tuned)
+        self._index.set_tuned(self._tuned)
+
+    def ef_of(self, purpose: str) -> tuple[int, str, int]:
+        return self._index.ef_of(purpose)
+
+    def sample_live(self, purpose: str, n: int, rng: np.random.Generator,
+                    ) -> tuple[NDArray[np.float32], list[bytes]]:
+        return self._index.sample_live(purpose, n, rng)
+
+    def best_exact(self, units: NDArray[np.float32], purpose: str,
+                   now_us: int) -> list[Hit | None]:
+        return self._index.best_exact(units, purpose, now_us)
+
+    def best_graph(self, units: NDArray[np.float32], purpose: str, now_us: int,
+                   ef: int | None = None) -> tuple[list[Hit | None], float]:
+        return self._index.best_graph(units, purpose, now_us, ef)
+
     # --- writes -------------------------------------------------------------------------
 
     @contextmanager
@@ -286,6 +320,7 @@ class Gallery:
         Every subject-key entry is opened first; a row its entry does not list is an
         integrity failure, and a listed record whose row is gone is counted missing."""
         index = TemplateIndex(self._vault.dim, self._params)
+        index.set_tuned(self._tuned)
         subjects: dict[str, str] = {}
         fingerprints: dict[str, bytes] = {}
         shredded: set[str] = set()

@@ -32,6 +32,7 @@ import heapq
 import math
 import operator
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -43,10 +44,13 @@ from numpy.typing import NDArray
 
 from biotemplate.errors import BiotemplateError, InvalidInput, InvalidTemplate
 
-__all__ = ["Hit", "IndexParams", "TemplateIndex", "auto_ef"]
+__all__ = ["Hit", "IndexParams", "TemplateIndex", "TunedEf", "auto_ef", "retune_due",
+           "tuned_ef"]
 
 _CHUNK = 10_000  # rows per add_items call, so `progress` ticks and the GIL is let go
 _MIN_CAPACITY = 1_024
+_BEST_FETCH = 13  # what a k=1 search fetches (3k + 10): the smallest beam of any search
+_TRIAL_CHUNK = 256  # queries per write-lock hold while a trial ef is set
 _NORM_TOLERANCE = 1e-3  # scores assume unit vectors; reject what the caller forgot to normalise
 
 Labels = NDArray[np.uint64]
@@ -66,8 +70,9 @@ class IndexParams:
     # Beam width while searching; hnswlib uses max(ef, k), so an over-fetch of k items
     # is always searched with ef >= k. None (the default): each sub-index's ef grows with
     # its live count (see ``auto_ef``), because a fixed ef that finds the mate at 100k
-    # misses it at 1M. An int fixes ef for every sub-index (faster, and your own
-    # measurement of what the index may miss).
+    # misses it at 1M, or follows the ef ``TemplateStore.tune_index`` measured for it
+    # (``tuned_ef``). An int fixes ef for every sub-index and overrides a tuning (faster,
+    # and your own measurement of what the index may miss).
     ef_search: int | None = None
     # Sub-indexes with this many live items or fewer are searched exactly.
     exact_cutoff: int = 2048
@@ -99,6 +104,33 @@ def auto_ef(live: int) -> int:
     return max(_EF_FLOOR, 32 * grown)
 
 
+class TunedEf(NamedTuple):
+    """An ef measured for one purpose's sub-index (``TemplateStore.tune_index``)."""
+
+    ef: int  # the smallest ef that met the target added miss rate
+    live: int  # live records when it was measured
+    M: int  # the graph's M it was measured on: a tuning for another M is not used
+
+
+def tuned_ef(tuned: TunedEf, live: int) -> int:
+    """The ef a tuned sub-index searches with at ``live`` records: the measured value, and
+    once the sub-index outgrows the measurement, that value grown like ``auto_ef``'s
+    curve (``live ** 0.9``, rounded up to a multiple of 16), so growth between tunings
+    does not silently add misses (``index_health`` flags a tuning after 2x growth)."""
+    if live <= tuned.live or tuned.live < 1:
+        return tuned.ef
+    grown = tuned.ef * math.pow(live / tuned.live, _EF_POWER)
+    return max(tuned.ef, 16 * math.ceil(grown / 16))
+
+
+RETUNE_GROWTH = 2  # a tuning is due again once the sub-index has grown this many times
+
+
+def retune_due(tuned: TunedEf, live: int) -> bool:
+    """Whether the sub-index has outgrown its tuning (more than RETUNE_GROWTH x)."""
+    return live > RETUNE_GROWTH * tuned.live
+
+
 class Hit(NamedTuple):
     """One search result: the subject's best record for the probe (a NamedTuple: built
     for every candidate of every search, it must be cheap to make)."""
@@ -120,6 +152,7 @@ class _Sub:
     mirror_labels: Labels | None = None
     mirror: Vectors | None = None
     ef: int = 0  # what set_ef was last given
+    purpose: str = ""  # its key in TemplateIndex._subs (for a tuned ef)
 
 
 class _RWLock:
@@ -221,6 +254,7 @@ class TemplateIndex:
         self._purposes_of: dict[int, tuple[str, ...]] = {}
         self._heap: list[tuple[int, int]] = []  # (expiry_us, label), stale entries skipped
         self._next_label = 0  # labels are never reused
+        self._tuned: dict[str, TunedEf] = {}  # purpose -> measured ef (set_tuned)
 
     # -- writes ------------------------------------------------------------------------
 
@@ -314,7 +348,7 @@ class TemplateIndex:
                 rows_of.setdefault(purpose, []).append(i)
         for purpose, idx in rows_of.items():
             if purpose not in self._subs:
-                self._subs[purpose] = _Sub(self._new_index(len(idx)),
+                self._subs[purpose] = _Sub(self._new_index(len(idx)), purpose=purpose,
                                            mirror_labels=np.empty(0, np.uint64),
                                            mirror=np.empty((0, self._dim), np.float32))
             self._reserve(self._subs[purpose], len(idx))
@@ -555,8 +589,115 @@ class TemplateIndex:
                 per_purpose[purpose] = {"live": len(sub.live), "hidden": len(sub.hidden),
                                         "deleted": slots - len(sub.live), "capacity": capacity,
                                         "ef": sub.ef}
+                if (tuned := self._tuned.get(purpose)) is not None:
+                    per_purpose[purpose] |= {"tuned_ef": tuned.ef, "tuned_live": tuned.live,
+                                             "retune": int(retune_due(tuned, len(sub.live)))}
             return {"dim": self._dim, "records": len(self._label_of),
                     "params": asdict(self._params), "purposes": per_purpose}
+
+    # -- measuring the graph against exact search (index_health, tune_index) -------------
+
+    def set_tuned(self, tuned: Mapping[str, TunedEf]) -> None:
+        """Search these purposes' sub-indexes at measured efs (see :func:`tuned_ef`); the
+        others keep ``auto_ef``. A fixed ``IndexParams.ef_search`` still wins, and a
+        tuning measured on another M than this index's is not used."""
+        with self._lock.write():
+            self._tuned = {p: t for p, t in tuned.items() if t.M == self._params.M}
+            with _translated("set ef"):
+                for sub in self._subs.values():
+                    self._tune_ef(sub)
+
+    def ef_of(self, purpose: str) -> tuple[int, str, int]:
+        """(ef in use, where it comes from, live records) for ``purpose``'s sub-index. The
+        source is "exact" (at most ``exact_cutoff`` live: no graph is searched; ef 0),
+        "fixed" (``IndexParams.ef_search``), "tuned" or "auto" (``auto_ef``)."""
+        with self._lock.read():
+            sub = self._subs.get(purpose)
+            live = len(sub.live) if sub is not None else 0
+            if sub is None or live <= self._params.exact_cutoff:
+                return 0, "exact", live
+            source = ("fixed" if self._params.ef_search else
+                      "tuned" if purpose in self._tuned else "auto")
+            return sub.ef, source, live
+
+    def sample_live(self, purpose: str, n: int, rng: np.random.Generator,
+                    ) -> tuple[Vectors, list[bytes]]:
+        """Copies of ``n`` live vectors of ``purpose`` drawn with ``rng`` (with replacement
+        when ``n`` exceeds the live count) and their subjects' refs. The copies are
+        templates in memory: the caller scrubs them (``fill(0)``) when done."""
+        with self._lock.read():
+            sub = self._subs.get(purpose)
+            if sub is None or not sub.live or n < 1:
+                return np.empty((0, self._dim), dtype=np.float32), []
+            labels = np.sort(np.fromiter(sub.live, dtype=np.uint64, count=len(sub.live)))
+            picked = rng.choice(labels, size=n, replace=n > labels.size)
+            return self._get_items(sub, picked), [self._subject[int(x)] for x in picked]
+
+    def best_exact(self, queries: Vectors, purpose: str, now_us: int) -> list[Hit | None]:
+        """Each query's best subject by exact search over the live vectors of ``purpose``
+        (what a one-candidate search must return), read from the graph in chunks so that
+        memory stays at a few tens of MB whatever the gallery's size."""
+        fetch = _BEST_FETCH
+        with self._lock.read():
+            sub = self._subs.get(purpose)
+            if sub is None or not sub.live or not len(queries):
+                return [None] * len(queries)
+            labels = np.sort(np.fromiter(sub.live, dtype=np.uint64, count=len(sub.live)))
+            chunk = max(256, 4_000_000 // len(queries))  # queries x chunk float32 scores
+            top_s = np.empty((len(queries), 0), dtype=np.float32)
+            top_l = np.empty((len(queries), 0), dtype=np.uint64)
+            for lo in range(0, labels.size, chunk):
+                part = labels[lo:lo + chunk]
+                vectors = self._get_items(sub, part)
+                try:
+                    sims = queries @ vectors.T
+                finally:
+                    _scrub(vectors)
+                scores = np.concatenate([top_s, sims], axis=1)
+                ids = np.concatenate([top_l, np.broadcast_to(part, sims.shape)], axis=1)
+                if scores.shape[1] > fetch:
+                    keep = np.argpartition(-scores, fetch, axis=1)[:, :fetch]
+                    scores = np.take_along_axis(scores, keep, axis=1)
+                    ids = np.take_along_axis(ids, keep, axis=1)
+                top_s, top_l = scores, ids
+            out: list[Hit | None] = []
+            for row_s, row_l in zip(top_s, top_l, strict=True):
+                order = np.argsort(-row_s, kind="stable")
+                hits = self._collect(row_l[order].tolist(), row_s[order].tolist(), 1, now_us)
+                out.append(hits[0] if hits else None)
+            return out
+
+    def best_graph(self, queries: Vectors, purpose: str, now_us: int,
+                   ef: int | None = None) -> tuple[list[Hit | None], float]:
+        """Each query's best subject as the graph finds it for a one-candidate search (k=1:
+        the smallest beam any search uses), at ``ef`` (None: the ef in use), and the CPU
+        seconds the graph took (it runs on this thread: unlike wall time, CPU time does
+        not grow when other work shares the machine). A trial ef is set and put back under the
+        write lock, so no search runs at it; searches wait for one chunk of queries at a
+        time (``_TRIAL_CHUNK``), not for the whole trial."""
+        out: list[Hit | None] = []
+        seconds = 0.0
+        for lo in range(0, len(queries), _TRIAL_CHUNK):
+            with self._lock.read() if ef is None else self._lock.write():
+                sub = self._subs.get(purpose)
+                if sub is None or not sub.live:
+                    return [None] * len(queries), 0.0
+                with _translated("search at a trial ef"):
+                    if ef is not None:
+                        sub.index.set_ef(_check_int(ef, "ef", 1))
+                    try:
+                        started = time.thread_time()  # one thread runs the query
+                        found, dist = sub.index.knn_query(
+                            queries[lo:lo + _TRIAL_CHUNK], k=min(_BEST_FETCH, len(sub.live)),
+                            num_threads=1)
+                        seconds += time.thread_time() - started
+                    finally:
+                        if ef is not None:
+                            sub.index.set_ef(sub.ef)
+                for row_l, row_d in zip(found, dist, strict=True):
+                    hits = self._collect(row_l.tolist(), (1.0 - row_d).tolist(), 1, now_us)
+                    out.append(hits[0] if hits else None)
+        return out, seconds
 
     # -- snapshots (the caller seals the state; nothing here touches disk) ---------------
 
@@ -618,7 +759,7 @@ class TemplateIndex:
                 index = hnswlib.Index.__new__(hnswlib.Index)
                 index.__setstate__((sub_state.pop("hnsw"),))
                 live = set(np.asarray(sub_state["live"], dtype=np.uint64).tolist())
-                subs[str(purpose)] = _Sub(index, live=live)
+                subs[str(purpose)] = _Sub(index, live=live, purpose=str(purpose))
             next_label = int(state["next_label"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise BiotemplateError("the index snapshot does not fit this store") from exc
@@ -671,7 +812,9 @@ class TemplateIndex:
     def _tune_ef(self, sub: _Sub) -> None:
         """Set the sub-index's search ef for its size. set_ef mutates the index, so this
         runs under the write lock only, after every change to ``sub.live``."""
-        ef = self._params.ef_search or auto_ef(len(sub.live))
+        tuned = self._tuned.get(sub.purpose)
+        ef = self._params.ef_search or (tuned_ef(tuned, len(sub.live)) if tuned
+                                        else auto_ef(len(sub.live)))
         if ef != sub.ef:
             sub.index.set_ef(ef)
             sub.ef = ef

@@ -22,6 +22,11 @@ Example::
     max_candidates = 20
     allowed_sources = ["enrolment-desk", "case-file"]   # prefix match
 
+``match_threshold`` is a cosine similarity and belongs to the face model that made the
+templates (0.55 suits the synthetic demo data; dlib's 128-d embeddings need about 0.92):
+measure it with ``TemplateStore.calibrate`` or :mod:`biotemplate.evaluation` (README,
+"Choosing a threshold").
+
 Durations are ``<positive integer><unit>`` parts, largest unit first: ``s``, ``m``
 (minutes, never months), ``h``, ``d``, ``w`` and ``y`` (365 days, so the limit never
 depends on leap years), e.g. ``"90m"``, ``"30d"``, ``"1d12h"``.

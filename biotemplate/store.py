@@ -32,11 +32,23 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
 
-from . import _files, enrolment, matching, policy_change, reports, retention, rotation, shared
+from . import (
+    _files,
+    calibration,
+    enrolment,
+    matching,
+    policy_change,
+    reports,
+    retention,
+    rotation,
+    shared,
+    tuning,
+)
 from ._calls import Parts, Releasable, StoreLock, listish, writer_lock
 from ._files import FileLock
 from .audit import AuditEntry, AuditTrail, AuditView, Checkpoint
 from .backends.postgres import is_url
+from .calibration import CalibrationReport
 from .clock import Clock, StoreClock, checked_clock, to_us
 from .errors import BiotemplateError, IntegrityError, InvalidInput, StorageError, StoreExists
 from .feed import Follower
@@ -62,6 +74,7 @@ from .results import (
     StoreStats,
     Verification,
 )
+from .tuning import IndexHealth, TuneReport
 from .validation import as_template, as_templates, check_text
 from .vault import KEYRING, RECORDS, Vault
 
@@ -535,6 +548,59 @@ class TemplateStore:
     def policy(self) -> RetentionPolicy:
         return self._p.vault.policy
 
+    # --- accuracy (calibration.py, tuning.py) -------------------------------------------
+
+    def calibrate(self, purpose: str, templates: object, labels: Sequence[str | int], *,
+                  target_fmr: float | None = None, target_fpir: float | None = None,
+                  actor: str) -> CalibrationReport:
+        """Propose a threshold for ``purpose`` from a labelled set of this store's model's
+        templates (``labels[i]`` names the person of row i): the lowest meeting
+        ``target_fmr`` over the set's non-mated pairs and/or ``target_fpir`` over
+        non-mated searches of the purpose's live gallery (the set's people must not be
+        enrolled for it; each template is one audited search). Changes nothing: apply
+        with ``set_policy(report.apply_to(store.policy), ...)``. See ``calibration.py``.
+
+        Raises:
+            InvalidInput: no target, a target outside (0, 1), bad labels, fewer than two
+                templates, no non-mated pair for ``target_fmr``.
+            InvalidTemplate: a bad template. PolicyViolation: unknown purpose, or
+                ``target_fpir`` for a purpose that allows no 1:N search.
+        """
+        return calibration.calibrate(self._p, purpose, templates, labels, target_fmr,
+                                     target_fpir, actor)
+
+    def index_health(self, purpose: str | None = None, *, sample: int = 1000, actor: str,
+                     seed: int | None = None) -> IndexHealth:
+        """Measure how often the HNSW index misses a mate that exact search finds, per
+        purpose (or every purpose with a sub-index), on ``sample`` of the store's own
+        live templates perturbed like a second capture at the purpose's threshold; and
+        the graph's latency at the ef in use. Flags a tuning the gallery has outgrown
+        (> 2x). Templates stay in memory; the report and its audit entry hold counts
+        and rates only. Mutations wait while it runs. See ``tuning.py``.
+
+        Raises:
+            PolicyViolation: unknown purpose. InvalidInput: bad sample or seed.
+        """
+        return tuning.index_health(self._p, purpose, sample, actor, seed)
+
+    def tune_index(self, target_added_miss: float = 0.001, *, actor: str,
+                   purpose: str | None = None, sample: int | None = None,
+                   seed: int | None = None) -> TuneReport:
+        """Pick, per purpose searched through a graph, the smallest ef whose added miss
+        rate (as :meth:`index_health` measures it) is at or under the target with 95 %
+        confidence (the Wilson interval's upper end); save it sealed with the store
+        (audited), use it now and on every open, growing it with the gallery until the
+        next tuning. Says when a larger M would likely be cheaper. ``sample`` defaults
+        to 10 / target probes (about half yield a countable mate). ``auto_ef`` remains
+        the starting point of an untuned purpose.
+
+        Raises:
+            InvalidInput: target not in (0, 1); bad sample or seed; the store was
+                opened with a fixed ``IndexParams(ef_search=...)``.
+            PolicyViolation: unknown purpose.
+        """
+        return tuning.tune_index(self._p, target_added_miss, purpose, sample, actor, seed)
+
     # --- operations ---------------------------------------------------------------------
 
     def backup(self, dest: str | os.PathLike[str], *, actor: str) -> BackupReceipt:
@@ -659,6 +725,10 @@ def _uncommitted_change(trail: AuditTrail, vault: Vault,
         return None if vault.rows.get(str(f["record_ids"][0])) is not None else entry
     if entry.event == "rotate-master-key":
         return None if f.get("new_key") == vault.master_key_id else entry
+    if entry.event == "tune-index" and isinstance(f.get("purposes"), dict):
+        saved = vault.index_tuning()
+        done = all(p in saved and saved[p].ef == v.get("ef") for p, v in f["purposes"].items())
+        return None if done else entry
     return None
 
 
@@ -675,4 +745,5 @@ def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool,
 # events whose entry stages a key change (it carries the generation the change gives)
 _STAGING = frozenset({"delete", "erase", "purge", "hold", "release", "policy", "rotate-keys"})
 _READS = frozenset({"search", "verify", "export", "confirm", "snapshot", "integrity",
+                    "calibrate", "index-health",
                     "backup", "audit-key"})

@@ -39,6 +39,7 @@ from .backends.sqlite import SQLiteBackend
 from .clock import StoreClock
 from .codec import Plain, RecordCodec, Shredded
 from .errors import IntegrityError, KeyUnavailable, StoreExists, StoreNotFound
+from .index import TunedEf
 from .keyring import Keyring, new_buckets
 from .keys import SecretKey
 from .keyslot import FileSlot, KeySlot, PgSlot
@@ -737,6 +738,35 @@ class Vault:
             raise
         self._policy = policy
         return seq
+
+    def index_tuning(self) -> dict[str, TunedEf]:
+        """The efs ``tune_index`` measured, per purpose (sealed setting ``index``; absent
+        until the first tuning). A setting of an unknown version is ignored: the index
+        then falls back to ``auto_ef``, which is never less safe than a stale tuning.
+
+        Raises:
+            IntegrityError: the setting was edited in the database.
+        """
+        if self._db.get_meta(_TUNING) is None:
+            return {}
+        value = _open_meta(self._db, self._keyring, _TUNING)
+        try:
+            if value["v"] != 1:
+                return {}
+            return {str(p): TunedEf(int(t["ef"]), int(t["live"]), int(t["M"]))
+                    for p, t in value["purposes"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return {}
+
+    def save_index_tuning(self, tuned: Mapping[str, TunedEf]) -> None:
+        """Replace the ``index`` setting; call inside :meth:`transaction` (with the audit
+        entry of the tuning). A few bytes per purpose: ef, live count, M."""
+        value = {"v": 1, "purposes": {p: {"ef": t.ef, "live": t.live, "M": t.M}
+                                      for p, t in sorted(tuned.items())}}
+        self._db.put_meta(_TUNING, _seal_meta(self._keyring, _TUNING, value))
+
+
+_TUNING = "index"  # the sealed meta row of tune_index's efs
 
 
 @dataclass(frozen=True, slots=True)

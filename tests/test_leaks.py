@@ -371,6 +371,12 @@ def test_workload_leaves_no_plaintext_anywhere(
                                              reviewer=r) for r in ("rev-1", "rev-2")]
         views = store.export_subject(SUBJECT_IDS[10], actor="dpo", reason="access request")
         assert len(views) == 2 and views[0].subject_id == SUBJECT_IDS[10]
+        # Accuracy: calibration on enrolled subjects' own templates, labelled by their
+        # ids (audited searches), and the index's check of itself.
+        calibration = store.calibrate("watchlist", TEMPLATES[:40], SUBJECT_IDS[:40],
+                                      target_fmr=0.1, target_fpir=0.1, actor="ml")
+        health = store.index_health(actor="ops", sample=50)
+        shown += [("calibration", calibration), ("health", health)]
 
         # The folder is copied at each checkpoint and scanned at the end, once every key
         # that ever existed is known (subject and hold keys appear over time).
