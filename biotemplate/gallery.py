@@ -262,28 +262,33 @@ class Gallery:
             return "absent"
         try:
             with snapshot.opened(self._path, self._vault.keyring) as (seq, state):
-                ids, subject_ids = state.pop("record_ids"), state.pop("subject_ids")
-                if not (len(ids) == len(subject_ids)
-                        and set(map(type, subject_ids)) <= {str}):
-                    raise ValueError("subject map")
-                subjects = dict(zip(ids, subject_ids, strict=True))
+                # subject ids and the indexed rows' fingerprints (None: no row when the
+                # snapshot was taken) in the order of the index's record ids, so that
+                # one str per id serves every table; the other rows' fingerprints packed
+                ids, subject_ids = state["records"]["ids"], state.pop("subject_ids")
+                taken = state.pop("fingerprints")
                 rows, row_count = bytes(state.pop("rows")), int(state.pop("row_count"))
                 failures = {str(x) for x in state.pop("integrity_failures")}
                 shredded = {str(x) for x in state.pop("shredded")}
                 missing = {str(x) for x in state.pop("missing", [])}
+                if not (isinstance(ids, list) and len(ids) == len(subject_ids) == len(taken)
+                        and set(map(type, subject_ids)) <= {str}
+                        and set(map(type, taken)) <= {bytes, type(None)}):
+                    raise ValueError("subject map or fingerprints")
                 self._index.import_state(state)
         except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError,
                 OverflowError):
             self._index.clear()
             self.drop_snapshot()
             return "rejected"
-        self._subjects, self.integrity_failures, self.shredded = subjects, failures, shredded
-        self.missing = missing
-        seen = snapshot.unpack_fingerprints(rows)
-        self._fingerprints = {rid: seen[rid] for rid in subjects if rid in seen}
+        self._subjects = dict(zip(ids, subject_ids, strict=True))
+        self._fingerprints = (dict(zip(ids, taken, strict=True)) if None not in taken else
+                              {rid: fp for rid, fp in zip(ids, taken, strict=True) if fp})
+        self.integrity_failures, self.shredded, self.missing = failures, shredded, missing
         db = self._vault.rows
         if db.last_change() != seq or db.count() != row_count:
-            self._reconcile(seen, now_us)
+            self._reconcile({**self._fingerprints, **snapshot.unpack_fingerprints(rows)},
+                            now_us)
         return "loaded"
 
     def _reconcile(self, seen: dict[str, bytes], now_us: int) -> None:
@@ -316,15 +321,19 @@ class Gallery:
         seq = db.last_change()
         self._index.hide_expired(now_us)  # so export_state overwrites them
         state = self._index.export_state()
-        state["record_ids"] = list(self._subjects)
-        state["subject_ids"] = list(self._subjects.values())
+        subjects = self._subjects
+        ids = state["records"]["ids"]
+        if len(ids) != len(subjects) or not all(rid in subjects for rid in ids):
+            raise BiotemplateError("the index and the subject map disagree: not sealed")
+        state["subject_ids"] = [subjects[rid] for rid in ids]
         state["integrity_failures"] = sorted(self.integrity_failures)
         state["shredded"] = sorted(self.shredded)
         state["missing"] = sorted(self.missing)
         fingerprints = {row.record_id: snapshot.fingerprint(row)
                         for batch in db.scan_headers() for row in batch}
-        state["rows"] = snapshot.pack_fingerprints(fingerprints)
         state["row_count"] = len(fingerprints)
+        state["fingerprints"] = [fingerprints.pop(rid, None) for rid in ids]
+        state["rows"] = snapshot.pack_fingerprints(fingerprints)  # the rows not indexed
         return seq, snapshot.write(self._path, self._vault.keyring, state, seq)
 
     def sweep(self) -> None:

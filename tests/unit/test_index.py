@@ -126,7 +126,7 @@ def test_remove_hides_at_once_and_overwrites_the_vector(params):
     gallery = random_unit(rng, 3000, 64)
     index = build(gallery, expiries=[FAR] * 2999 + [2_000], params=params)
     index.hide_expired(2_000)  # r2999 is hidden (expired): its bytes must go too on remove
-    labels = {r: index._label_of[r] for r in ("r7", "r2999")}
+    labels = {r: index._t.label_of[r] for r in ("r7", "r2999")}
     assert index.remove(["r7", "r2999", "nope", "r7"]) == 2
     assert len(index) == 2998
     assert all(h.record_id != "r7" for h in index.search(gallery[7], "p", 50, NOW))
@@ -179,7 +179,7 @@ def test_hnswlib_errors_on_add_are_translated_and_rolled_back():
         index.add(["x"], [b"sx"], [("p",)], [FAR], random_unit(rng, 1, 16))
     assert not isinstance(caught.value, RuntimeError)
     sub.index = real
-    assert len(index) == 100 and "x" not in index._label_of
+    assert len(index) == 100 and "x" not in index._t.label_of
     index.add(["x"], [b"sx"], [("p",)], [FAR], gallery[:1])  # the id is free again
 
 
@@ -219,7 +219,7 @@ def test_compaction_after_removing_more_than_half():
     gallery = random_unit(rng, 2000, 32)
     index = build(gallery, purposes=[("p", "q")] * 1000 + [("p",)] * 1000)
     removed = [f"r{i}" for i in range(1100)]
-    labels = [index._label_of[r] for r in removed]
+    labels = [index._t.label_of[r] for r in removed]
     index.remove(removed)
     stats = index.stats()["purposes"]
     assert stats["p"] == {"live": 900, "hidden": 0, "deleted": 0, "capacity": 1800, "ef": 64}
