@@ -76,14 +76,18 @@ class Gallery:
         was indexed (one query for all of them): a row deleted or edited behind the
         store's back, or a stale snapshot, never yields a candidate. Returns the kept
         hits and how many were dropped (each is counted as an integrity failure)."""
-        ids = list({h.record_id for hits in lists for h in hits})
+        ids = {h.record_id for hits in lists for h in hits}
         if not ids:
             return lists, 0
-        current = {r.record_id: snapshot.fingerprint(r) for r in self._vault.rows.headers(ids)}
-        # membership tests only (no copy): during rotate_keys every record is changing
-        known, changing = self._fingerprints, self._changing
-        bad = {rid for rid in ids if rid not in current
-               or (current[rid] != known.get(rid) and rid not in changing)}
+        rows = self._vault.rows.headers(list(ids))
+        # gone from the records database, or changed (membership tests only, no copy:
+        # during rotate_keys every record is changing)
+        bad = ids.difference(r.record_id for r in rows) if len(rows) != len(ids) else set()
+        known, changing, fingerprint = self._fingerprints, self._changing, snapshot.fingerprint
+        for row in rows:
+            rid = row.record_id
+            if fingerprint(row) != known.get(rid) and rid not in changing:
+                bad.add(rid)
         if not bad:
             return lists, 0
         # no failure: a record the store itself is changing or has already forgotten (a

@@ -792,6 +792,27 @@ def test_the_snapshot_file_is_0600_and_holds_no_plaintext(stores: Stores,
     assert not any(p.name.startswith(".index.snapshot.") for p in stores.dir.iterdir())
 
 
+def test_sections_are_read_in_file_order_only(stores: Stores, gallery: Gallery,
+                                              keys: Any) -> None:
+    """A section's bytes are gone once a later one was read (the reader streams): asking
+    for them then is an error, and so is a buffer of the wrong size."""
+    s = stores.create()
+    enrol(s, gallery)
+    s.snapshot()
+    keyring = Keyring.load(stores.dir / "keyring", keys.master_key())
+    with pytest.raises(bt.IntegrityError):
+        with snapshot_module.opened(stores.dir / SNAPSHOT, keyring) as (_, state):
+            labels, expiry = state["records"]["labels"], state["records"]["expiry"]
+            assert isinstance(labels, snapshot_module.Section)
+            with pytest.raises(bt.IntegrityError):
+                labels.read_into(memoryview(bytearray(labels.nbytes + 1)))
+            assert expiry.read().shape == labels.shape
+            labels.read()
+    with snapshot_module.opened(stores.dir / SNAPSHOT, keyring) as (_, state):
+        pass  # nothing read: the whole body is still authenticated at the end
+    s.close()
+
+
 def test_the_template_search_technique_finds_a_template(stores: Stores, gallery: Gallery,
                                                         keys: Any) -> None:
     """The control for the two tests around it: opened, the snapshot does hold the
