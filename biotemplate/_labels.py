@@ -94,10 +94,13 @@ class LabelTable:
 
     def by_purpose(self, labels: NDArray[np.int64] | Sequence[int]) -> dict[str, list[int]]:
         """The labels grouped by each of their purposes."""
-        at = np.asarray(labels, dtype=np.int64)
         out: dict[str, list[int]] = {}
-        if not at.size:
+        if len(labels) < 64:  # a deletion's few labels: no array round trip
+            for label in labels:
+                for purpose in self.tag_sets[int(self.tags[label])]:
+                    out.setdefault(purpose, []).append(int(label))
             return out
+        at = np.asarray(labels, dtype=np.int64)
         tags = self.tags[at]
         for tag in np.unique(tags).tolist():
             group = at[tags == tag].tolist()
@@ -120,6 +123,32 @@ class LabelTable:
                 "expiry": self.expiry[at].copy(),
                 "tag_sets": [list(t) for t in self.tag_sets],
                 "tags": self.tags[at].copy()}
+
+    @classmethod
+    def checked(cls, ids: object, labels: NDArray[np.uint64], refs: object,
+                expiry: NDArray[np.int64], tag_sets: list[tuple[str, ...]],
+                tags: NDArray[np.uint32], next_label: int) -> LabelTable:
+        """:meth:`from_columns` after checking them (a snapshot of another store or
+        version must not load).
+
+        Raises:
+            ValueError: the columns disagree (lengths, types, bounds, a label or a record
+                id twice).
+        """
+        if not isinstance(ids, list) or not isinstance(refs, list):
+            raise ValueError("record columns")
+        n = len(ids)
+        if (not labels.shape == expiry.shape == tags.shape == (n,) or len(refs) != n
+                or not set(map(type, ids)) <= {str} or not set(map(type, refs)) <= {bytes}
+                or (n and (int(tags.max()) >= len(tag_sets)
+                           or int(labels.max()) >= next_label))):
+            raise ValueError("record columns")
+        used = np.zeros(next_label, dtype=np.bool_)
+        used[labels.astype(np.intp)] = True
+        table = cls.from_columns(ids, labels, refs, expiry, tag_sets, tags, next_label)
+        if int(used.sum()) != n or len(table) != n:
+            raise ValueError("record columns")
+        return table
 
     @classmethod
     def from_columns(cls, ids: list[str], labels: NDArray[np.uint64], refs: list[bytes],

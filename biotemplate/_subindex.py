@@ -106,13 +106,16 @@ class SubIndex:
 
     # -- erasure ---------------------------------------------------------------------------
 
-    def mark(self, labels: Sequence[int], labels_needed: int) -> list[int]:
+    def mark(self, labels: Sequence[int], labels_needed: int,
+             seen: tuple[Level0, NDArray[np.int64]] | None = None) -> list[int]:
         """``mark_deleted`` each label present; returns those it marked."""
         marked = [label for label in labels if _marked(self.index, label)]
-        seen = self.view(labels_needed) if marked else None
+        if marked and seen is None:
+            seen = self.view(labels_needed)
         if seen is not None:
+            slots = seen[1]
             for label in marked:
-                slot = int(seen[1][label])
+                slot = int(slots[label])
                 if slot >= 0:
                     self.dead[slot] = label
         return marked
@@ -124,12 +127,14 @@ class SubIndex:
         the block cannot be seen: then the API has done both already)."""
         live = [x for x in labels if x in self.live]
         hidden = [x for x in labels if x in self.hidden]
+        if not live and not hidden:
+            return []
         self.live.difference_update(live)
         self.hidden.difference_update(hidden)
-        targets = self.mark(live, labels_needed) + hidden
+        seen = self.view(labels_needed)
+        targets = self.mark(live, labels_needed, seen) + hidden
         if not targets:
             return []
-        seen = self.view(labels_needed)
         if seen is not None:
             level0, slots = seen
             want = np.asarray(targets, dtype=np.int64)

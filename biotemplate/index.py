@@ -31,12 +31,10 @@ distance is ``1 - dot``; the score is ``dot`` clipped to [-1, 1].
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +47,7 @@ from numpy.typing import NDArray
 
 from ._labels import LabelTable
 from ._level0 import DELETED, locate
+from ._repair import Repairs, RWLock, paced
 from ._subindex import SubIndex
 from .errors import BiotemplateError, InvalidInput, InvalidTemplate
 
@@ -57,7 +56,6 @@ __all__ = ["Hit", "IndexParams", "TemplateIndex", "auto_ef"]
 _CHUNK = 10_000  # rows per add_items call, so `progress` ticks and the GIL is let go
 _MIN_CAPACITY = 1_024
 _NORM_TOLERANCE = 1e-3  # scores assume unit vectors; reject what the caller forgot to normalise
-_HOLD = 0.02  # seconds a batched writer (repair, API erasure) aims to hold the write lock
 
 Labels = NDArray[np.uint64]
 Vectors = NDArray[np.float32]
@@ -128,63 +126,6 @@ class Blob(Protocol):
     def read(self) -> NDArray[Any]: ...
 
 
-class _RWLock:
-    """Many readers or one writer, phase-fair: a waiting writer blocks new readers (it
-    cannot starve), and readers that waited for a writer go before the next writer (a
-    writer working in batches cannot starve them either)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-        self._readers_waiting = 0
-        self._readers_turn = False
-
-    def acquire_read(self) -> None:
-        with self._cond:
-            if self._writer or (self._writers_waiting and not self._readers_turn):
-                self._readers_waiting += 1
-                while self._writer or (self._writers_waiting and not self._readers_turn):
-                    self._cond.wait()
-                self._readers_waiting -= 1
-                if not self._readers_waiting:
-                    self._readers_turn = False
-            self._readers += 1
-
-    def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        self.acquire_read()
-        try:
-            yield
-        finally:
-            self.release_read()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers or self._readers_turn:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._readers_turn = self._readers_waiting > 0
-                self._cond.notify_all()
-
-
 @contextmanager
 def _translated(what: str) -> Iterator[None]:
     """Turn hnswlib's bare RuntimeError into our hierarchy (the cause stays chained)."""
@@ -233,14 +174,13 @@ class TemplateIndex:
         self._dim = _check_int(dim, "dim", 1)
         self._params = params if params is not None else IndexParams()
         self._threads = self._params.num_threads or -1
-        self._lock = _RWLock()
+        self._lock = RWLock()
         self._rng = np.random.default_rng()  # OS-seeded: overwrite noise is unpredictable
         self._subs: dict[str, SubIndex] = {}
         self._t = LabelTable()
-        # erased labels whose bytes are zero but whose graph links are not re-linked yet:
-        # (sub-index, the hnswlib index they were erased from, labels)
-        self._repairs: deque[tuple[SubIndex, Any, list[int]]] = deque()
-        self._repairer: threading.Thread | None = None
+        # erased labels whose bytes are zero but whose graph links are not re-linked yet
+        self._repairs = Repairs(self._lock, self._repair,
+                                lambda sub: sub in self._subs.values())
 
     # -- writes ------------------------------------------------------------------------
 
@@ -382,12 +322,13 @@ class TemplateIndex:
                     sub = self._subs.get(purpose)
                     if sub is None:
                         continue
-                    if sub.view(self._t.next_label) is None and len(group) > 1:
+                    if (len(group) > 1 and sub.slots is None
+                            and sub.view(self._t.next_label) is None):
                         later.append((purpose, deque(group)))
                     else:
                         self._erase(purpose, sub, group)
         for purpose, queue in later:
-            self._paced(functools.partial(self._erase_some, purpose, queue))
+            paced(self._lock, functools.partial(self._erase_some, purpose, queue))
         return len(labels)
 
     def _erase_some(self, purpose: str, queue: deque[int], budget: int) -> bool:
@@ -430,8 +371,8 @@ class TemplateIndex:
         Raises:
             BiotemplateError: hnswlib failed.
         """
-        with self._lock.write():
-            self._settle()
+        with self._lock.write(), _translated("repair the graph"):
+            self._repairs.settle()
 
     def clear(self) -> None:
         """Drop every record and sub-index, zeroing the vectors they held."""
@@ -580,7 +521,7 @@ class TemplateIndex:
                                         "ef": sub.ef}
             return {"dim": self._dim, "records": len(self._t),
                     "params": asdict(self._params), "purposes": per_purpose,
-                    "repairs_pending": sum(len(job[2]) for job in self._repairs)}
+                    "repairs_pending": self._repairs.pending()}
 
     # -- snapshots (the caller seals the state; nothing here touches disk) ---------------
 
@@ -592,7 +533,7 @@ class TemplateIndex:
         live. Its arrays are copies: the caller zeroes them once sealed.
         """
         with self._lock.write():
-            self._settle()
+            self._repairs.settle()
             with _translated("compact before a snapshot"):
                 for sub in self._subs.values():
                     sub.repair(sub.erase(list(sub.hidden), self._t.next_label, self._noise,
@@ -622,7 +563,7 @@ class TemplateIndex:
             if state["v"] != 3 or state["dim"] != self._dim:
                 raise ValueError("version or dimension")
             cols, next_label = state["records"], int(state["next_label"])
-            table = self._table(cols["ids"], _array(cols["labels"], np.uint64),
+            table = LabelTable.checked(cols["ids"], _array(cols["labels"], np.uint64),
                                 cols["subjects"], _array(cols["expiry"], np.int64),
                                 [tuple(str(t) for t in tags) for tags in cols["tag_sets"]],
                                 _array(cols["tags"], np.uint32), next_label)
@@ -643,31 +584,6 @@ class TemplateIndex:
             with _translated("load a snapshot"):
                 for sub in subs.values():
                     self._refresh_mirror(sub)
-
-    @staticmethod
-    def _table(ids: Any, labels: Labels, refs: Any, expiry: NDArray[np.int64],
-               tag_sets: list[tuple[str, ...]], tag_of: NDArray[np.uint32],
-               next_label: int) -> LabelTable:
-        """The label table of an exported state, its columns checked.
-
-        Raises:
-            ValueError: the columns disagree (lengths, types, bounds, a label or a record
-                id twice).
-        """
-        n = len(ids)
-        if (not labels.shape == expiry.shape == tag_of.shape == (n,) or len(refs) != n
-                or not isinstance(ids, list) or not isinstance(refs, list)
-                or not set(map(type, ids)) <= {str} or not set(map(type, refs)) <= {bytes}
-                or (n and (int(tag_of.max()) >= len(tag_sets)
-                           or int(labels.max()) >= next_label))):
-            raise ValueError("record columns")
-        used = np.zeros(next_label, dtype=np.bool_)
-        used[labels.astype(np.intp)] = True
-        table = LabelTable.from_columns(ids, labels, refs, expiry, tag_sets, tag_of,
-                                        next_label)
-        if int(used.sum()) != n or len(table) != n:
-            raise ValueError("record columns")
-        return table
 
     def _restore(self, hnsw: dict[str, Any], level0: NDArray[Any] | Blob) -> Any:
         """An hnswlib index from its exported parts. Fast path: set the state with an
@@ -765,16 +681,17 @@ class TemplateIndex:
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         return noise
 
+    def _repair(self, sub: SubIndex, labels: list[int]) -> None:
+        """One batch of the background repair: on one thread, leaving the other cores to
+        the searches it runs between."""
+        sub.repair(labels, self._noise, 1)
+
     def _erase(self, purpose: str, sub: SubIndex, labels: list[int]) -> None:
         """Erase, then rebuild the sub-index if more than half its slots are dead."""
         queued = sub.erase(labels, self._t.next_label, self._noise, self._threads)
         self._refresh_mirror(sub, drop=labels)
         if queued:
-            self._repairs.append((sub, sub.index, queued))
-            if self._repairer is None:
-                self._repairer = threading.Thread(target=self._repair_loop, daemon=True,
-                                                  name="biotemplate-index-repair")
-                self._repairer.start()
+            self._repairs.add(sub, queued)
         slots: int = sub.index.get_current_count()
         if sub.live and 2 * (slots - len(sub.live)) <= slots:
             return
@@ -815,62 +732,6 @@ class TemplateIndex:
         sub.mirror_labels, sub.mirror = labels, vectors
         _scrub(old)
         self._tune_ef(sub)  # every change to sub.live ends here
-
-    # -- the background repair ----------------------------------------------------------
-
-    def _next_repair(self, budget: int) -> tuple[SubIndex, list[int]] | None:
-        """Up to ``budget`` labels of the oldest pending repair whose sub-index is still
-        the one they were erased from (a rebuilt or dropped one took its links along)."""
-        while self._repairs:
-            sub, index, labels = self._repairs[0]
-            if sub.index is not index or sub not in self._subs.values():
-                self._repairs.popleft()
-                continue
-            if len(labels) > budget:
-                self._repairs[0] = (sub, index, labels[budget:])
-                return sub, labels[:budget]
-            self._repairs.popleft()
-            return sub, labels
-        return None
-
-    def _settle(self) -> None:
-        while (job := self._next_repair(1 << 62)) is not None:
-            with _translated("repair the graph"):
-                job[0].repair(job[1], self._noise, self._threads)
-
-    def _repair_step(self, budget: int) -> bool:
-        job = self._next_repair(budget)
-        if job is None:
-            self._repairer = None  # under the write lock: the next erasure starts another
-            return False
-        with contextlib.suppress(RuntimeError):  # bytes are zero already; links stay
-            job[0].repair(job[1], self._noise, self._threads)
-        return True
-
-    def _repair_loop(self) -> None:
-        try:
-            self._paced(self._repair_step)
-        finally:
-            with self._lock.write():
-                if self._repairer is threading.current_thread():
-                    self._repairer = None
-
-    def _paced(self, step: Callable[[int], bool]) -> None:
-        """Run ``step(budget)`` under the write lock until it returns False, sizing each
-        batch so that one holds the lock for about ``_HOLD``: searches run in between."""
-        budget = 4
-        while True:
-            with self._lock.write():
-                started = time.perf_counter()
-                more = step(budget)
-                took = time.perf_counter() - started
-            if not more:
-                return
-            if took < _HOLD / 2:
-                budget *= 2
-            elif took > _HOLD:
-                budget = max(1, budget // 2)
-
 
 def _zero_block(index: Any) -> None:
     """Zero the level-0 block of an index about to be dropped (vectors and links), when

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import biotemplate._level0 as level0_module
+import biotemplate._repair as repair_module
 import biotemplate._subindex as subindex_module
 import biotemplate.index as index_module
 from biotemplate.errors import BiotemplateError, InvalidInput, InvalidTemplate
@@ -449,7 +450,7 @@ def test_removal_zeroes_bytes_at_once_and_the_repair_rewires_what_the_links_reme
     neighbours they name is close to the erased template. remove() zeroes the bytes before
     it returns; the repair (held back here) re-links the element around a random vector,
     after which its links say nothing of the face."""
-    monkeypatch.setattr(TemplateIndex, "_repair_loop", lambda self: None)  # no background
+    monkeypatch.setattr(repair_module.Repairs, "_run", lambda self: None)  # no background
     rng = np.random.default_rng(30)
     gallery = random_unit(rng, 3000, 64)  # noise scores ~N(0, 1/8) against a template
     index = build(gallery, params=HNSW_ONLY)
@@ -493,7 +494,7 @@ def test_where_the_block_cannot_be_seen_hnswlib_erases_bytes_and_links_at_once(m
 
 
 def test_a_snapshot_waits_for_pending_repairs(monkeypatch):
-    monkeypatch.setattr(TemplateIndex, "_repair_loop", lambda self: None)
+    monkeypatch.setattr(repair_module.Repairs, "_run", lambda self: None)
     rng = np.random.default_rng(32)
     gallery = random_unit(rng, 3000, 32)
     index = build(gallery, params=HNSW_ONLY)
@@ -508,16 +509,16 @@ def test_the_background_repair_runs_on_its_own():
     gallery = random_unit(rng, 3000, 32)
     index = build(gallery, params=HNSW_ONLY)
     index.remove([f"r{i}" for i in range(0, 3000, 50)])
-    worker = index._repairer
+    worker = index._repairs.worker
     if worker is not None:
         worker.join(timeout=120)
-    assert index.stats()["repairs_pending"] == 0 and index._repairer is None
+    assert index.stats()["repairs_pending"] == 0 and index._repairs.worker is None
 
 
 def test_a_writer_working_in_batches_lets_waiting_searches_in():
     """The lock is phase-fair: readers that waited for a writer go before its next batch
     (a purge or the repair cannot hold searches back for more than one batch)."""
-    lock = index_module._RWLock()
+    lock = index_module.RWLock()
     events: list[str] = []
 
     def reader() -> None:
