@@ -631,7 +631,8 @@ def combined(runs: dict[int, dict[str, Any]]) -> str:
             if sp:
                 splits.append((f"d={d}, {label}", sp, _get(runs[d], key, "what_if")))
     if splits:
-        steps = [k for k in splits[0][1] if k != "total (mean)"] + ["total (mean)"]
+        steps = [*dict.fromkeys(k for _, sp, _ in splits for k in sp if k != "total (mean)"),
+                 "total (mean)"]
         srows = [[step, *(f"{sp.get(step, 0):.0f}" for _, sp, _ in splits)] for step in steps]
         out.append("Where a search's time goes (us per search, mean of 300, investigation, "
                    "k=10; wrappers add ~1 us a step):\n\n"

@@ -158,12 +158,15 @@ class LabelTable:
         table = cls()
         at = labels.astype(np.intp)
         table._grow(next_label)
-        by_label = np.full(next_label, None, dtype=object)
-        by_label[at] = ids
-        table.ids = by_label.tolist()
-        by_label[:] = None
-        by_label[at] = refs
-        table.refs = by_label.tolist()
+        if len(ids) == next_label and np.array_equal(at, np.arange(next_label)):
+            table.ids, table.refs = list(ids), list(refs)  # no label ever removed
+        else:
+            by_label = np.full(next_label, None, dtype=object)
+            by_label[at] = ids
+            table.ids = by_label.tolist()
+            by_label[:] = None
+            by_label[at] = refs
+            table.refs = by_label.tolist()
         table.expiry[at] = expiry
         table.tags[at] = tags
         table.tag_sets = list(tag_sets)

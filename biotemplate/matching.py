@@ -92,14 +92,15 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
     confirmed in one query; an entry's ``unconfirmed`` counts its step's. A failure part
     way leaves the steps before it audited (they were searched) and raises.
     """
-    started = p.clock()
+    now_us = p.clock.now_us()  # one reading: the entry's ts0 and the expiry cut-off
+    started = from_us(now_us)
     with p.audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
         rule = search_rule(p.vault.policy, purpose, mode, k, reason)
         units = (normalised(as_templates(probes, p.vault.dim)) if batch
                  else unit_template(probes, p.vault.dim)[None, :])
         threshold, name, gallery = rule.match_threshold, rule.name, p.gallery
         out = []
-        for step, lists in _searched(p, units, purpose, min(k, rule.max_candidates)):
+        for step, lists in _searched(p, units, purpose, min(k, rule.max_candidates), now_us):
             if mode == "identification":  # only what can become a candidate is confirmed
                 lists = [[h for h in hits if h.score >= threshold] for hits in lists]
             lists, dropped = gallery.confirm(lists)
@@ -119,11 +120,10 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
 STEP = 128  # probes per step of a batch (see ``search``)
 
 
-def _searched(p: Parts, units: NDArray[np.float32], purpose: str,
-              k: int) -> Iterator[tuple[NDArray[np.float32], list[list[Hit]]]]:
+def _searched(p: Parts, units: NDArray[np.float32], purpose: str, k: int,
+              now_us: int) -> Iterator[tuple[NDArray[np.float32], list[list[Hit]]]]:
     """(probes, the index's hits for them), step by step; the next step is searched in
     a worker thread while the caller handles this one."""
-    now_us = p.clock.now_us()
     if len(units) <= STEP:
         yield units, p.gallery.search(units, purpose, k, now_us)
         return
