@@ -89,13 +89,14 @@ def add_results_dir_arg(parser: argparse.ArgumentParser) -> None:
                              "results; use another folder for trial runs)")
 
 
-def ef_default() -> int:
-    """The ef biotemplate picks by default for a sub-index of this run's N records."""
+def ef_default(n: int | None = None) -> int:
+    """The ef biotemplate picks by default for a sub-index of ``n`` records (default:
+    this run's N)."""
     from biotemplate.index import auto_ef
 
-    if _N is None:
+    if n is None and _N is None:
         raise RuntimeError("common.configure(n) was not called")
-    return auto_ef(_N)
+    return auto_ef(n if n is not None else int(_N or 0))
 
 
 SAMPLES_B = 4
@@ -350,15 +351,15 @@ def params(ef: int | None = None) -> Any:
     return bt.IndexParams(M=M, ef_construction=EF_CONSTRUCTION, ef_search=ef)
 
 
-def raw_build_cpu(x: np.ndarray) -> tuple[float, float, Any]:
+def raw_build_cpu(x: np.ndarray, ef: int | None = None) -> tuple[float, float, Any]:
     """A raw hnswlib index of ``x`` (labels = rows) at the store's M / ef_construction,
-    searched at ``ef_default()``: (wall s, CPU s, index)."""
+    searched at ``ef`` (default ``ef_default()``): (wall s, CPU s, index)."""
     import hnswlib
 
     index = hnswlib.Index(space="ip", dim=x.shape[1])
     index.init_index(max_elements=len(x), M=M, ef_construction=EF_CONSTRUCTION)
     t, c, _ = timed_cpu(lambda: index.add_items(x, np.arange(len(x))))
-    index.set_ef(ef_default())
+    index.set_ef(ef if ef is not None else ef_default())
     return t, c, index
 
 
@@ -431,3 +432,139 @@ def source_digest() -> dict[str, str]:
                            check=False).stdout.strip()
     return {"git_head": head, "biotemplate_dirty": str(bool(dirty)),
             "biotemplate_sha256": h.hexdigest()[:16]}
+
+
+# --- where a search's time goes ----------------------------------------------------------
+
+
+class _Timed:
+    """Forwards every attribute to ``inner``; ``name``'s calls are timed into ``into``."""
+
+    def __init__(self, inner: Any, name: str, into: list[float]) -> None:
+        self._inner, self._name, self._into = inner, name, into
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._inner, attr)
+        if attr != self._name:
+            return value
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                self._into.append(time.perf_counter() - t0)
+
+        return timed_call
+
+
+def search_split(store: Any, purpose: str, probes: np.ndarray, mode: str = INV,
+                 k: int = K) -> dict[str, float]:
+    """Mean µs per ``store.search`` spent in each step, from wrappers put around the
+    functions and objects the search calls (and taken off again). NOT public API: it
+    reaches into the store's parts, names as of issue 13; a step that is not found is
+    left out. The wrappers add ~1 µs each; "other" is the total minus the named steps."""
+    import biotemplate.matching as matching
+    from biotemplate.audit import AuditTrail
+    from biotemplate.backends.sqlite import SQLiteBackend
+    from biotemplate.gallery import Gallery
+    from biotemplate.index import TemplateIndex
+    from biotemplate.vault import Vault
+
+    spent: dict[str, list[float]] = {}
+    undo: list[Callable[[], None]] = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        real = getattr(owner, name, None)
+        if real is None:
+            return
+        into = spent.setdefault(label, [])
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                into.append(time.perf_counter() - t0)
+
+        setattr(owner, name, timed_call)
+        undo.append(lambda: setattr(owner, name, real))
+
+    def proxy(owner: Any, attr: str, name: str, label: str) -> None:
+        real = getattr(owner, attr)
+        setattr(owner, attr, _Timed(real, name, spent.setdefault(label, [])))
+        undo.append(lambda: setattr(owner, attr, real))
+
+    parts = store._p
+    wrap(matching, "search_rule", "validation")
+    wrap(matching, "unit_template", "validation")
+    wrap(TemplateIndex, "search_units", "index: total")
+    for sub in parts.gallery._index._subs.values():
+        proxy(sub, "index", "knn_query", "index: hnswlib knn_query")
+    wrap(Gallery, "confirm", "confirmation: total")
+    wrap(SQLiteBackend, "headers", "confirmation: SQL (backend.headers)")
+    wrap(matching, "candidates", "candidates")
+    wrap(Vault, "probe_digest", "probe digest (HMAC)")
+    wrap(AuditTrail, "append", "audit append: total")
+    wrap(AuditTrail, "_sign", "audit append: Ed25519 sign")
+    proxy(parts.trail, "_conn", "execute", "audit append: SQL insert")
+    totals = []
+    try:
+        for v in probes:
+            t0 = time.perf_counter()
+            store.search(v, purpose=purpose, k=k, actor=ACTOR, mode=mode)
+            totals.append(time.perf_counter() - t0)
+    finally:
+        for step in reversed(undo):
+            step()
+    n = len(probes)
+    out = {label: sum(v) / n * 1e6 for label, v in spent.items() if v}
+    named = sum(out.get(x, 0.0) for x in ("validation", "index: total", "confirmation: total",
+                                          "candidates", "probe digest (HMAC)",
+                                          "audit append: total"))
+    out["total (mean)"] = sum(totals) / n * 1e6
+    out["other (matching, audited(), results)"] = out["total (mean)"] - named
+    return out
+
+
+def what_if(store: Any, raw: Any, purpose: str, probes: np.ndarray, rounds: int,
+            mode: str = INV) -> dict[str, dict[str, float]]:
+    """Per-search overhead (store p50 - raw ``knn_query(k=10)`` p50, µs, median of
+    ``rounds`` interleaved rounds) of the shipped store and, for comparison only, with
+    the audit append and/or the candidate confirmation replaced by no-ops: what the
+    proposals for those two steps could save at most. NOT the shipped code."""
+    from biotemplate.audit import AuditTrail
+    from biotemplate.gallery import Gallery
+
+    real_append, real_confirm = AuditTrail.append, Gallery.confirm
+    counter = [0]
+
+    def no_append(self: Any, *args: Any, **kwargs: Any) -> int:
+        counter[0] += 1
+        return counter[0]
+
+    def no_confirm(self: Any, lists: Any) -> Any:
+        return lists, 0
+
+    variants = {"shipped": (real_append, real_confirm), "no audit append": (no_append,
+                real_confirm), "no confirmation": (real_append, no_confirm),
+                "neither": (no_append, no_confirm)}
+    p50s: dict[str, list[float]] = {name: [] for name in variants}
+    raw_p50: list[float] = []
+
+    def search(v: np.ndarray) -> Any:
+        return store.search(v, purpose=purpose, k=K, actor=ACTOR, mode=mode)
+
+    try:
+        for r in range(rounds):
+            raw_p50.append(float(np.median(time_each(lambda v: raw.knn_query(v, k=K),
+                                                     probes))) * 1e6)
+            names = list(variants)
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                AuditTrail.append, Gallery.confirm = variants[name]  # type: ignore[method-assign]
+                p50s[name].append(float(np.median(time_each(search, probes))) * 1e6)
+    finally:
+        AuditTrail.append, Gallery.confirm = real_append, real_confirm  # type: ignore[method-assign]
+    return {name: {"overhead_us": median([s - r for s, r in zip(v, raw_p50, strict=True)]),
+                   "store_p50_us": median(v), "raw_p50_us": median(raw_p50)}
+            for name, v in p50s.items()}

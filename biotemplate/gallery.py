@@ -82,14 +82,18 @@ class Gallery:
         was indexed (one query for all of them): a row deleted or edited behind the
         store's back, or a stale snapshot, never yields a candidate. Returns the kept
         hits and how many were dropped (each is counted as an integrity failure)."""
-        ids = list({h.record_id for hits in lists for h in hits})
+        ids = {h.record_id for hits in lists for h in hits}
         if not ids:
             return lists, 0
-        current = {r.record_id: snapshot.fingerprint(r) for r in self._vault.rows.headers(ids)}
-        # membership tests only (no copy): during rotate_keys every record is changing
-        known, changing = self._fingerprints, self._changing
-        bad = {rid for rid in ids if rid not in current
-               or (current[rid] != known.get(rid) and rid not in changing)}
+        rows = self._vault.rows.headers(list(ids))
+        # gone from the records database, or changed (membership tests only, no copy:
+        # during rotate_keys every record is changing)
+        bad = ids.difference(r.record_id for r in rows) if len(rows) != len(ids) else set()
+        known, changing, fingerprint = self._fingerprints, self._changing, snapshot.fingerprint
+        for row in rows:
+            rid = row.record_id
+            if fingerprint(row) != known.get(rid) and rid not in changing:
+                bad.add(rid)
         if not bad:
             return lists, 0
         if self._vault.shared:
@@ -98,7 +102,8 @@ class Gallery:
             # and authenticated now, and kept if it is still this subject's and live. What
             # does not open here (this instance's keys are a change behind) is dropped
             # until the feed brings it; the feed, not a search, reports tampering.
-            resealed = [rid for rid in bad if rid in current and rid in known]
+            present = {r.record_id for r in rows}
+            resealed = [rid for rid in bad if rid in present and rid in known]
             bad -= self._reauthenticated(resealed, now_us)
             if not bad:
                 return lists, 0
@@ -402,28 +407,33 @@ class Gallery:
             return "absent"
         try:
             with snapshot.opened(self._path, self._vault.keyring) as (seq, state):
-                ids, subject_ids = state.pop("record_ids"), state.pop("subject_ids")
-                if not (len(ids) == len(subject_ids)
-                        and set(map(type, subject_ids)) <= {str}):
-                    raise ValueError("subject map")
-                subjects = dict(zip(ids, subject_ids, strict=True))
+                # subject ids and the indexed rows' fingerprints (None: no row when the
+                # snapshot was taken) in the order of the index's record ids, so that
+                # one str per id serves every table; the other rows' fingerprints packed
+                ids, subject_ids = state["records"]["ids"], state.pop("subject_ids")
+                taken = state.pop("fingerprints")
                 rows, row_count = bytes(state.pop("rows")), int(state.pop("row_count"))
                 failures = {str(x) for x in state.pop("integrity_failures")}
                 shredded = {str(x) for x in state.pop("shredded")}
                 missing = {str(x) for x in state.pop("missing", [])}
+                if not (isinstance(ids, list) and len(ids) == len(subject_ids) == len(taken)
+                        and set(map(type, subject_ids)) <= {str}
+                        and set(map(type, taken)) <= {bytes, type(None)}):
+                    raise ValueError("subject map or fingerprints")
                 self._index.import_state(state)
         except (BiotemplateError, KeyError, TypeError, ValueError, AttributeError,
                 OverflowError):
             self._index.clear()
             self.drop_snapshot()
             return "rejected"
-        self._subjects, self.integrity_failures, self.shredded = subjects, failures, shredded
-        self.missing = missing
-        seen = snapshot.unpack_fingerprints(rows)
-        self._fingerprints = {rid: seen[rid] for rid in subjects if rid in seen}
+        self._subjects = dict(zip(ids, subject_ids, strict=True))
+        self._fingerprints = (dict(zip(ids, taken, strict=True)) if None not in taken else
+                              {rid: fp for rid, fp in zip(ids, taken, strict=True) if fp})
+        self.integrity_failures, self.shredded, self.missing = failures, shredded, missing
         db = self._vault.rows
         if db.last_change() != seq or db.count() != row_count:
-            self._reconcile(seen, now_us)
+            self._reconcile({**self._fingerprints, **snapshot.unpack_fingerprints(rows)},
+                            now_us)
         return "loaded"
 
     def _reconcile(self, seen: dict[str, bytes], now_us: int) -> None:
@@ -468,8 +478,11 @@ class Gallery:
         seq = db.last_change() if covered is None else covered
         self._index.hide_expired(now_us)  # so export_state overwrites them
         state = self._index.export_state()
-        state["record_ids"] = list(self._subjects)
-        state["subject_ids"] = list(self._subjects.values())
+        subjects = self._subjects
+        ids = state["records"]["ids"]
+        if len(ids) != len(subjects) or not all(rid in subjects for rid in ids):
+            raise BiotemplateError("the index and the subject map disagree: not sealed")
+        state["subject_ids"] = [subjects[rid] for rid in ids]
         state["integrity_failures"] = sorted(self.integrity_failures)
         state["shredded"] = sorted(self.shredded)
         state["missing"] = sorted(self.missing)
@@ -477,11 +490,12 @@ class Gallery:
             fingerprints = {row.record_id: snapshot.fingerprint(row)
                             for batch in db.scan_headers() for row in batch}
             state["row_count"] = len(fingerprints)
-        else:
-            fingerprints = {rid: self._fingerprints[rid] for rid in self._subjects
-                            if rid in self._fingerprints}
+        else:  # only what the index applied; the rows are compared on the next open
+            fingerprints = {rid: fp for rid in ids
+                            if (fp := self._fingerprints.get(rid)) is not None}
             state["row_count"] = -1
-        state["rows"] = snapshot.pack_fingerprints(fingerprints)
+        state["fingerprints"] = [fingerprints.pop(rid, None) for rid in ids]
+        state["rows"] = snapshot.pack_fingerprints(fingerprints)  # the rows not indexed
         return seq, snapshot.write(self._path, self._vault.keyring, state, seq)
 
     def sweep(self) -> None:

@@ -12,15 +12,18 @@ meets hnswlib's sharp edges:
   array" when fewer than ``k`` live items are reachable. Small sub-indexes (at most
   ``exact_cutoff`` live items), exhausted over-fetches and that error all fall back to an
   exact dot product over the live vectors. Results are never padded.
-- **Erasure.** ``mark_deleted`` only hides a vector. Removing a record first overwrites
-  its stored vector with a random unit vector (``add_items`` on an existing label
-  rewrites it in place), then marks it deleted; its slot is reused by later adds
+- **Erasure.** ``mark_deleted`` only hides a vector, and the graph's links around it keep
+  a usable approximation of it (``_subindex``). A removed record's bytes are zeroed before
+  ``remove`` returns, and its neighbourhood is re-linked around a random vector by a
+  background repair in short batches (or both at once, through the API, where the block
+  hnswlib keeps vectors in cannot be seen: ``_level0``). Its slot is reused by later adds
   (``replace_deleted``), and a sub-index more than half deleted is rebuilt.
 - **Concurrency.** hnswlib searches may run together but not beside add, delete or
-  resize; a writer-preferring readers-writer lock guards every hnswlib call.
+  resize; a phase-fair readers-writer lock guards every hnswlib call, so a writer that
+  works in batches (a purge, the repair) lets waiting searches in between its batches.
 - **Errors.** hnswlib's bare ``RuntimeError`` becomes a fallback or a
   :class:`~biotemplate.errors.BiotemplateError`. Nothing here writes vectors to disk
-  (no ``save_index``, no pickle); the index is rebuilt from the sealed records.
+  (no ``save_index``, no pickle); the caller seals ``export_state`` itself.
 
 Search is cosine similarity on L2-normalised vectors in hnswlib's ``"ip"`` space, where
 distance is ``1 - dot``; the score is ``dot`` clipped to [-1, 1].
@@ -28,21 +31,26 @@ distance is ``1 - dot``; the score is ``dot`` clipped to [-1, 1].
 
 from __future__ import annotations
 
-import heapq
+import functools
 import math
 import operator
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple, Protocol, cast
 
 import hnswlib
 import numpy as np
 from numpy.typing import NDArray
 
-from biotemplate.errors import BiotemplateError, InvalidInput, InvalidTemplate
+from ._labels import LabelTable
+from ._level0 import DELETED, locate
+from ._repair import Repairs, RWLock, paced
+from ._subindex import SubIndex
+from .errors import BiotemplateError, InvalidInput, InvalidTemplate
 
 __all__ = ["Hit", "IndexParams", "TemplateIndex", "TunedEf", "auto_ef", "retune_due",
            "tuned_ef"]
@@ -140,60 +148,14 @@ class Hit(NamedTuple):
     score: float  # cosine similarity in [-1, 1]
 
 
-@dataclass(slots=True)
-class _Sub:
-    """One purpose's hnswlib index and what we know about its labels."""
+class Blob(Protocol):
+    """A large array still in a sealed snapshot (``snapshot.Section``), read in order."""
 
-    index: Any
-    live: set[int] = field(default_factory=set)  # present and searchable
-    hidden: set[int] = field(default_factory=set)  # expired: marked deleted, bytes kept
-    # A copy of the live vectors while the sub-index is under the exact cut-off, because
-    # get_items costs ~60 ms for 2048 vectors at d=512 and the exact path runs per search.
-    mirror_labels: Labels | None = None
-    mirror: Vectors | None = None
-    ef: int = 0  # what set_ef was last given
-    purpose: str = ""  # its key in TemplateIndex._subs (for a tuned ef)
+    nbytes: int
 
+    def read_into(self, out: memoryview) -> None: ...
 
-class _RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers so it cannot starve."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+    def read(self) -> NDArray[Any]: ...
 
 
 @contextmanager
@@ -236,7 +198,7 @@ class TemplateIndex:
     """Per-purpose HNSW sub-indexes over normalised templates, filtered by expiry.
 
     Thread-safe: searches run concurrently; add, remove and hide_expired are exclusive.
-    Holds vectors in memory only; it is rebuilt from the sealed records on open.
+    Holds vectors in memory only; the caller seals what it exports.
     """
 
     def __init__(self, dim: int, params: IndexParams | None = None) -> None:
@@ -244,16 +206,13 @@ class TemplateIndex:
         self._dim = _check_int(dim, "dim", 1)
         self._params = params if params is not None else IndexParams()
         self._threads = self._params.num_threads or -1
-        self._lock = _RWLock()
+        self._lock = RWLock()
         self._rng = np.random.default_rng()  # OS-seeded: overwrite noise is unpredictable
-        self._subs: dict[str, _Sub] = {}
-        self._label_of: dict[str, int] = {}
-        self._record_of: dict[int, str] = {}
-        self._subject: dict[int, bytes] = {}
-        self._expiry: dict[int, int] = {}  # a label absent here is removed: never returned
-        self._purposes_of: dict[int, tuple[str, ...]] = {}
-        self._heap: list[tuple[int, int]] = []  # (expiry_us, label), stale entries skipped
-        self._next_label = 0  # labels are never reused
+        self._subs: dict[str, SubIndex] = {}
+        self._t = LabelTable()
+        # erased labels whose bytes are zero but whose graph links are not re-linked yet
+        self._repairs = Repairs(self._lock, self._repair,
+                                lambda sub: sub in self._subs.values())
         self._tuned: dict[str, TunedEf] = {}  # purpose -> measured ef (set_tuned)
 
     # -- writes ------------------------------------------------------------------------
@@ -306,10 +265,9 @@ class TemplateIndex:
         if len(set(ids)) != n:
             raise InvalidInput("add: a record id appears twice in the batch")
         with self._lock.write():
-            if any(r in self._label_of for r in ids):
+            if any(r in self._t.label_of for r in ids):
                 raise InvalidInput("add: a record id is already indexed")
-            labels = list(range(self._next_label, self._next_label + n))
-            self._next_label += n
+            labels = list(self._t.allocate(n))  # held by no record until put below
             failed: list[BaseException] = []
 
             def insert() -> None:
@@ -334,11 +292,7 @@ class TemplateIndex:
                 if isinstance(exc, RuntimeError):
                     raise BiotemplateError("the template index failed to add records") from exc
                 raise
-            for label, rid, ref, exp, tag in zip(labels, ids, refs, exps, tags, strict=True):
-                self._label_of[rid], self._record_of[label] = label, rid
-                self._subject[label], self._expiry[label] = ref, exp
-                self._purposes_of[label] = tag
-                heapq.heappush(self._heap, (exp, label))
+            self._t.put(labels, ids, refs, exps, tags)
 
     def _insert(self, labels: list[int], tags: list[tuple[str, ...]], rows: Vectors,
                 progress: Callable[[int, int], None] | None) -> None:
@@ -348,9 +302,9 @@ class TemplateIndex:
                 rows_of.setdefault(purpose, []).append(i)
         for purpose, idx in rows_of.items():
             if purpose not in self._subs:
-                self._subs[purpose] = _Sub(self._new_index(len(idx)), purpose=purpose,
-                                           mirror_labels=np.empty(0, np.uint64),
-                                           mirror=np.empty((0, self._dim), np.float32))
+                self._subs[purpose] = SubIndex(self._new_index(len(idx)), purpose=purpose,
+                                               mirror_labels=np.empty(0, np.uint64),
+                                               mirror=np.empty((0, self._dim), np.float32))
             self._reserve(self._subs[purpose], len(idx))
         label_arr = np.asarray(labels, dtype=np.uint64)
         per_purpose = {p: np.asarray(idx, dtype=np.intp) for p, idx in rows_of.items()}
@@ -363,17 +317,24 @@ class TemplateIndex:
                 sub, sel = self._subs[purpose], picked[lo:hi]
                 chunk, chunk_labels = rows[sel], label_arr[sel]
                 sub.live.update(chunk_labels.tolist())  # before the call: rollback sees it
+                before: int = sub.index.get_current_count()
                 try:
                     sub.index.add_items(chunk, chunk_labels, num_threads=self._threads,
                                         replace_deleted=True)
                     self._refresh_mirror(sub, add=(chunk_labels, chunk))
                 finally:
                     _scrub(chunk)
+                    sub.added(before, chunk_labels, self._t.next_label)
             if progress is not None:
                 progress(stop, len(labels))
 
     def remove(self, record_ids: Iterable[str]) -> int:
-        """Hide records at once and overwrite their vectors; unknown ids are ignored.
+        """Hide records at once and destroy their vectors; unknown ids are ignored.
+
+        Their bytes are zeroed before this returns and their graph links re-linked by a
+        background repair soon after (:meth:`settle` waits for it). Where the vectors'
+        memory cannot be seen, both happen here through hnswlib, in batches that let
+        searches run between them.
 
         Returns: how many known records were removed.
 
@@ -384,22 +345,34 @@ class TemplateIndex:
         if isinstance(record_ids, str):
             raise InvalidInput("remove takes a collection of record ids, not one string")
         wanted = set(record_ids)
+        later: list[tuple[str, deque[int]]] = []
         with self._lock.write():
-            labels = [self._label_of[r] for r in wanted if r in self._label_of]
-            by_purpose: dict[str, list[int]] = {}
-            for label in labels:  # forget first: searches skip unknown labels from now on
-                del self._label_of[self._record_of.pop(label)]
-                del self._subject[label], self._expiry[label]
-                for purpose in self._purposes_of.pop(label):
-                    by_purpose.setdefault(purpose, []).append(label)
-            if len(self._heap) > 2 * len(self._expiry) + _MIN_CAPACITY:
-                self._heap = [e for e in self._heap if self._expiry.get(e[1]) == e[0]]
-                heapq.heapify(self._heap)
+            labels = [self._t.label_of[r] for r in wanted if r in self._t.label_of]
+            by_purpose = self._t.by_purpose(labels)
+            self._t.drop(labels)  # forget first: searches skip unknown labels from now on
             with _translated("erase removed templates"):
                 for purpose, group in by_purpose.items():
-                    if (sub := self._subs.get(purpose)) is not None:
+                    sub = self._subs.get(purpose)
+                    if sub is None:
+                        continue
+                    if (len(group) > 1 and sub.slots is None
+                            and sub.view(self._t.next_label) is None):
+                        later.append((purpose, deque(group)))
+                    else:
                         self._erase(purpose, sub, group)
-            return len(labels)
+        for purpose, queue in later:
+            paced(self._lock, functools.partial(self._erase_some, purpose, queue))
+        return len(labels)
+
+    def _erase_some(self, purpose: str, queue: deque[int], budget: int) -> bool:
+        """One batch of an API erasure (write lock held); True while labels remain."""
+        sub = self._subs.get(purpose)
+        if sub is None:
+            return False
+        batch = [queue.popleft() for _ in range(min(budget, len(queue)))]
+        with _translated("erase removed templates"):
+            self._erase(purpose, sub, batch)
+        return bool(queue)
 
     def shorten(self, expiries_us: Mapping[str, int]) -> int:
         """Bring records' expiry forward (a tighter policy applied to stored records);
@@ -414,12 +387,13 @@ class TemplateIndex:
         new = {rid: _check_int(exp, "expiry_us") for rid, exp in expiries_us.items()}
         moved = 0
         with self._lock.write():
+            table = self._t
             for rid, exp in new.items():
-                label = self._label_of.get(rid)
-                if label is None or exp >= self._expiry[label]:
+                label = table.label_of.get(rid)
+                if label is None or exp >= int(table.expiry[label]):
                     continue
-                self._expiry[label] = exp  # the heap's older entry is now stale: skipped
-                heapq.heappush(self._heap, (exp, label))
+                table.expiry[label] = exp
+                table.next_expiry = min(table.next_expiry, exp)  # hidden when it passes
                 moved += 1
         return moved
 
@@ -433,37 +407,38 @@ class TemplateIndex:
             BiotemplateError: hnswlib failed; searches still filter by expiry.
         """
         _check_int(now_us, "now_us")
-        hidden = 0
-        by_purpose: dict[str, list[int]] = {}
         with self._lock.write():
-            while self._heap and self._heap[0][0] <= now_us:
-                expiry, label = heapq.heappop(self._heap)
-                if self._expiry.get(label) != expiry:
-                    continue  # removed since it was pushed
-                hidden += 1
-                for purpose in self._purposes_of[label]:
-                    by_purpose.setdefault(purpose, []).append(label)
+            due = self._t.expire(now_us)
             with _translated("hide expired templates"):
-                for purpose, group in by_purpose.items():
+                for purpose, group in self._t.by_purpose(due).items():
                     if (sub := self._subs.get(purpose)) is None:
                         continue
                     gone = [x for x in group if x in sub.live]
                     sub.live.difference_update(gone)
                     sub.hidden.update(gone)
                     self._refresh_mirror(sub, drop=gone)
-                    for label in gone:
-                        sub.index.mark_deleted(label)
-        return hidden
+                    sub.mark(gone, self._t.next_label)
+            return int(due.size)
+
+    def settle(self) -> None:
+        """Finish the pending graph repairs of removed records now, in this thread
+        (``export_state`` does; tests and benchmarks wait for them with it).
+
+        Raises:
+            BiotemplateError: hnswlib failed.
+        """
+        with self._lock.write(), _translated("repair the graph"):
+            self._repairs.settle()
 
     def clear(self) -> None:
-        """Drop every record and sub-index (nothing is kept to restore)."""
+        """Drop every record and sub-index, zeroing the vectors they held."""
         with self._lock.write():
             for sub in self._subs.values():
                 _scrub(sub.mirror)
-            for table in (self._subs, self._label_of, self._record_of, self._subject,
-                          self._expiry, self._purposes_of):
-                table.clear()
-            self._heap.clear()
+                _zero_block(sub.index)
+            self._subs.clear()
+            self._repairs.clear()
+            self._t.clear()
 
     # -- reads -------------------------------------------------------------------------
 
@@ -492,11 +467,11 @@ class TemplateIndex:
         vectors of shape (m, dim) in float32 (the store validates every probe once)."""
         _check_int(k, "k", 1)
         _check_int(now_us, "now_us")
-        with self._lock.read():
-            due = bool(self._heap) and self._heap[0][0] <= now_us
-        if due:
-            self.hide_expired(now_us)
-        with self._lock.read():
+        if now_us >= self._t.next_expiry:  # a stale read only delays the hiding: every
+            self.hide_expired(now_us)      # result is checked against the expiry anyway
+        lock = self._lock
+        lock.acquire_read()
+        try:
             sub = self._subs.get(purpose)
             if sub is None or not len(queries):
                 return [[] for _ in range(len(queries))]
@@ -507,14 +482,15 @@ class TemplateIndex:
                 found, dist = sub.index.knn_query(queries, k=fetch, num_threads=self._threads)
             except RuntimeError:  # some row had < fetch reachable: retry row by row
                 return [self._search_one(sub, q, k, now_us, fetch) for q in queries]
-            results = []
-            for q, row_labels, row_dist in zip(queries, found, dist, strict=True):
-                hits = self._collect(row_labels.tolist(), (1.0 - row_dist).tolist(), k, now_us)
-                results.append(hits if len(hits) >= k
-                               else self._search_one(sub, q, k, now_us, 2 * fetch))
+            results = self._collect(found, 1.0 - dist, k, now_us)
+            for i, hits in enumerate(results):
+                if len(hits) < k:
+                    results[i] = self._search_one(sub, queries[i], k, now_us, 2 * fetch)
             return results
+        finally:
+            lock.release_read()
 
-    def _search_one(self, sub: _Sub, query: Vectors, k: int, now_us: int,
+    def _search_one(self, sub: SubIndex, query: Vectors, k: int, now_us: int,
                     fetch: int) -> list[Hit]:
         """Over-fetch, doubling, until k subjects are found; exact once fetch covers all."""
         while fetch < len(sub.live):
@@ -522,13 +498,14 @@ class TemplateIndex:
                 found, dist = sub.index.knn_query(query, k=fetch, num_threads=1)
             except RuntimeError:  # "Cannot return the results in a contiguous 2D array"
                 break
-            hits = self._collect(found[0].tolist(), (1.0 - dist[0]).tolist(), k, now_us)
+            hits = self._collect(found, 1.0 - dist, k, now_us)[0]
             if len(hits) >= k:
                 return hits
             fetch *= 2
         return self._exact(sub, query[None, :], k, now_us)[0]
 
-    def _exact(self, sub: _Sub, queries: Vectors, k: int, now_us: int) -> list[list[Hit]]:
+    def _exact(self, sub: SubIndex, queries: Vectors, k: int,
+               now_us: int) -> list[list[Hit]]:
         """Brute-force dot products over the sub-index's live vectors."""
         labels, vectors, owned = sub.mirror_labels, sub.mirror, False
         if labels is None or vectors is None:
@@ -546,29 +523,38 @@ class TemplateIndex:
             if fetch < row.shape[0]:  # sort only the best few, not the whole gallery
                 top = np.argpartition(-row, fetch)[:fetch]
                 top = top[np.argsort(-row[top], kind="stable")]
-                hits = self._collect(labels[top].tolist(), row[top].tolist(), k, now_us)
+                hits = self._collect(labels[top][None, :], row[top][None, :], k, now_us)[0]
             if len(hits) < k:
                 order = np.argsort(-row, kind="stable")
-                hits = self._collect(labels[order].tolist(), row[order].tolist(), k, now_us)
+                hits = self._collect(labels[order][None, :], row[order][None, :], k,
+                                     now_us)[0]
             out.append(hits)
         return out
 
-    def _collect(self, labels: list[int], sims: list[float], k: int, now_us: int) -> list[Hit]:
-        """Walk best-first results keeping each subject's first (best) unexpired record."""
-        hits: list[Hit] = []
-        seen: set[bytes] = set()
-        for label, sim in zip(labels, sims, strict=True):
-            expiry = self._expiry.get(label)
-            if expiry is None or expiry <= now_us:
-                continue
-            ref = self._subject[label]
-            if ref in seen:
-                continue
-            seen.add(ref)
-            hits.append(Hit(self._record_of[label], ref, min(1.0, max(-1.0, float(sim)))))
-            if len(hits) == k:
-                break
-        return hits
+    def _collect(self, labels: NDArray[Any], sims: NDArray[Any], k: int,
+                 now_us: int) -> list[list[Hit]]:
+        """For each row of best-first (labels, similarities): each subject's first (best)
+        unexpired record, up to k. One array read filters expiry for every row."""
+        table = self._t
+        good = (table.expiry[labels.astype(np.intp)] > now_us).tolist()
+        ids, refs = table.ids, cast(list[bytes], table.refs)
+        out: list[list[Hit]] = []
+        for row_labels, row_sims, row_good in zip(labels.tolist(), sims.tolist(), good,
+                                                  strict=True):
+            hits: list[Hit] = []
+            seen: set[bytes] = set()
+            for label, sim, ok in zip(row_labels, row_sims, row_good, strict=True):
+                if not ok:
+                    continue
+                ref = refs[label]
+                if ref in seen:
+                    continue
+                seen.add(ref)
+                hits.append(Hit(cast(str, ids[label]), ref, min(1.0, max(-1.0, sim))))
+                if len(hits) == k:
+                    break
+            out.append(hits)
+        return out
 
     def purposes(self) -> list[str]:
         """Purposes that have a sub-index, sorted."""
@@ -577,7 +563,7 @@ class TemplateIndex:
 
     def __len__(self) -> int:
         """Records held (added and not removed), including expired ones awaiting a purge."""
-        return len(self._label_of)
+        return len(self._t)
 
     def stats(self) -> dict[str, Any]:
         """Counts and parameters for monitoring; never vectors."""
@@ -592,8 +578,9 @@ class TemplateIndex:
                 if (tuned := self._tuned.get(purpose)) is not None:
                     per_purpose[purpose] |= {"tuned_ef": tuned.ef, "tuned_live": tuned.live,
                                              "retune": int(retune_due(tuned, len(sub.live)))}
-            return {"dim": self._dim, "records": len(self._label_of),
-                    "params": asdict(self._params), "purposes": per_purpose}
+            return {"dim": self._dim, "records": len(self._t),
+                    "params": asdict(self._params), "purposes": per_purpose,
+                    "repairs_pending": self._repairs.pending()}
 
     # -- measuring the graph against exact search (index_health, tune_index) -------------
 
@@ -631,7 +618,7 @@ class TemplateIndex:
                 return np.empty((0, self._dim), dtype=np.float32), []
             labels = np.sort(np.fromiter(sub.live, dtype=np.uint64, count=len(sub.live)))
             picked = rng.choice(labels, size=n, replace=n > labels.size)
-            return self._get_items(sub, picked), [self._subject[int(x)] for x in picked]
+            return self._get_items(sub, picked), [cast(bytes, self._t.refs[int(x)]) for x in picked]
 
     def best_exact(self, queries: Vectors, purpose: str, now_us: int) -> list[Hit | None]:
         """Each query's best subject by exact search over the live vectors of ``purpose``
@@ -663,7 +650,8 @@ class TemplateIndex:
             out: list[Hit | None] = []
             for row_s, row_l in zip(top_s, top_l, strict=True):
                 order = np.argsort(-row_s, kind="stable")
-                hits = self._collect(row_l[order].tolist(), row_s[order].tolist(), 1, now_us)
+                hits = self._collect(row_l[order][None, :], row_s[order][None, :], 1,
+                                     now_us)[0]
                 out.append(hits[0] if hits else None)
             return out
 
@@ -694,8 +682,7 @@ class TemplateIndex:
                     finally:
                         if ef is not None:
                             sub.index.set_ef(sub.ef)
-                for row_l, row_d in zip(found, dist, strict=True):
-                    hits = self._collect(row_l.tolist(), (1.0 - row_d).tolist(), 1, now_us)
+                for hits in self._collect(found, 1.0 - dist, 1, now_us):
                     out.append(hits[0] if hits else None)
         return out, seconds
 
@@ -704,79 +691,97 @@ class TemplateIndex:
     def export_state(self) -> dict[str, Any]:
         """The whole index as plain values and numpy arrays, for a sealed snapshot.
 
-        Expired (hidden) vectors are overwritten first and removed vectors already were,
-        so the state holds no template of a record that is not live.
+        Pending repairs are finished and expired (hidden) vectors erased first, so the
+        state holds no template, and no graph neighbourhood, of a record that is not
+        live. Its arrays are copies: the caller zeroes them once sealed.
         """
         with self._lock.write():
+            self._repairs.settle()
             with _translated("compact before a snapshot"):
                 for sub in self._subs.values():
-                    self._overwrite(sub, list(sub.hidden))
-            # Columns, not a row per record: a snapshot of 100k records then decodes in a
-            # few C-level passes (msgpack lists, numpy arrays, dict(zip())) on open.
-            labels = list(self._record_of)
-            tag_sets = sorted(set(self._purposes_of.values()))
-            tag_index = {tags: i for i, tags in enumerate(tag_sets)}
-            records = {
-                "ids": [self._record_of[lb] for lb in labels],
-                "labels": np.asarray(labels, dtype=np.uint64),
-                "subjects": [self._subject[lb] for lb in labels],
-                "expiry": np.asarray([self._expiry[lb] for lb in labels], dtype=np.int64),
-                "tag_sets": [list(tags) for tags in tag_sets],
-                "tags": np.asarray([tag_index[self._purposes_of[lb]] for lb in labels],
-                                   dtype=np.uint32),
-            }
-            subs = {p: {"hnsw": sub.index.__getstate__()[0],
-                        "live": np.fromiter(sub.live, np.uint64, len(sub.live))}
-                    for p, sub in self._subs.items()}
-            return {"v": 2, "dim": self._dim, "next_label": self._next_label,
-                    "records": records, "subs": subs}
+                    sub.repair(sub.erase(list(sub.hidden), self._t.next_label, self._noise,
+                                         self._threads), self._noise, self._threads)
+            subs = {}
+            for purpose, sub in self._subs.items():
+                hnsw = dict(sub.index.__getstate__()[0])
+                level0 = hnsw.pop("data_level0")  # last: a reader streams it into place
+                subs[purpose] = {"hnsw": hnsw, "level0": level0,
+                                 "live": np.fromiter(sub.live, np.uint64, len(sub.live))}
+            return {"v": 3, "dim": self._dim, "next_label": self._t.next_label,
+                    "records": self._t.columns(), "subs": subs}
 
     def import_state(self, state: dict[str, Any]) -> None:
         """Replace the index with an exported state. Call only with authenticated data;
         the shapes are still checked, so a state of another store or version is refused.
+        Arrays may be numpy arrays or :class:`Blob` sections of a snapshot, which are
+        read in the order ``export_state`` wrote them: each level-0 block is decrypted
+        straight into the memory hnswlib allocated for it, without a second copy.
 
         Raises:
-            BiotemplateError: the state does not fit this index (dimension, shape).
+            BiotemplateError: the state does not fit this index (dimension, shape), or a
+                snapshot section failed authentication; nothing is kept.
         """
+        subs: dict[str, SubIndex] = {}
         try:
-            if state["v"] != 2 or state["dim"] != self._dim:
+            if state["v"] != 3 or state["dim"] != self._dim:
                 raise ValueError("version or dimension")
-            cols = state["records"]
-            ids, labels = cols["ids"], np.asarray(cols["labels"], dtype=np.uint64).tolist()
-            subject, expiry = cols["subjects"], np.asarray(cols["expiry"], dtype=np.int64).tolist()
-            tag_sets = [tuple(str(t) for t in tags) for tags in cols["tag_sets"]]
-            tag_of = np.asarray(cols["tags"], dtype=np.uint32).tolist()
-            n = len(ids)
-            if (not len(labels) == len(subject) == len(expiry) == len(tag_of) == n
-                    or not set(map(type, ids)) <= {str}
-                    or not set(map(type, subject)) <= {bytes}
-                    or (n and max(tag_of) >= len(tag_sets))):
-                raise ValueError("record columns")
-            subs: dict[str, _Sub] = {}
+            cols, next_label = state["records"], int(state["next_label"])
+            table = LabelTable.checked(cols["ids"], _array(cols["labels"], np.uint64),
+                                cols["subjects"], _array(cols["expiry"], np.int64),
+                                [tuple(str(t) for t in tags) for tags in cols["tag_sets"]],
+                                _array(cols["tags"], np.uint32), next_label)
             pending = state["subs"]
             for purpose in list(pending):
                 sub_state = pending.pop(purpose)  # let each state go once hnswlib has it
-                index = hnswlib.Index.__new__(hnswlib.Index)
-                index.__setstate__((sub_state.pop("hnsw"),))
-                live = set(np.asarray(sub_state["live"], dtype=np.uint64).tolist())
-                subs[str(purpose)] = _Sub(index, live=live, purpose=str(purpose))
-            next_label = int(state["next_label"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                index = self._restore(sub_state["hnsw"], sub_state["level0"])
+                subs[str(purpose)] = sub = SubIndex(index, purpose=str(purpose))
+                sub.live = set(_array(sub_state["live"], np.uint64).tolist())
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError,
+                BiotemplateError) as exc:
+            for sub in subs.values():
+                _zero_block(sub.index)
             raise BiotemplateError("the index snapshot does not fit this store") from exc
         self.clear()
         with self._lock.write():
-            self._subs, self._next_label = subs, next_label
-            self._label_of = dict(zip(ids, labels, strict=True))
-            self._record_of = dict(zip(labels, ids, strict=True))
-            self._subject = dict(zip(labels, subject, strict=True))
-            self._expiry = dict(zip(labels, expiry, strict=True))
-            self._purposes_of = dict(zip(labels, map(tag_sets.__getitem__, tag_of),
-                                         strict=True))
-            self._heap = list(zip(expiry, labels, strict=True))
-            heapq.heapify(self._heap)
+            self._subs, self._t = subs, table
             with _translated("load a snapshot"):
                 for sub in subs.values():
                     self._refresh_mirror(sub)
+
+    def _restore(self, hnsw: dict[str, Any], level0: NDArray[Any] | Blob) -> Any:
+        """An hnswlib index from its exported parts. Fast path: set the state with an
+        empty level-0 block (hnswlib copies only what it is given), then fill the block
+        it allocated through the level-0 view; its deleted marks are applied through the
+        API afterwards, so hnswlib's own count and free list agree with them."""
+        params = {k: (_array(v, None) if _is_blob(v) else v) for k, v in hnsw.items()}
+        index = hnswlib.Index.__new__(hnswlib.Index)
+        index.__setstate__(({**params, "data_level0": np.empty(0, np.uint8),
+                             "has_deletions": False},))
+        view = locate(index)
+        if view is None or view.block.nbytes != level0.nbytes:
+            data = _array(level0, np.uint8)
+            try:
+                index = hnswlib.Index.__new__(hnswlib.Index)
+                index.__setstate__(({**params, "data_level0": data},))
+            finally:
+                if data is not level0:
+                    _scrub(data)
+            return index
+        block = view.block.reshape(-1)
+        try:
+            if isinstance(level0, np.ndarray):
+                block[:] = level0.reshape(-1).view(np.uint8)
+            else:
+                level0.read_into(block.data)
+        except BaseException:
+            block[:] = 0  # what was decrypted before the failure
+            raise
+        marked = np.flatnonzero(view.flags & DELETED)
+        deleted = view.labels[marked].tolist()
+        view.flags[marked] &= np.uint8(~DELETED & 0xFF)
+        for label in deleted:
+            index.mark_deleted(label)
+        return index
 
     # -- internals (callers hold the write lock unless noted) ----------------------------
 
@@ -809,7 +814,7 @@ class TemplateIndex:
                          allow_replace_deleted=True)
         return index  # its ef is set by _tune_ef once it holds records
 
-    def _tune_ef(self, sub: _Sub) -> None:
+    def _tune_ef(self, sub: SubIndex) -> None:
         """Set the sub-index's search ef for its size. set_ef mutates the index, so this
         runs under the write lock only, after every change to ``sub.live``."""
         tuned = self._tuned.get(sub.purpose)
@@ -819,7 +824,7 @@ class TemplateIndex:
             sub.index.set_ef(ef)
             sub.ef = ef
 
-    def _reserve(self, sub: _Sub, extra: int) -> None:
+    def _reserve(self, sub: SubIndex, extra: int) -> None:
         """Double capacity until ``extra`` more fit (replace_deleted fills dead slots first)."""
         need = max(sub.index.get_current_count(), len(sub.live) + extra)
         capacity: int = sub.index.get_max_elements()
@@ -828,7 +833,7 @@ class TemplateIndex:
                 capacity *= 2
             sub.index.resize_index(capacity)
 
-    def _get_items(self, sub: _Sub, labels: Labels) -> Vectors:
+    def _get_items(self, sub: SubIndex, labels: Labels) -> Vectors:
         """Copy live vectors out of hnswlib (exact fallback and compaction only)."""
         if not labels.size:
             return np.empty((0, self._dim), dtype=np.float32)
@@ -841,35 +846,25 @@ class TemplateIndex:
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         return noise
 
-    def _overwrite(self, sub: _Sub, labels: list[int]) -> None:
-        """Rewrite the labels' stored vectors with noise, then mark them deleted."""
-        targets = [x for x in labels if x in sub.live]
-        for label in labels:
-            if label in sub.hidden:
-                sub.hidden.discard(label)
-                try:  # hnswlib refuses to rewrite a deleted label: undelete it briefly
-                    sub.index.unmark_deleted(label)
-                except RuntimeError:
-                    continue  # its slot went to a later record: its bytes are already gone
-                targets.append(label)
-        if not targets:
-            return
-        sub.live.difference_update(targets)
-        self._refresh_mirror(sub, drop=targets)
-        sub.index.add_items(self._noise(len(targets)), np.asarray(targets, dtype=np.uint64),
-                            num_threads=self._threads, replace_deleted=False)
-        for label in targets:
-            sub.index.mark_deleted(label)
+    def _repair(self, sub: SubIndex, labels: list[int]) -> None:
+        """One batch of the background repair: on one thread, leaving the other cores to
+        the searches it runs between."""
+        sub.repair(labels, self._noise, 1)
 
-    def _erase(self, purpose: str, sub: _Sub, labels: list[int]) -> None:
-        """Overwrite, then rebuild the sub-index if more than half its slots are dead."""
-        self._overwrite(sub, labels)
+    def _erase(self, purpose: str, sub: SubIndex, labels: list[int]) -> None:
+        """Erase, then rebuild the sub-index if more than half its slots are dead."""
+        queued = sub.erase(labels, self._t.next_label, self._noise, self._threads)
+        self._refresh_mirror(sub, drop=labels)
+        if queued:
+            self._repairs.add(sub, queued)
         slots: int = sub.index.get_current_count()
         if sub.live and 2 * (slots - len(sub.live)) <= slots:
             return
-        self._overwrite(sub, list(sub.hidden))  # expired bytes must not outlive the graph
+        # expired bytes must not outlive the graph (its links go with it: no repair)
+        sub.erase(list(sub.hidden), self._t.next_label, self._noise, self._threads)
         if not sub.live:
             _scrub(sub.mirror)
+            _zero_block(sub.index)
             del self._subs[purpose]
             return
         live = np.fromiter(sub.live, dtype=np.uint64, count=len(sub.live))
@@ -879,10 +874,11 @@ class TemplateIndex:
             fresh.add_items(vectors, live, num_threads=self._threads)
         finally:
             _scrub(vectors)
-        sub.index, sub.ef = fresh, 0
+        _zero_block(sub.index)
+        sub.index, sub.ef, sub.slots, sub.dead = fresh, 0, None, {}
         self._tune_ef(sub)
 
-    def _refresh_mirror(self, sub: _Sub, drop: Sequence[int] = (),
+    def _refresh_mirror(self, sub: SubIndex, drop: Sequence[int] = (),
                         add: tuple[Labels, Vectors] | None = None) -> None:
         """Keep ``sub.mirror`` equal to the live vectors while under the exact cut-off."""
         old = sub.mirror
@@ -901,3 +897,21 @@ class TemplateIndex:
         sub.mirror_labels, sub.mirror = labels, vectors
         _scrub(old)
         self._tune_ef(sub)  # every change to sub.live ends here
+
+def _zero_block(index: Any) -> None:
+    """Zero the level-0 block of an index about to be dropped (vectors and links), when
+    it can be seen: what it held must not outlive it in freed memory."""
+    view = locate(index)
+    if view is not None:
+        view.block[:] = 0
+
+
+def _is_blob(value: object) -> bool:
+    return hasattr(value, "read_into") and hasattr(value, "nbytes")
+
+
+def _array(value: Any, dtype: Any) -> NDArray[Any]:
+    """A numpy array from a value of an exported state: an array, a list, or a Blob."""
+    if _is_blob(value):
+        value = value.read()
+    return np.asarray(value, dtype=dtype)

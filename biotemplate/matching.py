@@ -13,7 +13,8 @@ True when at least one candidate is at or above the threshold.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.typing import NDArray
@@ -60,15 +61,19 @@ def search_rule(policy: RetentionPolicy, purpose: str, mode: str, k: object,
 def candidates(hits: Sequence[Hit], rule: Purpose, mode: str,
                subject_of: Callable[[str], str | None]) -> tuple[list[Candidate], bool]:
     """Apply the open-set rule to index hits: (candidates, decision)."""
-    t = rule.match_threshold
-    if mode == "identification":
-        hits = [h for h in hits if h.score >= t]
-    # A record removed while this search ran has no subject any more: drop it.
-    named = [(h, sid) for h in hits if (sid := subject_of(h.record_id))]
-    cands = [Candidate(record_id=h.record_id, subject_id=sid, score=float(h.score),
-                       rank=i + 1, above_threshold=bool(h.score >= t))
-             for i, (h, sid) in enumerate(named)]
-    return cands, any(c.above_threshold for c in cands)
+    t, open_set = rule.match_threshold, mode == "identification"
+    cands: list[Candidate] = []
+    decision = False
+    for h in hits:
+        above = h.score >= t
+        if open_set and not above:
+            continue
+        sid = subject_of(h.record_id)
+        if not sid:  # a record removed while this search ran has no subject any more
+            continue
+        cands.append(Candidate(h.record_id, sid, float(h.score), len(cands) + 1, above))
+        decision = decision or above
+    return cands, decision
 
 
 def cosine(template: NDArray[np.float32], unit: NDArray[np.float32]) -> float:
@@ -79,32 +84,57 @@ def cosine(template: NDArray[np.float32], unit: NDArray[np.float32]) -> float:
 
 def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: str | None,
            mode: str, *, batch: bool) -> list[SearchResult]:
-    """The ordering of :meth:`TemplateStore.search` (one probe) and ``search_many``."""
-    started = p.clock()
+    """The ordering of :meth:`TemplateStore.search` (one probe) and ``search_many``.
+
+    A batch is searched in steps of ``STEP`` probes: the index searches the next step in
+    a worker thread (hnswlib lets go of the GIL) while this one confirms and audits the
+    last, so the second core is not idle while Python works. Each step's candidates are
+    confirmed in one query; an entry's ``unconfirmed`` counts its step's. A failure part
+    way leaves the steps before it audited (they were searched) and raises.
+    """
+    now_us = p.clock.now_us()  # one reading: the entry's ts0 and the expiry cut-off
+    started = from_us(now_us)
     with p.audited("search", actor, purpose=purpose, mode=mode, reason=reason) as f:
         rule = search_rule(p.vault.policy, purpose, mode, k, reason)
         units = (normalised(as_templates(probes, p.vault.dim)) if batch
                  else unit_template(probes, p.vault.dim)[None, :])
-        now_us = p.clock.now_us()
-        lists = p.gallery.search(units, purpose, min(k, rule.max_candidates), now_us)
-        if mode == "identification":  # only what can become a candidate is confirmed
-            lists = [[h for h in hits if h.score >= rule.match_threshold] for hits in lists]
-        lists, dropped = p.gallery.confirm(lists, now_us)
-        if dropped:
-            f = {**f, "unconfirmed": dropped}
+        threshold, name, gallery = rule.match_threshold, rule.name, p.gallery
         out = []
-        for unit, hits in zip(units, lists, strict=True):
-            cands, decision = candidates(hits, rule, mode, p.gallery.subject_of)
-            seq = p.trail.append(
-                "search", actor=str(actor), started=started, durable=False, k=k,
-                threshold=rule.match_threshold, count=len(cands), decision=decision,
-                probe_digest=p.vault.probe_digest(unit),
-                record_ids=[c.record_id for c in cands],
-                scores=[round(c.score, 6) for c in cands], **f)
-            out.append(SearchResult(candidates=cands, decision=decision,
-                                    threshold=rule.match_threshold, mode=mode,
-                                    purpose=rule.name, audit_seq=seq))
+        for step, lists in _searched(p, units, purpose, min(k, rule.max_candidates), now_us):
+            if mode == "identification":  # only what can become a candidate is confirmed
+                lists = [[h for h in hits if h.score >= threshold] for hits in lists]
+            lists, dropped = gallery.confirm(lists, now_us)
+            fields = {**f, "unconfirmed": dropped} if dropped else f
+            for unit, hits in zip(step, lists, strict=True):
+                cands, decision = candidates(hits, rule, mode, gallery.subject_of)
+                seq = p.trail.append(
+                    "search", actor=str(actor), started=started, durable=False, k=k,
+                    threshold=threshold, count=len(cands), decision=decision,
+                    probe_digest=p.vault.probe_digest(unit),
+                    record_ids=[c.record_id for c in cands],
+                    scores=[round(c.score, 6) for c in cands], **fields)
+                out.append(SearchResult(cands, decision, threshold, mode, name, seq))
         return out
+
+
+STEP = 128  # probes per step of a batch (see ``search``)
+
+
+def _searched(p: Parts, units: NDArray[np.float32], purpose: str, k: int,
+              now_us: int) -> Iterator[tuple[NDArray[np.float32], list[list[Hit]]]]:
+    """(probes, the index's hits for them), step by step; the next step is searched in
+    a worker thread while the caller handles this one."""
+    if len(units) <= STEP:
+        yield units, p.gallery.search(units, purpose, k, now_us)
+        return
+    steps = [units[i : i + STEP] for i in range(0, len(units), STEP)]
+    with ThreadPoolExecutor(1, thread_name_prefix="biotemplate-search") as pool:
+        ahead = pool.submit(p.gallery.search, steps[0], purpose, k, now_us)
+        for i, step in enumerate(steps):
+            lists = ahead.result()
+            if i + 1 < len(steps):
+                ahead = pool.submit(p.gallery.search, steps[i + 1], purpose, k, now_us)
+            yield step, lists
 
 
 def verify(p: Parts, probe: object, *, subject_id: str, purpose: str, actor: str,

@@ -103,15 +103,21 @@ def unit_template(template: object, dim: int) -> NDArray[np.float32]:
         InvalidTemplate: wrong type, shape or length; NaN/inf; zero norm.
     """
     arr = _one_row(template, dim)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused next
-        one = arr.astype(np.float32).astype(np.float64)
-    if not np.isfinite(one).all():
+    if arr.dtype == np.float32:  # the common case: no cast can overflow, no errstate
+        one = arr.astype(np.float64)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused
+            one = arr.astype(np.float32).astype(np.float64)
+    # One dot product checks both: a NaN or infinity makes it non-finite, and float32
+    # values cannot overflow a float64 sum of squares (dim <= 65536).
+    square = float(one @ one)
+    if not math.isfinite(square):
         raise InvalidTemplate("the template contains NaN or infinity "
                               "(or a value too large for float32)")
-    norm = float(np.sqrt(one @ one))
-    if not norm > 1e-12:
+    if not square > 1e-24:
         raise InvalidTemplate("the template is a zero vector (no direction to compare)")
-    out: NDArray[np.float32] = (one / norm).astype(np.float32)
+    one /= math.sqrt(square)  # as normalised() does, bit for bit
+    out: NDArray[np.float32] = one.astype(np.float32)
     return out
 
 

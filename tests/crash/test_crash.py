@@ -51,7 +51,7 @@ import numpy as np
 import pytest
 
 import biotemplate as bt
-from biotemplate import sealing, snapshot
+from biotemplate import snapshot, streaming
 from biotemplate.keyring import Keyring
 from biotemplate.subject_keys import Entry, open_entry
 
@@ -748,13 +748,17 @@ def test_stale_keyring_temp_does_not_outlive_shredding(
 
 def _erased_from_snapshot(data: bytes, ring: Keyring, victim: str) -> str | None:
     """Open a snapshot file the way anyone holding it, the *current* keyring and the KEK
-    can; a description if the erased ``victim`` is inside, else None."""
+    can (the key derived for the epoch and generation its header names, whatever the
+    keyring's own); a description if the erased ``victim`` is inside, else None."""
+    import io
+
     try:
         (n,) = snapshot._LEN.unpack_from(data, 4)
         header = msgpack.unpackb(data[8:8 + n])
-        key = sealing.snapshot_key(ring.epoch_key(header["epoch"]), header["erasures"])
-        body = sealing.open_sealed(key, data[8 + n:],
-                                   snapshot.MAGIC + ring.store_id + data[8:8 + n])
+        key = snapshot._key(ring, header["epoch"], header["erasures"])
+        body = bytearray(header["size"])
+        streaming.open_into(key, header["salt"], io.BytesIO(data[8 + n:]).readinto, body,
+                            snapshot.MAGIC + ring.store_id + data[8:8 + n], snapshot.FRAME)
     except (bt.BiotemplateError, ValueError, KeyError, TypeError):
         return None
     if victim.encode() not in body:
@@ -804,6 +808,28 @@ def test_snapshot_copy_from_before_erasure_is_unreadable(
     found = _erased_from_snapshot(copy, ring, victim)
     assert found is None, ("the erased subject's id and template are readable from a "
                            f"pre-erasure snapshot copy with the current keyring ({found})")
+
+
+def test_the_snapshot_reading_technique_finds_a_subject(
+        tmp_path: Path, keys: bt.FileKeyProvider, policy: bt.RetentionPolicy) -> None:
+    """The control for the two tests above: a live subject is found in a snapshot read
+    with the keyring it was written under."""
+    from biotemplate.synthetic import make_gallery
+
+    gallery = make_gallery(3, 1, 16, seed=4)
+    store = bt.TemplateStore.create(tmp_path / "s", dim=16, model="m", policy=policy,
+                                    key_provider=keys, clock=lambda: datetime(2030, 1, 1,
+                                                                              tzinfo=UTC))
+    try:
+        purpose = next(iter(policy.purposes))
+        store.enroll_many(gallery.templates, subject_ids=["X-victim-1", "X-2", "X-3"],
+                          purposes=[purpose], actor="t")
+        store.snapshot()
+        data = (tmp_path / "s" / "index.snapshot").read_bytes()
+        ring = Keyring.load(tmp_path / "s" / "keyring", keys.master_key())
+        assert _erased_from_snapshot(data, ring, "X-victim-1") is not None
+    finally:
+        store.close()
 
 
 def test_worker_runs_clean_without_kill(tmp_path: Path, keys: bt.FileKeyProvider,

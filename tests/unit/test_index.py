@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+import biotemplate._level0 as level0_module
+import biotemplate._repair as repair_module
+import biotemplate._subindex as subindex_module
 import biotemplate.index as index_module
 from biotemplate.errors import BiotemplateError, InvalidInput, InvalidTemplate
 from biotemplate.index import Hit, IndexParams, TemplateIndex
@@ -126,7 +129,7 @@ def test_remove_hides_at_once_and_overwrites_the_vector(params):
     gallery = random_unit(rng, 3000, 64)
     index = build(gallery, expiries=[FAR] * 2999 + [2_000], params=params)
     index.hide_expired(2_000)  # r2999 is hidden (expired): its bytes must go too on remove
-    labels = {r: index._label_of[r] for r in ("r7", "r2999")}
+    labels = {r: index._t.label_of[r] for r in ("r7", "r2999")}
     assert index.remove(["r7", "r2999", "nope", "r7"]) == 2
     assert len(index) == 2998
     assert all(h.record_id != "r7" for h in index.search(gallery[7], "p", 50, NOW))
@@ -179,7 +182,7 @@ def test_hnswlib_errors_on_add_are_translated_and_rolled_back():
         index.add(["x"], [b"sx"], [("p",)], [FAR], random_unit(rng, 1, 16))
     assert not isinstance(caught.value, RuntimeError)
     sub.index = real
-    assert len(index) == 100 and "x" not in index._label_of
+    assert len(index) == 100 and "x" not in index._t.label_of
     index.add(["x"], [b"sx"], [("p",)], [FAR], gallery[:1])  # the id is free again
 
 
@@ -219,7 +222,7 @@ def test_compaction_after_removing_more_than_half():
     gallery = random_unit(rng, 2000, 32)
     index = build(gallery, purposes=[("p", "q")] * 1000 + [("p",)] * 1000)
     removed = [f"r{i}" for i in range(1100)]
-    labels = [index._label_of[r] for r in removed]
+    labels = [index._t.label_of[r] for r in removed]
     index.remove(removed)
     stats = index.stats()["purposes"]
     assert stats["p"] == {"live": 900, "hidden": 0, "deleted": 0, "capacity": 1800, "ef": 64}
@@ -416,3 +419,183 @@ def test_ef_search_must_be_positive_or_none():
     assert IndexParams().ef_search is None
     with pytest.raises(InvalidInput):
         IndexParams(ef_search=0)
+
+
+# --- erasure: the bytes at once, the graph's memory of them soon after -----------------
+
+
+def _link_means(view: Any, slot: int, gallery: np.ndarray, original: np.ndarray,
+                dead: set[int]) -> tuple[float, float]:
+    """Cosine between ``original`` and the mean of the live templates that the graph's
+    level-0 links of ``slot`` name: its own links (out) and the links to it (in)."""
+    block = view.block
+    counts = block[:, 0].astype(np.int64) | (block[:, 1].astype(np.int64) << 8)
+    links = np.ascontiguousarray(block[:, 4 : view.data_at]).view(np.uint32)
+
+    def mean_cos(slots: np.ndarray) -> float:
+        labels = [int(x) for x in view.labels[slots] if int(x) not in dead]
+        if not labels:
+            return 0.0
+        mean = gallery[labels].mean(axis=0)
+        return float(mean @ original / np.linalg.norm(mean))
+
+    out = links[slot, : counts[slot]].astype(np.int64)
+    into = np.flatnonzero([slot in links[s, : counts[s]] for s in range(block.shape[0])])
+    return mean_cos(out), mean_cos(into)
+
+
+def test_removal_zeroes_bytes_at_once_and_the_repair_rewires_what_the_links_remember(
+        monkeypatch):
+    """mark_deleted alone leaves a deleted element's links in place, and the mean of the
+    neighbours they name is close to the erased template. remove() zeroes the bytes before
+    it returns; the repair (held back here) re-links the element around a random vector,
+    after which its links say nothing of the face."""
+    monkeypatch.setattr(repair_module.Repairs, "_run", lambda self: None)  # no background
+    rng = np.random.default_rng(30)
+    gallery = random_unit(rng, 3000, 64)  # noise scores ~N(0, 1/8) against a template
+    index = build(gallery, params=HNSW_ONLY)
+    gone = list(range(0, 3000, 100))
+    assert index.remove([f"r{i}" for i in gone]) == 30
+    sub = index._subs["p"]
+    view = index_module.locate(sub.index)
+    assert view is not None and sub.slots is not None
+    slots = sub.slots[gone]
+    assert not view.vectors[slots].any()
+    assert index.stats()["repairs_pending"] == 30
+    dead = set(gone)
+    before = [_link_means(view, int(s), gallery, gallery[i], dead) for s, i in zip(slots, gone)]
+    assert np.median([o for o, _ in before]) > 0.6 and np.median([i for _, i in before]) > 0.6
+    for hits in index.search_many(gallery[gone], "p", 10, NOW):
+        assert not {h.record_id for h in hits} & {f"r{i}" for i in gone}
+    index.settle()
+    assert index.stats()["repairs_pending"] == 0
+    view = index_module.locate(sub.index)
+    after = [_link_means(view, int(s), gallery, gallery[i], dead) for s, i in zip(slots, gone)]
+    assert np.median([o for o, _ in after]) < 0.3 and np.median([i for _, i in after]) < 0.3
+    for s, i in zip(slots, gone):  # random unit noise now: neither zero nor the face
+        assert view.vectors[s].any() and abs(float(view.vectors[s] @ gallery[i])) < 0.6
+
+
+def test_where_the_block_cannot_be_seen_hnswlib_erases_bytes_and_links_at_once(monkeypatch):
+    monkeypatch.setattr(subindex_module, "locate", lambda index: None)
+    rng = np.random.default_rng(31)
+    gallery = random_unit(rng, 3000, 64)
+    index = build(gallery, params=HNSW_ONLY)
+    gone = list(range(0, 3000, 100))
+    assert index.remove([f"r{i}" for i in gone]) == 30
+    assert index.stats()["repairs_pending"] == 0
+    sub = index._subs["p"]
+    view = level0_module.locate(sub.index)  # the test can still look
+    slots = {int(view.labels[s]): s for s in range(view.block.shape[0])}
+    dead = set(gone)
+    after = [_link_means(view, int(slots[i]), gallery, gallery[i], dead) for i in gone]
+    assert np.median([o for o, _ in after]) < 0.3 and np.median([i for _, i in after]) < 0.3
+    assert all(abs(float(view.vectors[slots[i]] @ gallery[i])) < 0.6 for i in gone)
+
+
+def test_a_snapshot_waits_for_pending_repairs(monkeypatch):
+    monkeypatch.setattr(repair_module.Repairs, "_run", lambda self: None)
+    rng = np.random.default_rng(32)
+    gallery = random_unit(rng, 3000, 32)
+    index = build(gallery, params=HNSW_ONLY)
+    index.remove([f"r{i}" for i in range(0, 3000, 50)])
+    assert index.stats()["repairs_pending"] == 60
+    index.export_state()
+    assert index.stats()["repairs_pending"] == 0
+
+
+def test_the_background_repair_runs_on_its_own():
+    rng = np.random.default_rng(33)
+    gallery = random_unit(rng, 3000, 32)
+    index = build(gallery, params=HNSW_ONLY)
+    index.remove([f"r{i}" for i in range(0, 3000, 50)])
+    worker = index._repairs.worker
+    if worker is not None:
+        worker.join(timeout=120)
+    assert index.stats()["repairs_pending"] == 0 and index._repairs.worker is None
+
+
+def test_a_writer_working_in_batches_lets_waiting_searches_in():
+    """The lock is phase-fair: readers that waited for a writer go before its next batch
+    (a purge or the repair cannot hold searches back for more than one batch)."""
+    lock = index_module.RWLock()
+    events: list[str] = []
+
+    def reader() -> None:
+        with lock.read():
+            events.append("read")
+
+    thread = threading.Thread(target=reader)
+    for batch in range(3):
+        with lock.write():
+            events.append(f"write {batch}")
+            if batch == 0:
+                thread.start()
+                while lock._readers_waiting == 0:  # it is blocked on this writer
+                    time.sleep(0.001)
+    thread.join()
+    assert events == ["write 0", "read", "write 1", "write 2"]
+
+
+class Blob:
+    """A snapshot section stand-in: ``read_into`` once, optionally failing."""
+
+    def __init__(self, array: np.ndarray, fail: bool = False) -> None:
+        self._array, self._fail = array, fail
+        self.nbytes = array.nbytes
+
+    def read_into(self, out: memoryview) -> None:
+        if self._fail:
+            out[: len(out) // 2] = b"\xff" * (len(out) // 2)
+            raise BiotemplateError("sealed data failed authentication")
+        out[:] = self._array.reshape(-1).view(np.uint8)
+
+    def read(self) -> np.ndarray:
+        return self._array.copy()
+
+
+def _blobbed(state: dict[str, Any], fail: bool = False) -> dict[str, Any]:
+    for sub in state["subs"].values():
+        sub["level0"] = Blob(sub["level0"], fail)
+    return state
+
+
+def test_deleted_slots_and_marks_survive_a_snapshot_and_are_reused():
+    rng = np.random.default_rng(34)
+    gallery = random_unit(rng, 3000, 16)
+    index = build(gallery, params=HNSW_ONLY, expiries=[FAR] * 2900 + [2_000] * 100)
+    index.remove([f"r{i}" for i in range(300)])
+    index.hide_expired(2_000)
+    state = index.export_state()  # erases the expired first: the graph is final from here
+    want = index.search_many(gallery[:50], "p", 5, NOW)
+    fresh = TemplateIndex(16, HNSW_ONLY)
+    fresh.import_state(_blobbed(state))
+    assert fresh.stats()["purposes"] == index.stats()["purposes"]
+    assert fresh.stats()["purposes"]["p"]["deleted"] == 400
+    assert fresh.search_many(gallery[:50], "p", 5, NOW) == want
+    capacity = fresh.stats()["purposes"]["p"]["capacity"]
+    fresh.add([f"n{i}" for i in range(400)], [b"n"] * 400, [("p",)] * 400, [FAR] * 400,
+              random_unit(rng, 400, 16))
+    stats = fresh.stats()["purposes"]["p"]
+    assert stats["deleted"] == 0 and stats["capacity"] == capacity  # the slots were reused
+    assert fresh.remove(["r500", "n7"]) == 2
+
+
+def test_a_section_that_fails_leaves_no_index_and_no_plaintext(monkeypatch):
+    rng = np.random.default_rng(35)
+    gallery = random_unit(rng, 3000, 16)
+    index = build(gallery, params=HNSW_ONLY)
+    seen: list[Any] = []  # the hnswlib index being loaded, kept alive to look at after
+
+    def locate(idx: Any) -> Any:
+        seen.append(idx)
+        return level0_module.locate(idx)
+
+    monkeypatch.setattr(index_module, "locate", locate)
+    fresh = TemplateIndex(16, HNSW_ONLY)
+    fresh.add(["keep"], [b"k"], [("p",)], [FAR], gallery[:1])
+    with pytest.raises(BiotemplateError):
+        fresh.import_state(_blobbed(index.export_state(), fail=True))
+    assert len(fresh) == 1 and fresh.search(gallery[0], "p", 1, NOW)[0].record_id == "keep"
+    view = level0_module.locate(seen[-1])
+    assert view is not None and not view.block.any()  # what was written before is zeroed

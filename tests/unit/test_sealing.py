@@ -4,6 +4,7 @@ and Ed25519 signatures. Key providers and ``SecretKey`` are tested in ``test_key
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 from collections.abc import Callable
@@ -405,3 +406,68 @@ def test_stream_frames_of_one_file_do_not_open_in_another(key: bytes) -> None:
 def test_stream_short_salt_is_refused(key: bytes) -> None:
     with pytest.raises(IntegrityError):
         _open_stream(key, b"short", b"\x00" * 32, 16)
+
+
+@pytest.mark.parametrize("cuts", [[], [1], [FRAME], [FRAME - 1, FRAME + 1], [3, 70, 71, 200]])
+def test_stream_sealed_from_parts_is_the_stream_of_their_concatenation(
+        key: bytes, cuts: list[int]) -> None:
+    """seal_parts never builds the concatenation, and frames that span parts come out
+    the same: what it seals opens as one stream."""
+    salt, plain = os.urandom(32), os.urandom(5 * FRAME + 7)
+    bounds = [0, *cuts, len(plain)]
+    parts = [memoryview(plain[a:b]) for a, b in itertools.pairwise(bounds)]
+    data = b"".join(streaming.seal_parts(key, salt, parts, b"ad", frame=FRAME))
+    assert len(data) == streaming.sealed_size(len(plain), FRAME)
+    assert bytes(_open_stream(key, salt, data, len(plain))) == plain
+
+
+@pytest.mark.parametrize("pieces", [[1] * 10, [FRAME], [2 * FRAME + 3], [5, 2 * FRAME, 7],
+                                    [3 * FRAME + 1, 1]])
+def test_stream_reader_hands_out_any_split(key: bytes, pieces: list[int]) -> None:
+    """A reader fills outputs of any size in order (whole frames straight into them, two
+    at a time, the rest through its stage), skips what is not asked for, and finishes."""
+    import io
+
+    salt, plain = os.urandom(32), os.urandom(5 * FRAME + 7)
+    data = b"".join(_stream(key, salt, plain))
+    reader = streaming.Reader(key, salt, io.BytesIO(data).readinto, len(plain), b"ad", FRAME)
+    got, at = b"", 0
+    for n in pieces:
+        out = bytearray(n)
+        reader.read_into(memoryview(out))
+        got, at = got + bytes(out), at + n
+    reader.skip(3)
+    assert reader.position == at + 3 and got == plain[:at]
+    reader.finish()
+    reader.close()
+
+
+def test_stream_reader_zeroes_where_a_bad_frame_was_to_go(key: bytes) -> None:
+    import io
+
+    salt, plain = os.urandom(32), os.urandom(4 * FRAME)
+    frames = _stream(key, salt, plain)
+    frames[2] = frames[2][:-1] + bytes([frames[2][-1] ^ 1])
+    reader = streaming.Reader(key, salt, io.BytesIO(b"".join(frames)).readinto, len(plain),
+                              b"ad", FRAME)
+    out = bytearray(b"\xff" * len(plain))
+    with pytest.raises(IntegrityError):
+        reader.read_into(memoryview(out))
+    assert bytes(out[: 2 * FRAME]) == plain[: 2 * FRAME]  # authentic frames stay
+    assert out[2 * FRAME : 4 * FRAME] == bytearray(2 * FRAME)  # the failed pair: zeros
+    with pytest.raises(IntegrityError):  # and nothing more after a failure
+        reader.skip(0)
+
+
+def test_stream_reader_refuses_to_read_past_the_end_or_trailing_bytes(key: bytes) -> None:
+    import io
+
+    salt, plain = os.urandom(32), os.urandom(2 * FRAME)
+    data = b"".join(_stream(key, salt, plain))
+    reader = streaming.Reader(key, salt, io.BytesIO(data).readinto, len(plain), b"ad", FRAME)
+    with pytest.raises(IntegrityError):
+        reader.read_into(memoryview(bytearray(len(plain) + 1)))
+    reader = streaming.Reader(key, salt, io.BytesIO(data + b"x").readinto, len(plain), b"ad",
+                              FRAME)
+    with pytest.raises(IntegrityError):
+        reader.finish()

@@ -148,6 +148,26 @@ def test_a_single_row_and_array_likes(sstore: bt.TemplateStore, gallery: Gallery
     same(scaled[0], res)
 
 
+@pytest.mark.parametrize("mode", ["identification", "investigation"])
+def test_a_batch_searched_in_steps_gives_the_same_results_and_entries(
+        sstore: bt.TemplateStore, gallery: Gallery, mode: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch larger than a step is searched step by step (the next step in a worker
+    thread): the results, and one entry per probe in probe order, do not change."""
+    from biotemplate import matching
+
+    monkeypatch.setattr(matching, "STEP", 4)
+    ps = batch(gallery)  # 22 probes: 6 steps, the last one short
+    start = head(sstore)
+    many = sstore.search_many(ps, purpose="watchlist", k=5, actor="analyst", mode=mode)
+    new = entries_after(sstore, start)
+    assert [r.audit_seq for r in many] == [e.seq for e in new] and len(new) == len(ps)
+    for res, entry, p in zip(many, new, ps, strict=True):
+        assert list(entry.fields["record_ids"]) == [c.record_id for c in res.candidates]
+        same(res, sstore.search(p, purpose="watchlist", k=5, actor="analyst", mode=mode))
+    assert sstore.audit.verify().ok
+
+
 # --- audit: one entry per probe -------------------------------------------------------
 
 

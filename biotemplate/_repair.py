@@ -1,0 +1,202 @@
+"""The index's lock, writers that work in batches, and the background graph repair.
+
+A purge erases thousands of records and the repair of an erased element's graph links
+costs ~6 ms at d=512 (``_subindex``): done in one go under the index's write lock, that
+would stall every search for seconds. So the lock is phase-fair (searches that waited for
+a writer go before its next batch) and long work is cut into batches sized to hold it
+~20 ms each (:func:`paced`). :class:`Repairs` holds the erased labels whose bytes are
+zero but whose links are not re-linked yet, and runs their repair in a background thread
+in such batches, while there is work and a little after. At interpreter exit the
+workers stop after their current batch (the bytes are zero already): a daemon thread cut
+off inside hnswlib would abort the process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["HOLD", "RWLock", "Repairs", "paced"]
+
+HOLD = 0.02  # seconds a batched writer aims to hold the write lock
+LINGER = 1.0  # seconds the repair thread waits for more work before it leaves
+_live: weakref.WeakSet[Repairs] = weakref.WeakSet()
+_exiting = threading.Event()
+
+
+class RWLock:
+    """Many readers or one writer, phase-fair: a waiting writer blocks new readers (it
+    cannot starve), and readers that waited for a writer go before the next writer (a
+    writer working in batches cannot starve them either)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+        self._readers_waiting = 0
+        self._readers_turn = False
+
+    def acquire_read(self) -> None:
+        with self._cond:
+            if self._writer or (self._writers_waiting and not self._readers_turn):
+                self._readers_waiting += 1
+                while self._writer or (self._writers_waiting and not self._readers_turn):
+                    self._cond.wait()
+                self._readers_waiting -= 1
+                if not self._readers_waiting:
+                    self._readers_turn = False
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers or self._readers_turn:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._readers_turn = self._readers_waiting > 0
+                self._cond.notify_all()
+
+
+def paced(lock: RWLock, step: Callable[[int], bool]) -> None:
+    """Run ``step(budget)`` under the write lock until it returns False, sizing each
+    batch so that one holds the lock for about ``HOLD``: searches run in between."""
+    budget = 4
+    while True:
+        with lock.write():
+            started = time.perf_counter()
+            more = step(budget)
+            took = time.perf_counter() - started
+        if not more:
+            return
+        if took < HOLD / 2:
+            budget *= 2
+        elif took > HOLD:
+            budget = max(1, budget // 2)
+
+
+class Repairs:
+    """Erased labels awaiting the repair of their graph links, and the thread doing it.
+
+    ``repair(sub, labels)`` does the work (under the write lock); ``current(sub)`` says
+    whether a sub-index is still the index's (a job of one rebuilt or dropped since, its
+    links gone with it, is skipped). Every method but ``pending`` expects the caller to
+    hold the write lock of ``lock``.
+    """
+
+    def __init__(self, lock: RWLock, repair: Callable[[Any, list[int]], None],
+                 current: Callable[[Any], bool]) -> None:
+        self._lock, self._repair, self._current = lock, repair, current
+        self._jobs: deque[tuple[Any, Any, list[int]]] = deque()  # (sub, its index, labels)
+        self._worker: threading.Thread | None = None
+        self._more = threading.Event()  # wakes a worker that waits for work
+        _live.add(self)
+
+    def add(self, sub: Any, labels: list[int]) -> None:
+        self._jobs.append((sub, sub.index, labels))
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, daemon=True,
+                                            name="biotemplate-index-repair")
+            self._worker.start()
+        else:  # working, or waiting for work a little while: no new thread
+            self._more.set()
+
+    def pending(self) -> int:
+        return sum(len(job[2]) for job in list(self._jobs))
+
+    def clear(self) -> None:
+        self._jobs.clear()
+
+    def settle(self) -> None:
+        """Every pending repair now, in this thread."""
+        while (job := self._next(1 << 62)) is not None:
+            self._repair(*job)
+
+    @property
+    def worker(self) -> threading.Thread | None:
+        return self._worker
+
+    def _next(self, budget: int) -> tuple[Any, list[int]] | None:
+        """Up to ``budget`` labels of the oldest job whose sub-index is still current."""
+        while self._jobs:
+            sub, index, labels = self._jobs[0]
+            if sub.index is not index or not self._current(sub):
+                self._jobs.popleft()
+                continue
+            if len(labels) > budget:
+                self._jobs[0] = (sub, index, labels[budget:])
+                return sub, labels[:budget]
+            self._jobs.popleft()
+            return sub, labels
+        return None
+
+    def _step(self, budget: int) -> bool:
+        if _exiting.is_set():
+            return False
+        job = self._next(budget)
+        if job is None:
+            return False
+        try:
+            self._repair(*job)
+        except RuntimeError:  # hnswlib failed: the bytes are zero already, links stay
+            pass
+        return True
+
+    def _run(self) -> None:
+        """Repair in batches while there is work; then wait a while for more (a thread
+        start would cost a lone deletion more than its erasure) and leave."""
+        try:
+            while True:
+                self._more.clear()
+                paced(self._lock, self._step)
+                if self._more.wait(LINGER) and not _exiting.is_set():
+                    continue
+                with self._lock.write():  # decided under the lock ``add`` runs under
+                    if not self._jobs or _exiting.is_set():
+                        self._worker = None
+                        return
+        except BaseException:
+            with self._lock.write():
+                if self._worker is threading.current_thread():
+                    self._worker = None
+            raise
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Let every repair thread finish its batch and leave before the interpreter goes."""
+    _exiting.set()
+    for repairs in list(_live):
+        repairs._more.set()
+        worker = repairs._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=10)
