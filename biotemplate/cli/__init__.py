@@ -20,6 +20,7 @@ Commands (``biotemplate COMMAND --help`` for each)::
     policy show|check|diff|apply                         cli/policy.py
     report retention                                     cli/report.py
     audit verify|checkpoint|export                       cli/audit.py
+    evaluate, calibrate                                  cli/evaluate.py
 
 Adding a command (e.g. ``evaluate``): write a module ``cli/<name>.py`` with a function
 ``register(subparsers)`` that declares its commands with :func:`.common.add_command`

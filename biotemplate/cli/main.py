@@ -18,10 +18,10 @@ from typing import NoReturn
 
 import biotemplate as bt
 
-from . import audit, keys, lifecycle, policy, records, report
+from . import audit, evaluate, keys, lifecycle, policy, records, report
 from .common import CliError, Handler, Reply, jsonable
 
-COMMAND_MODULES = (keys, lifecycle, records, policy, report, audit)
+COMMAND_MODULES = (keys, lifecycle, records, policy, report, audit, evaluate)
 """Each has ``register(subparsers)``; add a module here to add its commands."""
 
 
