@@ -1,5 +1,9 @@
 """Choose a threshold for your own face model: measure it, calibrate a purpose, plot it.
 
+Who it is for: developers who bring their own face model and must set a purpose's
+threshold from their own labelled templates (``biotemplate evaluate`` / ``calibrate`` do
+the same from a shell).
+
 A threshold belongs to a model. The README's 0.55-0.60 suit its synthetic templates; with
 dlib's 128-d embeddings they accept every stranger. This script does what a developer
 with a labelled set of their model's templates does once per model:
@@ -12,7 +16,7 @@ with a labelled set of their model's templates does once per model:
 4. with --det, draws the DET curve and the score histograms (the ``plot`` extra).
 
 Run as it is: synthetic face-like templates (no download, no faces). With the ``faces``
-extra (``pip install 'biotemplate[faces]'``: dlib via face_recognition) and a folder of
+extra (``pip install 'biotemplate[faces]'`` then ``pip install --no-deps face_recognition``) and a folder of
 photos, one sub-folder per person, it computes dlib embeddings in memory instead:
 
     python examples/calibrate_threshold.py --images photos/ --target-fmr 1e-3 --det det.png
