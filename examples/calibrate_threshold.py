@@ -16,8 +16,9 @@ with a labelled set of their model's templates does once per model:
 4. with --det, draws the DET curve and the score histograms (the ``plot`` extra).
 
 Run as it is: synthetic face-like templates (no download, no faces). With the ``faces``
-extra (``pip install 'biotemplate[faces]'`` then ``pip install --no-deps face_recognition``) and a folder of
-photos, one sub-folder per person, it computes dlib embeddings in memory instead:
+extra (``pip install 'biotemplate[faces]'``, then ``pip install --no-deps
+face_recognition``) and a folder of photos, one sub-folder per person, it computes dlib
+embeddings in memory instead:
 
     python examples/calibrate_threshold.py --images photos/ --target-fmr 1e-3 --det det.png
 
