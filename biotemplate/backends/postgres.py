@@ -579,12 +579,13 @@ class PostgresBackend:
     def delete_entries(self, keys: Sequence[tuple[int, bytes]]) -> int:
         if not self._tx_depth:
             raise StorageError("write outside a transaction")
-        n = 0
-        for bucket, ref in keys:
-            n += len(self._query("delete_entries", f"DELETE FROM {self._s}.subject_keys"  # noqa: S608
-                                 " WHERE bucket = %s AND subject_ref = %s RETURNING 1",
-                                 (bucket, ref)))
-        return n
+        if not keys:
+            return 0
+        found = self._query("delete_entries", f"DELETE FROM {self._s}.subject_keys"  # noqa: S608
+                            " WHERE (bucket, subject_ref) IN (SELECT * FROM"
+                            " unnest(%s::integer[], %s::bytea[])) RETURNING 1",
+                            ([b for b, _ in keys], [r for _, r in keys]))
+        return len(found)
 
     def scan_entries(self, batch_size: int = 16384) -> Iterator[list[tuple[int, bytes, bytes]]]:
         last: tuple[int, bytes] = (-1, b"")
