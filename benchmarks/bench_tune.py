@@ -8,6 +8,7 @@ d=512, ~20 min at 1M (d=128) on 2 cores; seconds with --n 5000::
     .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 100000
     .venv/bin/python benchmarks/bench_tune.py --dim 512 --n 100000
     .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 1000000
+    .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 1000000 --m 32   # M=32 instead
     .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 100000 --report   # from the JSON
 
 Method: data set A (``common.data_a``: N identities x 1 sample, the hard case for a
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 from common import (
     ACTOR,
@@ -157,12 +159,15 @@ def main() -> None:
     ap.add_argument("--tune-sample", type=int, default=None,
                     help="tune_index probes (default: the store's, 9 / target)")
     ap.add_argument("--health-sample", type=int, default=3000, help="index_health probes")
+    ap.add_argument("--m", type=int, default=common.M,
+                    help="HNSW M of the store (default 16; the 1M comparison also runs 32)")
     ap.add_argument("--work-dir", default=None, help="where the temporary store lives")
     ap.add_argument("--report", action="store_true", help="print a run's tables from its JSON")
     add_results_dir_arg(ap)
     args = ap.parse_args()
     configure(args.n, args.results_dir)
-    name = f"tune_d{args.dim}_n{args.n}"
+    common.M = args.m  # read by common.params(): every store of this run is built with it
+    name = f"tune_d{args.dim}_n{args.n}" + ("" if args.m == 16 else f"_m{args.m}")
     if args.report:
         report((results_dir() if args.results_dir else RESULTS) / f"{name}.json")
         return

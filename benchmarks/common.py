@@ -543,7 +543,7 @@ def what_if(store: Any, raw: Any, purpose: str, probes: np.ndarray, rounds: int,
         counter[0] += 1
         return counter[0]
 
-    def no_confirm(self: Any, lists: Any) -> Any:
+    def no_confirm(self: Any, lists: Any, *args: Any) -> Any:
         return lists, 0
 
     variants = {"shipped": (real_append, real_confirm), "no audit append": (no_append,
