@@ -194,7 +194,7 @@ class Parts:
                 stack.callback(self.writer.release)
             stack.callback(self.vault.close)
             stack.callback(self.trail.close)
-            self.gallery.clear()
+            self.gallery.close()
 
 
 def writer_lock(folder: Path) -> FileLock:

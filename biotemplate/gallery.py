@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _files, snapshot
+from ._baseline import RowBaseline
 from .backends.base import RecordRow
 from .codec import Plain, Shredded
 from .errors import BiotemplateError, IntegrityError, InvalidInput, KeyUnavailable
@@ -62,6 +63,9 @@ class Gallery:
         # Committed rows the index failed to take (e.g. out of memory): until a rebuild,
         # no snapshot may be written, or the next open would trust it and miss them.
         self.incomplete = False
+        # which candidates must still be confirmed against their rows (SQLite: only those
+        # a pass over the rows found changed, while no other connection has committed)
+        self.baseline = RowBaseline(vault.rows, lambda: self._fingerprints)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -85,6 +89,15 @@ class Gallery:
         ids = {h.record_id for hits in lists for h in hits}
         if not ids:
             return lists, 0
+        if not self._vault.shared:
+            suspects = self.baseline.suspects()  # None: no baseline, confirm every one
+            if suspects is not None:
+                # the rows are as the last pass saw them, or changed by the store itself:
+                # read only the suspects and the rows a mutation is changing right now
+                ids.intersection_update(suspects | self._changing if self._changing
+                                        else suspects)
+                if not ids:
+                    return lists, 0
         rows = self._vault.rows.headers(list(ids))
         # gone from the records database, or changed (membership tests only, no copy:
         # during rotate_keys every record is changing)
@@ -311,6 +324,11 @@ class Gallery:
         with contextlib.suppress(OSError):  # its key is gone either way
             self._path.unlink(missing_ok=True)
 
+    def close(self) -> None:
+        """Stop the baseline pass (before the connection closes), then clear."""
+        self.baseline.stop()
+        self.clear()
+
     def clear(self) -> None:
         self._index.clear()
         self._subjects.clear()
@@ -364,6 +382,7 @@ class Gallery:
         self.incomplete = False
         self.shredded, self.integrity_failures, self.missing = shredded, failures, missing
         old.clear()
+        self.baseline.reset()
 
     def _listed(self, rows: Sequence[RecordRow], opened: Sequence[tuple[RecordRow, Plain]],
                 ) -> int:
@@ -434,6 +453,7 @@ class Gallery:
         if db.last_change() != seq or db.count() != row_count:
             self._reconcile({**self._fingerprints, **snapshot.unpack_fingerprints(rows)},
                             now_us)
+        self.baseline.reset()
         return "loaded"
 
     def _reconcile(self, seen: dict[str, bytes], now_us: int) -> None:

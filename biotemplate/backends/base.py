@@ -97,6 +97,12 @@ class Backend(Protocol):
 
     def last_change(self) -> int: ...
 
+    def external_version(self) -> int | None:
+        """A number that changes whenever another connection commits to the database
+        (never on this connection's own commits), or None if the backend cannot tell
+        (then every search confirms its candidates against their rows: ``_baseline``)."""
+        ...
+
     # Subject-key entries: (bucket, subject ref) -> sealed blob. A bucket's entries are
     # stored together, so resealing one bucket touches a few pages, not one per entry.
 

@@ -372,6 +372,11 @@ class SQLiteBackend:
         """How many subject-key entries are stored."""
         return int(self._query("entry_count", "SELECT COUNT(*) FROM subject_keys")[0][0])
 
+    def external_version(self) -> int:
+        """SQLite's ``data_version``: moves when another connection commits (an edit
+        with the triggers dropped, another tool), not on this connection's commits."""
+        return int(self._query("data_version", "PRAGMA data_version")[0][0])
+
     def last_change(self) -> int:
         """The newest change sequence number; 0 when nothing was ever written."""
         return int(self._query("last_change", "SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])

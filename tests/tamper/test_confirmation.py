@@ -10,6 +10,7 @@ changed since it was indexed; each such hit is dropped, counted in
 from __future__ import annotations
 
 import sqlite3
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,106 @@ def test_a_snapshot_that_looks_current_cannot_serve_a_vanished_row(
         assert (opened.event, opened.fields["index"]) == ("open", "snapshot")
         assert victim not in _ids(s, probes(gallery, [0])[0])
         assert s.stats().integrity_failures >= 1
+
+
+# --- the baseline (biotemplate/_baseline.py): no row read while no other connection wrote
+
+
+def _trusting(store: bt.TemplateStore, probe: Any) -> None:
+    """Search once (it starts the pass over the rows), then wait until the pass holds."""
+    store.search(probe, purpose="watchlist", actor="t")
+    deadline = time.monotonic() + 30
+    while not store._p.gallery.baseline.ready:
+        assert time.monotonic() < deadline, "the baseline pass never finished"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def headers_read(store: bt.TemplateStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many rows each confirmation query asked for."""
+    rows = store._p.vault.rows
+    real = rows.headers
+    asked: list[int] = []
+
+    def spy(record_ids: Any) -> Any:
+        asked.append(len(record_ids))
+        return real(record_ids)
+
+    monkeypatch.setattr(rows, "headers", spy)
+    return asked
+
+
+def test_with_a_baseline_a_search_reads_no_row(
+        store: bt.TemplateStore, gallery: Gallery, enrolled: list[str],
+        headers_read: list[int]) -> None:
+    probe = probes(gallery, [0])[0]
+    _trusting(store, probe)
+    headers_read.clear()
+    assert _ids(store, probe)
+    assert headers_read == []
+    store.enroll(gallery.templates[1], subject_id="S-new", actor="t", **WATCH)
+    store.delete(enrolled[2], actor="t")  # the store's own commits keep the baseline
+    assert _ids(store, probes(gallery, [1])[0])
+    assert headers_read == [] and store._p.gallery.baseline.ready
+
+
+@pytest.mark.parametrize("edit", [
+    "DELETE FROM records WHERE record_id = ?",
+    "UPDATE records SET expiry_us = expiry_us + 1000000 WHERE record_id = ?",
+    "UPDATE records SET blob = substr(blob, 1, length(blob) - 1) || x'00' WHERE record_id = ?",
+])
+def test_another_connection_s_edit_ends_the_baseline_at_the_next_search(
+        store: bt.TemplateStore, store_dir: Path, gallery: Gallery, enrolled: list[str],
+        headers_read: list[int], edit: str) -> None:
+    probe = probes(gallery, [0])[0]
+    _trusting(store, probe)
+    victim = _top(store, probe)
+    _sql(store_dir, edit, args=(victim,))
+    headers_read.clear()
+    assert victim not in _ids(store, probe)  # every candidate read again
+    assert headers_read and store.stats().integrity_failures == 1
+    _trusting(store, probe)  # a new pass holds, and keeps the edited row suspect
+    headers_read.clear()
+    assert victim not in _ids(store, probe)
+    assert headers_read == [1]  # only the suspect is read
+
+
+def test_a_row_changed_before_the_open_stays_suspect_under_the_baseline(
+        store: bt.TemplateStore, store_dir: Path, keys: Any, clock: Any, gallery: Gallery,
+        enrolled: list[str]) -> None:
+    """The snapshot case above, once the pass after the open has finished: it found the
+    vanished row, so searches still confirm that record and never serve it."""
+    probe = probes(gallery, [0])[0]
+    victim = _top(store, probe)
+    store.close()
+    _sql(store_dir, "DELETE FROM records WHERE record_id = ?", args=(victim,))
+    _sql(store_dir,
+         "INSERT INTO records (record_id, subject_ref, epoch, expiry_us, purposes, model,"
+         " held, blob) SELECT '0123456789abcdef0123456789abcdef', subject_ref, epoch, expiry_us,"
+         " purposes, model, held, blob FROM records WHERE record_id = ?",
+         args=(enrolled[50],))
+    with bt.TemplateStore.open(store_dir, key_provider=keys, clock=clock) as s:
+        _trusting(s, probe)
+        assert s._p.gallery.baseline.suspects() == {victim}
+        for _ in range(3):
+            assert victim not in _ids(s, probe)
+        assert s.stats().integrity_failures >= 1
+
+
+def test_a_pass_that_sees_another_commit_is_not_a_baseline(
+        store: bt.TemplateStore, store_dir: Path, gallery: Gallery, enrolled: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another connection commits while the pass reads: the pass installs nothing."""
+    rows = store._p.vault.rows
+    real = rows.scan_headers
+
+    def scan_then_commit(batch_size: int = 16384) -> Any:
+        yield from real(batch_size)
+        _sql(store_dir, "DELETE FROM records WHERE record_id = ?", args=(enrolled[7],))
+
+    monkeypatch.setattr(rows, "scan_headers", scan_then_commit)
+    baseline = store._p.gallery.baseline
+    assert baseline._compare() is None
+    monkeypatch.setattr(rows, "scan_headers", real)
+    found = baseline._compare()
+    assert found is not None and found[1] == {enrolled[7]}
