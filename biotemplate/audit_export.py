@@ -136,8 +136,8 @@ def export_audit(path: str | os.PathLike[str], *, since: int = 1,
     and its link to the one before: a forged or missing entry stops the export with an
     error (what came before it was yielded; a search entry is yielded once the seal
     after it is checked). Search entries a live store has not sealed yet (at most
-    ``audit.SYNC_WINDOW`` old) are left out: export again for them. This does not show that the file is the
-    store's own or complete: run :func:`~biotemplate.audit.verify_audit` with a
+    ``audit.SYNC_WINDOW`` old) are left out: export again for them. This does not show
+    that the file is the store's own or complete: run :func:`~biotemplate.audit.verify_audit` with a
     witness's checkpoint for that.
 
     Raises:
