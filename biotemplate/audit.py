@@ -1,4 +1,4 @@
-"""The audit trail: append-only, hash-chained, every entry signed, in its own ``audit.db``.
+"""The audit trail: append-only, hash-chained, signed or sealed, in its own ``audit.db``.
 
 It is kept apart from ``records.db`` so that restoring an old records database cannot roll
 the audit back. Signing is injected (``Signer``/``Verifier``) so that only the crypto module
@@ -7,9 +7,30 @@ imports a crypto library; the chain is stdlib SHA-256 over canonical msgpack bod
     row  = entries(seq, ref_seq, body, hash, sig)
     body = msgpack({"v": 1, "seq", "prev", "store", "ts0", "ts1", "event", "actor",
                     "outcome", "f": fields})   # fixed key order, field maps sorted by key
-    hash = SHA-256(b"biotemplate-audit-v1\\x00" || body);  sig = Ed25519(hash)
+    hash = SHA-256(b"biotemplate-audit-v1\\x00" || body)
+    sig  = Ed25519(hash), 64 bytes                    # durable entries (mutations)
+         | HMAC-SHA256(mac key, hash), 32 bytes        # searches, verifications
+    seal = seals(seq, Ed25519(hash of entry seq))     # the head, at each group commit
     prev = hash of entry seq-1 (32 zero bytes for seq 1); ts = µs since 1970, UTC
     ref_seq = f["ref_seq"] copied to an indexed column; verify() checks the copy
+
+Signing each search entry cost ~50 µs of a search's ~550 µs overhead (issue 13), so a
+search entry carries a MAC under a key of its own (HKDF of the audit seed, "audit-mac";
+only the store has it) and is *sealed*: the background syncer, ``sync()``,
+``checkpoint()``, ``backup()`` and ``close()`` sign the head's hash into ``seals`` before
+they fsync, at most ``SYNC_WINDOW`` after the first search entry not yet sealed. A
+signature over entry s's hash covers every entry up to s through the ``prev`` links, so one
+seal per window (or the next signed mutation, which needs none) proves all of them. What a
+verifier checks: each hash, link, store and body; each Ed25519 signature (an entry's own or
+a seal); given the MAC key (the store's own trail), each MAC. What changed for one: an
+entry's authenticity to an auditor rests on the next signature at or after it, and a MAC
+proves it to the store only. Entries after the last signature, the *unsealed tail* (on a
+live store at most ~50 ms of searches; after a crash, what the syncer had not sealed), are
+reported as ``unsealed``, not counted as verified, and do not fail ``verify``: they chain
+to a signed entry, but anyone with write access could have appended them. The next writable
+open checks their MACs (a forged one raises ``IntegrityError``) and seals the head; a read-
+only or keyless open accepts a tail that chains to a signature. A trail
+without a MAC key (PostgreSQL, the tests' bare trails) signs every entry, as before.
 
 EU AI Act Art. 12(3) (logs of remote biometric identification) maps to:
 (a) period of each use -> ts0/ts1 (``started=``, then the clock at append);
@@ -32,6 +53,7 @@ clear, and the same key is a signed field of the genesis entry ("create"; a trai
 before keys were published gets an "audit-key" entry on its next writable open), so editing
 the clear copy is detected. A checkpoint (version 2) carries the key too: a whole file
 re-signed under another key verifies on its own, but not against a witness's checkpoint.
+A version 3 checkpoint (keyless) is taken at the newest signed point, not a MAC'd head.
 A read-only trail (``open(..., read_only=True)``) connects with ``mode=ro`` and writes
 nothing; its ``checkpoint()`` signs the head as it is in the file now.
 
@@ -42,14 +64,16 @@ is in the OS page cache before return, so it survives a process crash at once, a
 background thread fsyncs the WAL at most ``SYNC_WINDOW`` (50 ms) after the first entry not
 yet synced: group commit, off the caller's path. So a power cut loses at most the search
 entries of the last ~50 ms (plus one fsync's duration); any durable entry, ``sync()``,
-``checkpoint()`` and ``close()`` also fsync, and one fsync covers the whole WAL. If the
-background fsync fails, the trail fails closed: every later append raises ``AuditError``.
-Measured (ext4, 2,000 appends, Ed25519 ~20 µs of each): durable ~160-220 µs (up to 1.6 ms
-on a busy disk), non-durable ~65-75 µs.
+``checkpoint()`` and ``close()`` also fsync, and one fsync covers the whole WAL (the seal
+written before it too). If the background seal or fsync fails, the trail fails closed:
+every later append raises ``AuditError``. Measured (ext4, 2,000 appends, Ed25519 ~20 µs
+of each): durable ~160-220 µs (up to 1.6 ms on a busy disk), non-durable ~65-75 µs before
+MACs (see issue 13 for the MAC'd cost).
 
 Appends are serialised by a lock (the chain needs one order); use one trail per file: a
-second writing process makes appends fail, never forks the chain. Fail closed: an entry that
-cannot be signed or written raises ``AuditError``, is rolled back, and leaves the head as is.
+second writing process makes appends fail, never forks the chain. Fail closed: an entry
+that cannot be signed (or MAC'd) or written raises ``AuditError``, is rolled back, and
+leaves the head as is.
 """
 
 from __future__ import annotations
