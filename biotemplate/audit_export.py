@@ -10,7 +10,9 @@ exactly that, from the verified entries of ``audit.db``:
 field                from the entry
 ===================  ======================================================================
 seq, hash,           its position in the chain, its SHA-256 chain hash, its predecessor's,
-prev_hash, signature and its Ed25519 signature (checkable with the store's public key)
+prev_hash,           and the Ed25519 signature (checkable with the store's public key)
+signature,           over the hash of entry ``signed_seq``: the entry itself, or for a
+signed_seq           search the next seal, which the ``prev_hash`` links chain back to it
 started, time        ts0 (when the call began) and ts1 (when it was written), UTC
 event, outcome       what was called ("search", "erase", "policy", ...) and ok/refused/error
 actor                who called (a reviewer for "confirm"); None for the store itself
@@ -81,6 +83,7 @@ class AuditRecord:
     hash: str
     prev_hash: str
     signature: str
+    signed_seq: int
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: times as ISO 8601 UTC, bytes as hex, absent fields as null."""
@@ -92,7 +95,8 @@ class AuditRecord:
                 "subject_ref": self.subject_ref, "ref_seq": self.ref_seq,
                 "input_digest": self.input_digest,
                 "policy": None if self.policy is None else dict(self.policy),
-                "hash": self.hash, "prev_hash": self.prev_hash, "signature": self.signature}
+                "hash": self.hash, "prev_hash": self.prev_hash, "signature": self.signature,
+                "signed_seq": self.signed_seq}
 
     def to_json(self) -> str:
         """One line of JSON Lines (keys sorted, no newline inside)."""
@@ -118,7 +122,8 @@ def record_of(signed: SignedEntry) -> AuditRecord:
         ref_seq=f["ref_seq"] if type(f.get("ref_seq")) is int else None,
         input_digest=_hex(f.get("probe_digest")),
         policy=_plain(policy) if e.event == "policy" and isinstance(policy, Mapping) else None,
-        hash=signed.hash.hex(), prev_hash=signed.prev.hex(), signature=signed.signature.hex())
+        hash=signed.hash.hex(), prev_hash=signed.prev.hex(), signature=signed.signature.hex(),
+        signed_seq=signed.signed_seq)
 
 
 def export_audit(path: str | os.PathLike[str], *, since: int = 1,
@@ -129,8 +134,10 @@ def export_audit(path: str | os.PathLike[str], *, since: int = 1,
 
     Each entry's hash and signature are checked against the public key the file names,
     and its link to the one before: a forged or missing entry stops the export with an
-    error (what came before it was yielded). This does not show that the file is the
-    store's own or complete: run :func:`~biotemplate.audit.verify_audit` with a
+    error (what came before it was yielded; a search entry is yielded once the seal
+    after it is checked). Search entries a live store has not sealed yet (at most
+    ``audit.SYNC_WINDOW`` old) are left out: export again for them. This does not show
+    that the file is the store's own or complete: run :func:`~biotemplate.audit.verify_audit` with a
     witness's checkpoint for that.
 
     Raises:

@@ -15,6 +15,8 @@ that only changes where rows live). What differs, and why:
   their transaction: the server's WAL writer flushes them within about three
   ``wal_writer_delay`` (600 ms by default), the counterpart of the SQLite trail's group
   commit; a server crash can lose the search entries of that window, never a mutation's.
+- **Every entry signed.** Search entries are not MAC'd and sealed as in ``audit.db``
+  (no ``mac`` is passed): instances share no syncer that could seal for all of them.
 - **Reading.** ``verify`` walks the table in a ``REPEATABLE READ`` snapshot on a
   connection of its own; ``checkpoint`` signs the head of the table as it is now.
 """
@@ -169,9 +171,9 @@ class PgAuditTrail(AuditTrail):
             try:
                 batch = cur.fetchmany(4096)
                 while batch:
-                    for a, b, c, d, e in batch:
+                    for a, b, c, d, e in batch:  # no seals here: every entry is signed
                         yield (int(a), None if b is None else int(b), bytes(c), bytes(d),
-                               bytes(e))
+                               bytes(e), None)
                     batch = cur.fetchmany(4096)
             except _psycopg_error() as exc:
                 raise AuditError("audit trail unreadable") from exc
@@ -186,6 +188,13 @@ class PgAuditTrail(AuditTrail):
     def _newest_row(self) -> Any:
         rows = self._rows("ORDER BY seq DESC LIMIT 1", ())
         return rows[0] if rows else None
+
+    def _signed_point(self) -> tuple[Any, bytes]:
+        row = self._newest_row()
+        return (row, row[4]) if row is not None else (None, b"")
+
+    def _seal_head(self) -> None:
+        """Nothing to seal: every entry here is signed."""
 
     def checkpoint(self) -> Checkpoint:
         """Sign the shared trail's head as it is now (after checking it)."""

@@ -37,6 +37,10 @@ key, msgpack([subject key, sorted record ids]), ad = msgpack(["subject-key", ver
 id, subject ref, bucket])). Each field stops a move to another kind, store or subject, or
 to a bucket whose key outlived a rotation (an old copy's entry dies with its bucket key).
 
+Audit entries: SHA-256 chained, each signed with Ed25519 (seed in the keyring) or, for
+searches, MAC'd: HMAC(HKDF(audit seed, "audit-mac"), entry hash), 32 bytes; a later
+Ed25519 seal over a chained hash covers them for auditors (``audit.py``).
+
 Order on open: length and version, key, AEAD, then decode. Every authentication failure
 raises the same bare ``IntegrityError``; nothing here logs.
 """
@@ -234,6 +238,16 @@ def open_keyring(master_key: bytes, data: bytes) -> tuple[bytes, bytes]:
 def signer_from_seed(seed: bytes) -> tuple[Callable[[bytes], bytes], bytes]:
     private = Ed25519PrivateKey.from_private_bytes(seed)  # (sign, raw public key)
     return private.sign, private.public_key().public_bytes_raw()
+
+
+def audit_mac(audit_seed: bytes) -> Callable[[bytes], bytes]:
+    """HMAC-SHA256 of an audit entry's hash under a key of its own: proves a search entry
+    to the store (which holds the seed) at a fraction of a signature's cost."""
+    key = hkdf(audit_seed, info=b"biotemplate/v1/audit-mac")
+    return lambda entry_hash: keyed_hash(key, entry_hash)
+
+
+mac_equal = hmac.compare_digest  # constant time: a MAC check leaks no prefix
 
 
 def verifier_for(public_key: bytes) -> Callable[[bytes, bytes], bool]:

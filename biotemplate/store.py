@@ -737,9 +737,11 @@ def _audit_trail(folder: Path, vault: Vault, clock: StoreClock, *, create: bool,
     sign, verify, public = vault.audit_keys()
     if create:
         return AuditTrail.create(folder / AUDIT, store_id=vault.store_id, signer=sign,
-                                 verifier=verify, clock=clock, public_key=public)
+                                 verifier=verify, clock=clock, public_key=public,
+                                 mac=vault.audit_mac())
     return AuditTrail.open(folder / AUDIT, store_id=vault.store_id, signer=sign,
-                           verifier=verify, clock=clock, public_key=public, read_only=read_only)
+                           verifier=verify, clock=clock, public_key=public, read_only=read_only,
+                           mac=vault.audit_mac())
 
 
 # events whose entry stages a key change (it carries the generation the change gives)

@@ -251,6 +251,11 @@ class Vault:
         sign, public = sealing.signer_from_seed(self._keyring.audit_seed)
         return sign, sealing.verifier_for(public), public
 
+    def audit_mac(self) -> Callable[[bytes], bytes]:
+        """The MAC of the audit trail's search entries (HMAC of the entry hash), from the
+        keyring's seed: only the store can make or check one."""
+        return sealing.audit_mac(self._keyring.audit_seed)
+
     @property
     def keyring(self) -> Keyring:
         """For the sealed index snapshot's key only (``snapshot.py``)."""
