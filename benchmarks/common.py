@@ -506,7 +506,9 @@ def search_split(store: Any, purpose: str, probes: np.ndarray, mode: str = INV,
     wrap(matching, "candidates", "candidates")
     wrap(Vault, "probe_digest", "probe digest (HMAC)")
     wrap(AuditTrail, "append", "audit append: total")
-    wrap(AuditTrail, "_sign", "audit append: Ed25519 sign")
+    wrap(AuditTrail, "_sign", "audit append: Ed25519 sign")  # mutations, and seals
+    wrap(AuditTrail, "_mac_of", "audit append: HMAC (sealed later)")
+    wrap(type(parts.gallery.baseline), "suspects", "confirmation: baseline check")
     proxy(parts.trail, "_conn", "execute", "audit append: SQL insert")
     totals = []
     try:

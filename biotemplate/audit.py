@@ -85,7 +85,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,7 +132,7 @@ _UNSEALED = ("SELECT seq, ref_seq, body, hash, sig, NULL FROM entries "  # no se
 _SCHEMA = """
 CREATE TABLE entries(seq INTEGER PRIMARY KEY, ref_seq INTEGER, body BLOB NOT NULL,
                      hash BLOB NOT NULL, sig BLOB NOT NULL);
-CREATE INDEX entries_ref_seq ON entries(ref_seq);
+CREATE INDEX entries_ref_seq ON entries(ref_seq) WHERE ref_seq IS NOT NULL;  -- searches add none
 CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries
   BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
@@ -483,6 +483,45 @@ class AuditTrail:
             AuditError: the entry could not be signed or written; nothing written.
         """
         signed = durable or self._mac is None
+        f, ref, ts0 = self._prepared(event, actor, outcome, started, fields)
+        with self._lock:  # a refused call may name a bogus ref_seq: audit it as given
+            self._writable()
+            seq, digest = self._write_entry(
+                self._builder(event, actor, outcome, ts0, f, signed), ref, durable)
+            self._head = (seq, digest)
+            if signed:
+                self._sealed = seq  # its signature covers every entry before it
+            return seq
+
+    def append_many(self, event: str, items: Sequence[Mapping[str, Any]], *,
+                    actor: str | None, started: datetime | None = None) -> list[int]:
+        """Non-durable entries of one call, one per item of fields (``search_many``: one
+        per probe of a step), written in one transaction: all or none, one commit instead
+        of one per entry. Each is the entry ``append(event, durable=False, **item)``
+        would write; returns their seqs.
+
+        Raises:
+            InvalidInput: a bad argument or field in any item; nothing written.
+            AuditError: the entries could not be MAC'd, signed or written; nothing written.
+        """
+        signed = self._mac is None
+        prepared = [self._prepared(event, actor, "ok", started, dict(item)) for item in items]
+        if not prepared:
+            return []
+        with self._lock:
+            self._writable()
+            builds = [self._builder(event, actor, "ok", ts0, f, signed)
+                      for f, _, ts0 in prepared]
+            written = self._write_entries(builds, [ref for _, ref, _ in prepared])
+            self._head = written[-1]
+            if signed:
+                self._sealed = written[-1][0]
+            return [seq for seq, _ in written]
+
+    def _prepared(self, event: str, actor: str | None, outcome: str,
+                  started: datetime | None, fields: dict[str, Any],
+                  ) -> tuple[dict[str, Any], int | None, int | None]:
+        """(normalised fields, ref_seq, ts0) of one entry, every argument checked."""
         if not isinstance(event, str) or not _EVENT.fullmatch(event):
             raise InvalidInput("audit event must be a short lower-case name")
         if actor is not None and (not isinstance(actor, str) or len(actor) > 256):
@@ -496,26 +535,56 @@ class AuditTrail:
         ts0 = None if started is None else _us(started)
         if ref is not None and not (type(ref) is int and -(1 << 63) <= ref < 1 << 63):
             raise InvalidInput("ref_seq must be an int (the seq of the entry referred to)")
-        with self._lock:  # a refused call may name a bogus ref_seq: audit it as given
-            self._ensure_open()
-            if self._read_only:
-                raise AuditError("the audit trail is open read-only")
+        return f, ref, ts0
 
-            def build(seq: int, prev: bytes) -> tuple[bytes, bytes, bytes]:
-                ts1 = _us(self._clock())
-                body = _pack({"v": 1, "seq": seq, "prev": prev, "store": self._store_id,
-                              "ts0": ts1 if ts0 is None else ts0, "ts1": ts1, "event": event,
-                              "actor": actor, "outcome": outcome, "f": f})
-                if len(body) > _MAX_BODY:
-                    raise InvalidInput("audit entry too large")
-                digest = hashlib.sha256(_ENTRY_DOMAIN + body).digest()
-                return body, digest, self._sign(digest) if signed else self._mac_of(digest)
+    def _writable(self) -> None:
+        """Under ``self._lock``: open, and not read-only."""
+        self._ensure_open()
+        if self._read_only:
+            raise AuditError("the audit trail is open read-only")
 
-            seq, digest = self._write_entry(build, ref, durable)
-            self._head = (seq, digest)
-            if signed:
-                self._sealed = seq  # its signature covers every entry before it
-            return seq
+    def _builder(self, event: str, actor: str | None, outcome: str, ts0: int | None,
+                 f: dict[str, Any], signed: bool,
+                 ) -> Callable[[int, bytes], tuple[bytes, bytes, bytes]]:
+        """seq, prev -> (body, hash, signature or MAC) of one prepared entry."""
+        def build(seq: int, prev: bytes) -> tuple[bytes, bytes, bytes]:
+            ts1 = _us(self._clock())
+            body = _pack({"v": 1, "seq": seq, "prev": prev, "store": self._store_id,
+                          "ts0": ts1 if ts0 is None else ts0, "ts1": ts1, "event": event,
+                          "actor": actor, "outcome": outcome, "f": f})
+            if len(body) > _MAX_BODY:
+                raise InvalidInput("audit entry too large")
+            digest = hashlib.sha256(_ENTRY_DOMAIN + body).digest()
+            return body, digest, self._sign(digest) if signed else self._mac_of(digest)
+
+        return build
+
+    def _write_entries(self, builds: Sequence[Callable[[int, bytes], tuple[bytes, bytes, bytes]]],
+                       refs: Sequence[int | None]) -> list[tuple[int, bytes]]:
+        """Chain and store non-durable entries after the head in one transaction; returns
+        their (seq, hash). Under ``self._lock``. The PostgreSQL trail appends one by one."""
+        seq, prev = self._head
+        rows = []
+        for build, ref in zip(builds, refs, strict=True):
+            seq += 1
+            body, prev, sig = build(seq, prev)
+            rows.append((seq, ref, body, prev, sig))
+        try:
+            if self._full is not False:  # may not change inside a transaction
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._full = False
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", rows)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+            raise AuditError(f"audit entries {rows[0][0]}-{seq} could not be written") from exc
+        first, self._pending = not self._pending, self._pending + len(rows)
+        if first:
+            self._wake_syncer()
+        return [(r[0], r[3]) for r in rows]
 
     def _write_entry(self, build: Callable[[int, bytes], tuple[bytes, bytes, bytes]],
                      ref: int | None, durable: bool) -> tuple[int, bytes]:
@@ -539,12 +608,17 @@ class AuditTrail:
             raise AuditError(f"audit entry {seq} could not be written") from exc
         self._pending = 0 if full else self._pending + 1
         if self._pending == 1:
-            if self._syncer is None:
-                self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
-                                                name="biotemplate-audit-sync")
-                self._syncer.start()
-            self._wake.set()
+            self._wake_syncer()
         return seq, digest
+
+    def _wake_syncer(self) -> None:
+        """The first entry since the last fsync awaits the group commit: start the syncer
+        once, wake it (it waits ``SYNC_WINDOW`` for more, then seals and fsyncs)."""
+        if self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                            name="biotemplate-audit-sync")
+            self._syncer.start()
+        self._wake.set()
 
     @property
     def head_seq(self) -> int:

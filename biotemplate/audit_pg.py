@@ -24,7 +24,7 @@ that only changes where rows live). What differs, and why:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -112,6 +112,13 @@ class PgAuditTrail(AuditTrail):
             if isinstance(exc, InvalidInput | AuditError):
                 raise
             raise AuditError(f"the audit entry could not be written ({exc})") from None
+
+    def _write_entries(self, builds: Sequence[Callable[[int, bytes], tuple[bytes, bytes, bytes]]],
+                       refs: Sequence[int | None]) -> list[tuple[int, bytes]]:
+        """One by one: each append reads the shared head under the chain's row lock, and
+        other instances' entries may fall between them."""
+        return [self._write_entry(build, ref, False) for build, ref in zip(builds, refs,
+                                                                          strict=True)]
 
     def _read_head(self) -> tuple[int, bytes]:
         rows = self._rows("ORDER BY seq DESC LIMIT 1", ())

@@ -89,8 +89,9 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
     A batch is searched in steps of ``STEP`` probes: the index searches the next step in
     a worker thread (hnswlib lets go of the GIL) while this one confirms and audits the
     last, so the second core is not idle while Python works. Each step's candidates are
-    confirmed in one query; an entry's ``unconfirmed`` counts its step's. A failure part
-    way leaves the steps before it audited (they were searched) and raises.
+    confirmed in one query and its entries written in one commit; an entry's
+    ``unconfirmed`` counts its step's. A failure part way leaves the steps before it
+    audited (they were searched) and raises.
     """
     now_us = p.clock.now_us()  # one reading: the entry's ts0 and the expiry cut-off
     started = from_us(now_us)
@@ -99,21 +100,26 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
         units = (normalised(as_templates(probes, p.vault.dim)) if batch
                  else unit_template(probes, p.vault.dim)[None, :])
         threshold, name, gallery = rule.match_threshold, rule.name, p.gallery
-        out = []
+        out: list[SearchResult] = []
         for step, lists in _searched(p, units, purpose, min(k, rule.max_candidates), now_us):
             if mode == "identification":  # only what can become a candidate is confirmed
                 lists = [[h for h in hits if h.score >= threshold] for hits in lists]
             lists, dropped = gallery.confirm(lists, now_us)
             fields = {**f, "unconfirmed": dropped} if dropped else f
-            for unit, hits in zip(step, lists, strict=True):
-                cands, decision = candidates(hits, rule, mode, gallery.subject_of)
-                seq = p.trail.append(
-                    "search", actor=str(actor), started=started, durable=False, k=k,
-                    threshold=threshold, count=len(cands), decision=decision,
-                    probe_digest=p.vault.probe_digest(unit),
-                    record_ids=[c.record_id for c in cands],
-                    scores=[round(c.score, 6) for c in cands], **fields)
-                out.append(SearchResult(cands, decision, threshold, mode, name, seq))
+            found = [candidates(hits, rule, mode, gallery.subject_of) for hits in lists]
+            entries = [{"k": k, "threshold": threshold, "count": len(cands),
+                        "decision": decision, "probe_digest": p.vault.probe_digest(unit),
+                        "record_ids": [c.record_id for c in cands],
+                        "scores": [round(c.score, 6) for c in cands], **fields}
+                       for unit, (cands, decision) in zip(step, found, strict=True)]
+            if batch:  # one commit for the step's entries
+                seqs = p.trail.append_many("search", entries, actor=str(actor),
+                                           started=started)
+            else:
+                seqs = [p.trail.append("search", actor=str(actor), started=started,
+                                       durable=False, **entries[0])]
+            out.extend(SearchResult(cands, decision, threshold, mode, name, seq)
+                       for (cands, decision), seq in zip(found, seqs, strict=True))
         return out
 
 

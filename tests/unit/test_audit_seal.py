@@ -18,7 +18,7 @@ from nacl.signing import SigningKey
 from biotemplate import sealing
 from biotemplate.audit import SYNC_WINDOW, AuditTrail, checkpoint_audit, verify_audit
 from biotemplate.audit_export import export_audit
-from biotemplate.errors import IntegrityError
+from biotemplate.errors import AuditError, IntegrityError, InvalidInput
 
 STORE = b"\x02" * 16
 SEED = bytes(range(32))
@@ -238,3 +238,52 @@ def test_checkpoints_stay_valid(path: Path, trail: AuditTrail) -> None:
     trail.close()
     assert verify_audit(path, cp).ok and verify_audit(path, v3).ok
     assert checkpoint_audit(path) == v3
+
+
+# --- append_many: a search_many step's entries in one commit
+
+
+def test_append_many_writes_the_entries_append_would(trail: AuditTrail, path: Path) -> None:
+    head = trail.head_seq
+    seqs = trail.append_many("search", [{"count": 1, "record_ids": ["a"]}, {"count": 2}],
+                             actor="a")
+    one = trail.append("search", actor="a", durable=False, count=3)
+    assert seqs == [head + 1, head + 2] and one == head + 3
+    assert [trail.get(s).fields["count"] for s in (*seqs, one)] == [1, 2, 3]
+    assert trail.get(seqs[0]).fields["record_ids"] == ["a"]
+    sigs = rows(path, f"SELECT length(sig) FROM entries WHERE seq > {head}")
+    assert sigs == [(32,), (32,), (32,)]  # MAC'd, like append's search entries
+    trail.sync()
+    report = trail.verify()
+    assert report.ok and report.unsealed == 0 and report.entries == one
+
+
+def test_append_many_writes_all_or_nothing(trail: AuditTrail, path: Path) -> None:
+    head = trail.head_seq
+    with pytest.raises(InvalidInput):
+        trail.append_many("search", [{"count": 1}, {"count": object()}], actor="a")
+
+    class Failing:
+        """The connection, except that the batch insert fails half way."""
+
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.conn, name)
+
+        def executemany(self, statement: str, params: list[tuple[object, ...]]) -> None:
+            self.conn.execute(statement, params[0])
+            raise sqlite3.OperationalError("disk I/O error")
+
+    real = trail._conn
+    trail._conn = Failing(real)  # type: ignore[assignment]
+    try:
+        with pytest.raises(AuditError):
+            trail.append_many("search", [{"count": 1}, {"count": 2}], actor="a")
+    finally:
+        trail._conn = real
+    assert trail.head_seq == head
+    assert rows(path, "SELECT max(seq) FROM entries") == [(head,)]
+    assert trail.append("search", actor="a", durable=False, count=9) == head + 1
+    assert trail.verify().ok

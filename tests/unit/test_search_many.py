@@ -284,3 +284,27 @@ def test_closed_store_refuses(sstore: bt.TemplateStore, gallery: Gallery) -> Non
     sstore.close()
     with pytest.raises(bt.InvalidInput):
         sstore.search_many(probes(gallery, [1]), purpose="watchlist", actor="a")
+
+
+def test_a_step_s_entries_are_written_in_one_commit_or_not_at_all(
+        sstore: bt.TemplateStore, gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    trail = sstore._p.trail
+    head = trail.head_seq
+    writes: list[int] = []
+    real = trail._write_entries
+
+    def counted(builds: Any, refs: Any) -> Any:
+        writes.append(len(builds))
+        return real(builds, refs)
+
+    monkeypatch.setattr(trail, "_write_entries", counted)
+    results = sstore.search_many(gallery.templates[:5], purpose="watchlist", actor="t")
+    assert writes == [5] and [r.audit_seq for r in results] == list(range(head + 1, head + 6))
+
+    def failing(builds: Any, refs: Any) -> Any:
+        raise bt.AuditError("the audit entries could not be written")
+
+    monkeypatch.setattr(trail, "_write_entries", failing)
+    with pytest.raises(bt.AuditError):
+        sstore.search_many(gallery.templates[:5], purpose="watchlist", actor="t")
+    assert trail.head_seq == head + 5  # no entry of the failed step
