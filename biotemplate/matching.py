@@ -100,11 +100,12 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
         units = (normalised(as_templates(probes, p.vault.dim)) if batch
                  else unit_template(probes, p.vault.dim)[None, :])
         threshold, name, gallery = rule.match_threshold, rule.name, p.gallery
+        suspects = gallery.trusted()  # before the index walk: see Gallery.trusted
         out: list[SearchResult] = []
         for step, lists in _searched(p, units, purpose, min(k, rule.max_candidates), now_us):
             if mode == "identification":  # only what can become a candidate is confirmed
                 lists = [[h for h in hits if h.score >= threshold] for hits in lists]
-            lists, dropped = gallery.confirm(lists, now_us)
+            lists, dropped = gallery.confirm(lists, now_us, suspects)
             fields = {**f, "unconfirmed": dropped} if dropped else f
             found = [candidates(hits, rule, mode, gallery.subject_of) for hits in lists]
             entries = [{"k": k, "threshold": threshold, "count": len(cands),
