@@ -1,14 +1,16 @@
-"""Issue 4's targets: biotemplate vs raw hnswlib in the same process, on the same vectors,
-with the same M / ef_construction / ef (the store's defaults: 16 / 200 / auto_ef(N)).
+"""Issues 4 and 13's targets: biotemplate vs raw hnswlib in the same process, on the same
+vectors, with the same M / ef_construction / ef (the store's defaults: 16 / 200 /
+auto_ef(N)).
 
 Who runs it: anyone checking the targets table of RESULTS.md, after a change to the
-store's enrol, search, snapshot or rebuild paths. ~5 min at d=128 and ~10 min at d=512
-for N=100k on 2 cores (a few seconds at --n 2000)::
+store's enrol, search, snapshot, rebuild or removal paths. One command runs every target
+at d=128 and d=512 (~10 + ~15 min for N=100k on 2 cores; seconds at --n 2000)::
 
-    .venv/bin/python benchmarks/bench_targets.py --dim 128 --n 100000 --profile
-    .venv/bin/python benchmarks/bench_targets.py --dim 512 --n 100000
-    .venv/bin/python benchmarks/bench_targets.py --dim 128 --n 100000 --report  # table only
+    .venv/bin/python benchmarks/bench_targets.py --profile                  # everything
+    .venv/bin/python benchmarks/bench_targets.py --dims 128 --parts 0       # one part
+    .venv/bin/python benchmarks/bench_targets.py --report                   # table only
 
+Part 0: the per-search overhead at --small-n (20k), where it weighs most.
 Part 1 (data set A, n identities x 1 sample; store purpose "all"):
   raw ``add_items`` vs ``enroll_many``; single-query p50 of ``knn_query(k=10)`` vs
   ``store.search(k=10)`` (policy checks and audit entry included), measured in alternating
@@ -21,9 +23,12 @@ Part 2 (data set B, n/4 identities x 4 samples; store purpose "bench"):
   per ef); close (writes the sealed snapshot); ``TemplateStore.open`` with the snapshot vs
   without it (a rebuild from the sealed rows) vs the raw build; peak RSS of a raw index
   build, of an open from the snapshot and of an open by rebuild, each in a fresh subprocess.
+Part 3 (at --purge-dim only): bench_purge.py in its own process: removal cost per record,
+  and search latency while a purge of 10% and its background repair run.
 
-Prints the targets table (met / MISSED) and writes ``targets_d{dim}_n{n}.json`` to
---results-dir; ``--report`` prints that JSON's table as Markdown without running anything.
+Prints the targets table (met / not met), draws ``targets_n{n}.png`` (plot.py) and writes
+``targets_d{dim}_n{n}.json`` to --results-dir; ``--report`` prints that JSON's table as
+Markdown without running anything.
 """
 
 from __future__ import annotations
@@ -727,6 +732,12 @@ def main() -> None:
         path = write_json(f"targets_d{dim}_n{args.n}", res)
         log(f"wrote {shown(path)}")
     print(combined(load_runs(args.dims, args.n)))
+    try:
+        from plot import plot_targets
+
+        log(f"wrote {shown(plot_targets(args.n, results_dir()))}")
+    except ImportError:
+        log("no matplotlib (the plot extra): targets_n*.png not drawn")
 
 
 def purge(args: argparse.Namespace) -> dict[str, Any]:
