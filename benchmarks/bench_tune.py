@@ -9,6 +9,7 @@ d=512, ~20 min at 1M (d=128) on 2 cores; seconds with --n 5000::
     .venv/bin/python benchmarks/bench_tune.py --dim 512 --n 100000
     .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 1000000
     .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 1000000 --m 32   # M=32 instead
+    .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 1000000 --compare  # M=16 | M=32
     .venv/bin/python benchmarks/bench_tune.py --dim 128 --n 100000 --report   # from the JSON
 
 Method: data set A (``common.data_a``: N identities x 1 sample, the hard case for a
@@ -151,6 +152,32 @@ def report(path: Path) -> None:
              ["ef", "added miss", "misses/found", "graph CPU us/probe"]))
 
 
+def compare(folder: Path, dim: int, n: int, ms: tuple[int, ...] = (16, 32)) -> None:
+    """Issue 13, item 5: the tuned ef of each M's run side by side (its own JSON each)."""
+    import json
+
+    rows = []
+    for m in ms:
+        path = folder / (f"tune_d{dim}_n{n}.json" if m == 16 else f"tune_d{dim}_n{n}_m{m}.json")
+        if not path.exists():
+            rows.append([f"M={m}", "not run", "", "", "", "", "", "", "", ""])
+            continue
+        data = json.loads(path.read_text())
+        t, (auto, tuned) = data["tune"], data["rows"]
+        rows.append([f"M={m}", f"{data['enrol_s']:.0f}", f"{auto['ef']}: {auto['misses']}/"
+                     f"{auto['found']}, rank-1 {auto['rank1']:.4f}, {auto['search_cpu_us']:.0f}",
+                     f"**{t['ef']}**" + ("" if t["met"] else " (not met)"),
+                     f"{fmt(t['added_miss'], '.4f')} "
+                     f"(95 % high {fmt(t['added_miss_high'], '.4f')})",
+                     f"{tuned['misses']}/{tuned['found']}",
+                     f"{tuned['rank1']:.4f} ({tuned['exact_rank1']:.4f})",
+                     f"{tuned['graph_us']:.0f}", f"{tuned['search_cpu_us']:.0f}",
+                     f"{tuned['search_p50_us']:.0f}"])
+    print(md(rows, ["M", "enrol s", "auto_ef: misses, rank-1, search CPU us",
+                    "tuned ef", "tuner's added miss", "health misses", "rank-1 (exact)",
+                    "graph CPU us/probe", "search CPU us", "search p50 us (wall)"]))
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--dim", type=int, default=128, help="template dimension")
@@ -163,6 +190,8 @@ def main() -> None:
                     help="HNSW M of the store (default 16; the 1M comparison also runs 32)")
     ap.add_argument("--work-dir", default=None, help="where the temporary store lives")
     ap.add_argument("--report", action="store_true", help="print a run's tables from its JSON")
+    ap.add_argument("--compare", action="store_true",
+                    help="print the M=16 and M=32 runs at --dim/--n side by side")
     add_results_dir_arg(ap)
     args = ap.parse_args()
     configure(args.n, args.results_dir)
@@ -170,6 +199,9 @@ def main() -> None:
     name = f"tune_d{args.dim}_n{args.n}" + ("" if args.m == 16 else f"_m{args.m}")
     if args.report:
         report((results_dir() if args.results_dir else RESULTS) / f"{name}.json")
+        return
+    if args.compare:
+        compare(results_dir() if args.results_dir else RESULTS, args.dim, args.n)
         return
     out = run(args)
     print(table(out["rows"], COLUMNS))
