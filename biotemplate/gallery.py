@@ -271,6 +271,9 @@ class Gallery:
     def ef_of(self, purpose: str) -> tuple[int, str, int]:
         return self._index.ef_of(purpose)
 
+    def graph_m(self, purpose: str) -> int:
+        return self._index.graph_m(purpose)
+
     def sample_live(self, purpose: str, n: int, rng: np.random.Generator,
                     ) -> tuple[NDArray[np.float32], list[bytes]]:
         return self._index.sample_live(purpose, n, rng)

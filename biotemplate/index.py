@@ -587,12 +587,20 @@ class TemplateIndex:
     def set_tuned(self, tuned: Mapping[str, TunedEf]) -> None:
         """Search these purposes' sub-indexes at measured efs (see :func:`tuned_ef`); the
         others keep ``auto_ef``. A fixed ``IndexParams.ef_search`` still wins, and a
-        tuning measured on another M than this index's is not used."""
+        tuning measured on a graph of another M than the sub-index's is not used (a
+        snapshot keeps the M it was built with; a rebuild takes ``IndexParams.M``)."""
         with self._lock.write():
-            self._tuned = {p: t for p, t in tuned.items() if t.M == self._params.M}
+            self._tuned = dict(tuned)
             with _translated("set ef"):
                 for sub in self._subs.values():
                     self._tune_ef(sub)
+
+    def graph_m(self, purpose: str) -> int:
+        """The M of ``purpose``'s graph (the one it was built or loaded with), or
+        ``IndexParams.M`` when it has none yet."""
+        with self._lock.read():
+            sub = self._subs.get(purpose)
+            return self._params.M if sub is None else int(sub.index.M)
 
     def ef_of(self, purpose: str) -> tuple[int, str, int]:
         """(ef in use, where it comes from, live records) for ``purpose``'s sub-index. The
@@ -603,8 +611,10 @@ class TemplateIndex:
             live = len(sub.live) if sub is not None else 0
             if sub is None or live <= self._params.exact_cutoff:
                 return 0, "exact", live
+            tuned = self._tuned.get(purpose)
             source = ("fixed" if self._params.ef_search else
-                      "tuned" if purpose in self._tuned else "auto")
+                      "tuned" if tuned is not None and tuned.M == int(sub.index.M)
+                      else "auto")
             return sub.ef, source, live
 
     def sample_live(self, purpose: str, n: int, rng: np.random.Generator,
@@ -818,6 +828,8 @@ class TemplateIndex:
         """Set the sub-index's search ef for its size. set_ef mutates the index, so this
         runs under the write lock only, after every change to ``sub.live``."""
         tuned = self._tuned.get(sub.purpose)
+        if tuned is not None and tuned.M != int(sub.index.M):
+            tuned = None  # measured on another graph
         ef = self._params.ef_search or (tuned_ef(tuned, len(sub.live)) if tuned
                                         else auto_ef(len(sub.live)))
         if ef != sub.ef:

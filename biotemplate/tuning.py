@@ -336,10 +336,12 @@ def tune_index(p: Parts, target: float, purpose: str | None, sample: int | None,
             table = p.gallery.tuned if purpose is not None else {}
             m = p.gallery.params.M
             measured = [t for t in tuned if t.added_miss is not None]
-            table.update({t.purpose: TunedEf(t.ef, t.live, m) for t in measured})
+            # each tuning names the graph it was measured on (a snapshot keeps its M)
+            table.update({t.purpose: TunedEf(t.ef, t.live, p.gallery.graph_m(t.purpose))
+                          for t in measured})
             fields = {t.purpose: {"ef": t.ef, "live": t.live, "met": t.met,
                                   "misses": t.added_miss.errors, "found": t.added_miss.trials,
-                                  "ef_before": t.ef_before}
+                                  "ef_before": t.ef_before, "M": p.gallery.graph_m(t.purpose)}
                       for t in measured if t.added_miss is not None}
             with p.mutation():
                 p.vault.save_index_tuning(table)

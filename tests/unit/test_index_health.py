@@ -123,7 +123,9 @@ def test_the_tuning_is_saved_sealed_and_used_after_reopening(
         assert store.stats().purposes["watch"]["ef"] == ef
     with bt.TemplateStore.open(folder, key_provider=keys, snapshot_on_close=False,
                                index_params=bt.IndexParams(**{**PARAMS, "M": 8})) as store:
-        # measured on M=6: not used for another M
+        # loaded from the snapshot, the graph is still the M=6 one it was measured on
+        assert store.stats().purposes["watch"]["ef"] == ef
+        # rebuilt, it is an M=8 graph: the tuning measured on M=6 is not used for it
         (folder / "index.snapshot").unlink()
         store.rebuild_index()
         h = store.index_health("watch", sample=10, actor="ops").of("watch")
