@@ -34,9 +34,10 @@ used at once and on every open, and grows with the sub-index like ``auto_ef``'s 
 between tunings (``index.tuned_ef``); after more than 2x growth ``index_health`` and
 ``stats()`` flag it (``retune``). A fixed ``IndexParams(ef_search=...)`` wins over it, so
 tuning refuses to run beside one. A larger M cannot be measured without building a
-second graph; the report *advises* it when the chosen ef is >= 256 or the target is not
-met, from the synthetic measurements in RESULTS.md "Choosing ef" (M=32 needed 4-5x less
-ef than M=16, for a ~2.5x slower build and +25 % memory).
+second graph; the report *advises* it when the target is not met, or when the chosen ef
+is >= 256 on a graph of M < 32, from the synthetic measurements in RESULTS.md ("Choosing
+ef", "M=16 or M=32": M=32 needed 4-5x less ef than M=16 and 2.5x less graph CPU at the
+tuned ef, for a ~2x slower build and +20-25 % memory at d=128; it is the default).
 
 **What stays private.** Probes are made from decrypted templates the index already
 holds in memory, scrubbed (zeroed) when the measurement ends; nothing is written but
@@ -70,7 +71,7 @@ __all__ = ["IndexHealth", "PurposeHealth", "PurposeTuning", "Trial", "TuneReport
 
 LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
           4096, 6144, 8192)
-LARGER_M_EF = 256  # from here on, M=32 was ~2x cheaper per search on synthetic data
+LARGER_M_EF = 256  # from here on, M=32 was ~2.5x cheaper per search than M=16 (synthetic)
 MAX_SAMPLE = 100_000
 
 
@@ -378,10 +379,11 @@ def _tune(p: Parts, rule: Purpose, n: int, rng: np.random.Generator, target: flo
     met = chosen is not None
     pick = chosen or min(trials, key=lambda x: (x.rate, -x.ef))
     warnings = []
+    m = p.gallery.graph_m(rule.name)
     if not met:
         warnings.append(f"no ef up to {trials[-1].ef} kept the added miss rate at or under "
                         f"{target:g} (best: {pick.rate:.4g} at ef={pick.ef}): rebuild with a "
-                        "larger M (IndexParams(M=32), then rebuild_index)")
+                        f"larger M (IndexParams(M={2 * m}), then rebuild_index)")
     if wilson(0, pick.found)[1] > target:
         warnings.append(f"{pick.found} mates found among {n} probes cannot show a rate under "
                         f"{target:g} at 95 % even with no miss (about {math.ceil(3.84 / target)} "
@@ -390,5 +392,6 @@ def _tune(p: Parts, rule: Purpose, n: int, rng: np.random.Generator, target: flo
                          source_before=source, auto_ef=auto_ef(live), ef=pick.ef, met=met,
                          added_miss=Rate.of(pick.misses, pick.found),
                          before=before, trials=tuple(trials),
-                         larger_m_advised=pick.ef >= LARGER_M_EF or not met,
+                         # measured: M=16 -> 32 at ef >= 256; beyond 32, only a miss
+                         larger_m_advised=(pick.ef >= LARGER_M_EF and m < 32) or not met,
                          warning="; ".join(warnings) or None)
