@@ -25,6 +25,12 @@ from typing import Any
 __all__ = ["HOLD", "RWLock", "Repairs", "paced"]
 
 HOLD = 0.02  # seconds a batched writer aims to hold the write lock
+# The background repair's share of the time while it has work: after each batch it rests
+# (1 / DUTY - 1) times as long as the batch took, so a search meets a batch a quarter of
+# the time instead of every time (measured at 100k, d=512: search p50 23 ms during the
+# repair at full duty, against 4 ms without one). The repair takes 4x longer; the erased
+# bytes are zero from the start, only the graph's links wait.
+REPAIR_DUTY = 0.25
 LINGER = 1.0  # seconds the repair thread waits for more work before it leaves
 _live: weakref.WeakSet[Repairs] = weakref.WeakSet()
 _exiting = threading.Event()
@@ -87,9 +93,12 @@ class RWLock:
                 self._cond.notify_all()
 
 
-def paced(lock: RWLock, step: Callable[[int], bool]) -> None:
+def paced(lock: RWLock, step: Callable[[int], bool], duty: float = 1.0,
+          stop: threading.Event | None = None) -> None:
     """Run ``step(budget)`` under the write lock until it returns False, sizing each
-    batch so that one holds the lock for about ``HOLD``: searches run in between."""
+    batch so that one holds the lock for about ``HOLD``: searches run in between. With
+    ``duty`` < 1, rest between batches so that the batches take that share of the time
+    (``stop`` cuts a rest short)."""
     budget = 4
     while True:
         with lock.write():
@@ -97,6 +106,8 @@ def paced(lock: RWLock, step: Callable[[int], bool]) -> None:
             more = step(budget)
             took = time.perf_counter() - started
         if not more:
+            return
+        if duty < 1 and (stop or threading.Event()).wait(took * (1 / duty - 1)):
             return
         if took < HOLD / 2:
             budget *= 2
@@ -177,7 +188,7 @@ class Repairs:
         try:
             while True:
                 self._more.clear()
-                paced(self._lock, self._step)
+                paced(self._lock, self._step, REPAIR_DUTY, _exiting)
                 if self._more.wait(LINGER) and not _exiting.is_set():
                     continue
                 with self._lock.write():  # decided under the lock ``add`` runs under

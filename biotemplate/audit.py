@@ -121,6 +121,8 @@ _OUTCOMES = frozenset({"ok", "refused", "error"})
 _KEYS = frozenset({"v", "seq", "prev", "store", "ts0", "ts1", "event", "actor", "outcome", "f"})
 _MAX_BODY = 16 << 20  # bytes: a purge listing ~400k record ids still fits
 SYNC_WINDOW = 0.05  # seconds: a non-durable entry is fsynced at most this long after it
+# An unsealed tail longer than this (by its entries' times) is not a crash's: verify fails
+UNSEALED_SPAN = timedelta(seconds=10)
 _MAX_PROBLEMS = 100
 _SIG_SIZE, _MAC_SIZE = 64, 32  # the ``sig`` column: Ed25519 signature, or a search's MAC
 _CHECKPOINT_FIELDS = frozenset({"v", "store", "seq", "head", "ts", "sig"})  # "key" in v2
@@ -293,6 +295,10 @@ class AuditTrail:
     # Whether an entry appended inside the records transaction commits or rolls back with
     # it (one database): then a failed commit needs no "rollback" entry after it.
     atomic_with_records = False
+    # Whether this kind of trail may hold MAC'd entries at all (``audit.db``: searches). A
+    # trail that never writes them (PostgreSQL) treats a 32-byte ``sig`` as a bad signature,
+    # so a forged entry cannot pass as "a MAC this reader has no key for".
+    macs_possible = True
 
     def __init__(self, conn: sqlite3.Connection, path: Path, store_id: bytes,
                  signer: Signer, verifier: Verifier, clock: Callable[[], datetime], *,
@@ -420,6 +426,11 @@ class AuditTrail:
             seal = self._conn.execute("SELECT seq, sig FROM seals WHERE seq <= (SELECT "
                                       "max(seq) FROM entries) ORDER BY seq DESC LIMIT 1"
                                       ).fetchone()
+            gone = self._conn.execute("SELECT max(seq) FROM seals WHERE seq > (SELECT "
+                                      "coalesce(max(seq), 0) FROM entries)").fetchone()[0]
+            if gone is not None:  # a seal outlived its entry: the file was cut
+                raise IntegrityError(f"the audit trail was truncated: a seal names entry "
+                                     f"{gone}, which is gone")
         head: tuple[int, bytes] | None = None
         expected, link = 0, b""
         cur = self._conn.execute(f"{_COLS} ORDER BY seq DESC")
@@ -675,6 +686,8 @@ class AuditTrail:
             except AuditError:
                 return AuditReport(False, 0, ("audit database unreadable",))
         count, prev_seq, prev_hash, pending = 0, 0, _ZERO, 0
+        tail_from: datetime | None = None  # ts of the first entry no signature covers yet
+        tail_to: datetime | None = None
         seen: dict[int, bytes] = {}  # recomputed hashes of the held head and checkpoint seq
         signed: set[bytes] = set()  # the public keys that entries carry (signed copies)
         try:
@@ -692,6 +705,10 @@ class AuditTrail:
                         found.append("seal invalid")
                 # an entry is proven once a signature at or after it covers it
                 pending = 0 if kind == "sig" or found else pending + 1
+                if pending == 1 and entry is not None:
+                    tail_from = entry.ts_end
+                if pending and entry is not None:
+                    tail_to = entry.ts_end
                 for problem in found:
                     add(f"seq {seq}: {problem}")
                 if seq in (held_seq, checkpoint and checkpoint.seq):
@@ -709,6 +726,12 @@ class AuditTrail:
         if pending and not self._read_only:
             add(f"the newest {pending} entries have no seal, but this trail sealed them: "
                 "a seal was deleted")
+        elif pending and tail_from is not None and tail_to is not None \
+                and tail_to - tail_from > UNSEALED_SPAN:
+            # a live store seals within SYNC_WINDOW, a crash leaves about that much: a
+            # longer tail means seals were deleted, and its MACs only the store can check
+            add(f"the newest {pending} entries span {tail_to - tail_from} with no seal "
+                f"(a live store seals every {SYNC_WINDOW:g} s): seals were deleted")
         for problem in self._key_problems(named, signed):
             add(problem)
         if count == 0:
@@ -1085,7 +1108,7 @@ class AuditTrail:
         actual = hashlib.sha256(_ENTRY_DOMAIN + body).digest() if isinstance(body, bytes) else b""
         found = [] if digest == actual else ["hash mismatch"]
         kind = "sig"
-        if isinstance(sig, bytes) and len(sig) == _MAC_SIZE:
+        if isinstance(sig, bytes) and len(sig) == _MAC_SIZE and self.macs_possible:
             kind = "open" if self._mac is None else "mac"
             if self._mac is not None and not sealing.mac_equal(self._mac_of(actual), sig):
                 found.append("MAC invalid")

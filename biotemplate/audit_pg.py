@@ -58,6 +58,7 @@ class PgAuditTrail(AuditTrail):
     """The audit trail in a store's PostgreSQL schema (``audit_entries``, ``audit_meta``)."""
 
     atomic_with_records = True
+    macs_possible = False  # every entry here is signed: a 32-byte sig is a forgery
 
     def __init__(self, db: PostgresBackend, store_id: bytes, signer: Signer,
                  verifier: Verifier, clock: Callable[[], datetime], *,

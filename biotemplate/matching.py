@@ -102,7 +102,10 @@ def search(p: Parts, probes: object, purpose: str, k: int, actor: str, reason: s
         threshold, name, gallery = rule.match_threshold, rule.name, p.gallery
         suspects = gallery.trusted()  # before the index walk: see Gallery.trusted
         out: list[SearchResult] = []
-        for step, lists in _searched(p, units, purpose, min(k, rule.max_candidates), now_us):
+        for i, (step, lists) in enumerate(_searched(p, units, purpose,
+                                                   min(k, rule.max_candidates), now_us)):
+            if i:  # a long batch: another connection may have committed since the last step
+                suspects = gallery.trusted()
             if mode == "identification":  # only what can become a candidate is confirmed
                 lists = [[h for h in hits if h.score >= threshold] for hits in lists]
             lists, dropped = gallery.confirm(lists, now_us, suspects)

@@ -209,6 +209,7 @@ class SQLiteBackend:
         self._path = path
         self._lock = threading.RLock()
         self._in_tx = False
+        self._tx_version: int | None = None  # data_version during this connection's write
 
     @classmethod
     def create(cls, path: Path) -> SQLiteBackend:
@@ -254,12 +255,18 @@ class SQLiteBackend:
                 raise StorageError("nested transaction")
             with _mapped("begin"):
                 self._conn.execute("BEGIN IMMEDIATE")
+                # No other connection can commit while this one holds the write lock, so
+                # the version stays this until COMMIT: searches read it without waiting
+                # for the lock (a purge's transaction must not stall them; issue 13).
+                self._tx_version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
             self._in_tx = True
             try:
                 yield
+                self._tx_version = None  # before COMMIT lets other writers in
                 with _mapped("commit"):
                     self._conn.execute("COMMIT")
             except BaseException:
+                self._tx_version = None
                 if self._conn.in_transaction:
                     try:
                         self._conn.execute("ROLLBACK")
@@ -374,7 +381,12 @@ class SQLiteBackend:
 
     def external_version(self) -> int:
         """SQLite's ``data_version``: moves when another connection commits (an edit
-        with the triggers dropped, another tool), not on this connection's commits."""
+        with the triggers dropped, another tool), not on this connection's commits.
+        During this connection's write transaction, the value read at its BEGIN: no
+        other connection can commit before it ends, and the caller need not wait."""
+        during = self._tx_version
+        if during is not None:
+            return during
         return int(self._query("data_version", "PRAGMA data_version")[0][0])
 
     def last_change(self) -> int:

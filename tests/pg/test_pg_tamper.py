@@ -89,3 +89,31 @@ def test_a_dropped_feed_trigger_costs_freshness_never_erasure(pg_server, pg_url,
         assert all(c.subject_id != "f5" for c in r.candidates)  # the row is gone: dropped
     finally:
         other.close()
+
+
+def test_a_mac_sized_signature_is_a_forgery_on_postgresql(pg_server, pg_url,
+                                                            pg_store) -> None:
+    """A PostgreSQL trail signs every entry: an entry inserted with a well-formed body, the
+    right link and 32 junk bytes as its signature (the size of an audit.db search MAC)
+    fails verification, even once a genuine entry has been chained onto it."""
+    import hashlib
+
+    import msgpack
+
+    enrol(pg_store, vectors(3, 34), "a")
+    schema = parse_url(pg_url).schema
+    seq, body, digest = sql(pg_server, f"SELECT seq, body, hash FROM {schema}.audit_entries "
+                                       "ORDER BY seq DESC LIMIT 1")[0]
+    fake = msgpack.unpackb(bytes(body), raw=False)
+    fake.update(seq=seq + 1, prev=bytes(digest), event="confirm", actor="reviewer-2")
+    forged = msgpack.packb(fake, use_bin_type=True)
+    sql(pg_server, f"INSERT INTO {schema}.audit_entries VALUES (%s, NULL, %s, %s, %s)",
+        seq + 1, forged, hashlib.sha256(b"biotemplate-audit-v1\x00" + forged).digest(),
+        b"\x00" * 32)
+    pg_store.search(vectors(3, 34)[0], purpose="watchlist", actor="t")  # chains onto it
+    report = pg_store.audit.verify()
+    assert not report.ok and any(f"seq {seq + 1}: signature invalid" in p
+                                 for p in report.problems)
+    assert not bt.verify_audit(pg_url).ok
+    with pytest.raises(bt.IntegrityError):
+        pg_store.audit.get(seq + 1)

@@ -213,3 +213,23 @@ def test_a_pass_that_sees_another_commit_is_not_a_baseline(
     monkeypatch.setattr(rows, "scan_headers", real)
     found = baseline._compare()
     assert found is not None and found[1] == {enrolled[7]}
+
+
+def test_a_duplicated_row_cannot_hide_a_vanished_one_from_the_pass(
+        store: bt.TemplateStore, store_dir: Path, gallery: Gallery,
+        enrolled: list[str]) -> None:
+    """The table rebuilt without its UNIQUE constraint; in one commit, record A's row is
+    deleted and a second copy of record B's row inserted: the row count still matches, so
+    the pass must match rows by record id, not count them, to keep A suspect."""
+    probe = probes(gallery, [0])[0]
+    victim = _top(store, probe)
+    other = next(r for r in enrolled if r != victim)
+    _sql(store_dir,
+         "CREATE TABLE copy AS SELECT * FROM records", "DROP TABLE records",
+         "ALTER TABLE copy RENAME TO records", "BEGIN",
+         f"DELETE FROM records WHERE record_id = '{victim}'",
+         f"INSERT INTO records SELECT * FROM records WHERE record_id = '{other}'", "COMMIT")
+    _trusting(store, probes(gallery, [5])[0])
+    assert victim in store._p.gallery.baseline.suspects()  # type: ignore[operator]
+    assert victim not in _ids(store, probe)
+    assert store.stats().integrity_failures >= 1

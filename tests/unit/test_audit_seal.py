@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -287,3 +287,42 @@ def test_append_many_writes_all_or_nothing(trail: AuditTrail, path: Path) -> Non
     assert rows(path, "SELECT max(seq) FROM entries") == [(head,)]
     assert trail.append("search", actor="a", durable=False, count=9) == head + 1
     assert trail.verify().ok
+
+
+def test_a_long_unsealed_tail_fails_verification(path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash leaves ~50 ms of searches unsealed; a tail spanning minutes means seals
+    were deleted (and its entries may have been rewritten: only the store can check their
+    MACs), so an auditor's verify fails instead of calling it normal."""
+    sign, _ = sealing.signer_from_seed(SEED)
+    now = [datetime(2025, 3, 1, tzinfo=UTC)]
+    t = AuditTrail.create(path, store_id=STORE, signer=sign,
+                          verifier=sealing.verifier_for(PUBLIC), clock=lambda: now[0],
+                          public_key=PUBLIC, mac=MAC)
+    t.append("enroll", actor="a")
+    for _ in range(3):
+        now[0] += timedelta(seconds=3)
+        searches(t, 1)
+    unsealed_close(t, monkeypatch)
+    report = verify_audit(path)  # 6 s: still what a crash could leave
+    assert (report.ok, report.unsealed) == (True, 3)
+    t = open_trail(path)  # sealed again, then three more spread over 30 s
+    for _ in range(3):
+        now[0] += timedelta(seconds=15)
+        t._clock = lambda: now[0]
+        searches(t, 1)
+    unsealed_close(t, monkeypatch)
+    report = verify_audit(path)
+    assert not report.ok and report.unsealed == 3
+    assert any("seals were deleted" in p for p in report.problems)
+
+
+def test_a_seal_that_outlived_its_entry_refuses_the_open(path: Path,
+                                                         trail: AuditTrail) -> None:
+    searches(trail, 3)
+    trail.close()  # sealed at 4
+    sql(path, "DROP TRIGGER entries_no_delete", "DELETE FROM entries WHERE seq = 4")
+    with pytest.raises(IntegrityError, match="truncated"):
+        open_trail(path)
+    with pytest.raises(IntegrityError, match="truncated"):
+        open_trail(path, mac=None, read_only=True)
