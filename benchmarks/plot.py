@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--targets", action="store_true", help="only the targets figure")
     add_results_dir_arg(p)
     args = p.parse_args()
-    folder = Path(args.results_dir)
+    folder = Path(args.results_dir) if args.results_dir else RESULTS
     for draw in ((plot_targets,) if args.targets else (plot_all, plot_targets)):
         try:
             out = draw(args.n, folder)
