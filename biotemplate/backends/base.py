@@ -80,11 +80,13 @@ class Backend(Protocol):
     def by_subject(self, subject_ref: bytes) -> list[RecordRow]: ...
 
     def expired(self, now_us: int) -> list[RecordRow]:
-        """Rows whose expiry is at or before ``now_us`` (held or not)."""
+        """Rows whose expiry is at or before ``now_us`` (held or not), ``blob`` cut to
+        its last 16 bytes (a purge needs no ciphertext)."""
         ...
 
     def below_epoch(self, epoch: int) -> list[RecordRow]:
-        """Rows that are not held and whose epoch is below ``epoch`` (their key is gone)."""
+        """Rows that are not held and whose epoch is below ``epoch`` (their key is gone),
+        ``blob`` cut to its last 16 bytes."""
         ...
 
     def scan(self, batch_size: int = 4096) -> Iterator[list[RecordRow]]:

@@ -511,10 +511,10 @@ class PostgresBackend:
         return self._select("by_subject", "subject_ref = %s", (subject_ref,))
 
     def expired(self, now_us: int) -> list[RecordRow]:
-        return self._select("expired", "expiry_us <= %s", (now_us,))
+        return self._select("expired", "expiry_us <= %s", (now_us,), columns=_TAG)
 
     def below_epoch(self, epoch: int) -> list[RecordRow]:
-        return self._select("below_epoch", "NOT held AND epoch < %s", (epoch,))
+        return self._select("below_epoch", "NOT held AND epoch < %s", (epoch,), columns=_TAG)
 
     def scan(self, batch_size: int = 4096) -> Iterator[list[RecordRow]]:
         if batch_size < 1:
