@@ -61,6 +61,7 @@ BUSY_TIMEOUT_MS = 5000
 _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 _COLUMNS = "seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob"
 _HEADERS = _COLUMNS.replace("blob", "substr(CAST(blob AS BLOB), -16)")  # blob: its tag
+_VERSION_POLL = 0.002  # seconds between looks at a write transaction's version
 _INSERT = (
     "INSERT INTO records (record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -257,15 +258,18 @@ class SQLiteBackend:
             with _mapped("begin"):
                 self._conn.execute("BEGIN IMMEDIATE")
                 # No other connection can commit while this one holds the write lock, so
-                # the version stays this until COMMIT: searches read it without waiting
-                # for the lock (a purge's transaction must not stall them; issue 13).
+                # the version stays this until its COMMIT has finished (its fsync
+                # included): searches read it without waiting for the lock (a purge's
+                # transaction and commit must not stall them; issue 13). It is cleared
+                # the moment COMMIT returns: a commit by another connection squeezed into
+                # that instant is seen by the search after the next one.
                 self._tx_version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
             self._in_tx = True
             try:
                 yield
-                self._tx_version = None  # before COMMIT lets other writers in
                 with _mapped("commit"):
                     self._conn.execute("COMMIT")
+                self._tx_version = None
             except BaseException:
                 self._tx_version = None
                 if self._conn.in_transaction:
@@ -385,10 +389,19 @@ class SQLiteBackend:
         with the triggers dropped, another tool), not on this connection's commits.
         During this connection's write transaction, the value read at its BEGIN: no
         other connection can commit before it ends, and the caller need not wait."""
-        during = self._tx_version
-        if during is not None:
-            return during
-        return int(self._query("data_version", "PRAGMA data_version")[0][0])
+        while True:
+            during = self._tx_version
+            if during is not None:
+                return during
+            # Poll instead of queueing on the lock: a writer that takes it for a whole
+            # transaction (a purge: ~1 s) sets the version within a poll, and the lock is
+            # not fair (a writer issuing query after query would win it every time).
+            if self._lock.acquire(timeout=_VERSION_POLL):
+                try:
+                    with _mapped("data_version"):
+                        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+                finally:
+                    self._lock.release()
 
     def last_change(self) -> int:
         """The newest change sequence number; 0 when nothing was ever written."""
