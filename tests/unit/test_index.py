@@ -301,7 +301,7 @@ def test_stats_and_clear():
     rng = np.random.default_rng(15)
     index = build(random_unit(rng, 10, 8), purposes=[("a", "b")] * 10)
     stats = index.stats()
-    assert stats["params"]["M"] == 32 and stats["dim"] == 8
+    assert stats["params"]["M"] == 16 and stats["dim"] == 8
     assert stats["purposes"]["a"] == {"live": 10, "hidden": 0, "deleted": 0, "capacity": 1024,
                                       "ef": 64}
     index.clear()
