@@ -21,6 +21,11 @@ import biotemplate as bt
 from biotemplate.synthetic import Gallery, probes
 
 WATCH = {"purposes": ["watchlist"], "ttl": timedelta(days=30), "source": "case-file-1"}
+# a later expiry in the clear header; the last byte of the AEAD tag flipped
+HEADER_AND_TAG_EDITS = [
+    "UPDATE records SET expiry_us = expiry_us + 1000000 WHERE record_id = ?",
+    "UPDATE records SET blob = substr(blob, 1, length(blob) - 1) || x'00' WHERE record_id = ?",
+]
 
 
 def _sql(store_dir: Path, *statements: str, args: tuple[Any, ...] = ()) -> None:
@@ -65,8 +70,7 @@ def test_a_row_deleted_under_a_running_store_is_never_returned(
 
 @pytest.mark.parametrize("edit", [
     "UPDATE records SET purposes = 'rare,watchlist' WHERE record_id = ?",
-    "UPDATE records SET expiry_us = expiry_us + 1000000 WHERE record_id = ?",
-    "UPDATE records SET blob = substr(blob, 1, length(blob) - 1) || x'00' WHERE record_id = ?",
+    *HEADER_AND_TAG_EDITS,
 ])
 def test_a_row_edited_under_a_running_store_is_never_returned(
         store: bt.TemplateStore, store_dir: Path, gallery: Gallery, enrolled: list[str],
@@ -155,8 +159,7 @@ def test_with_a_baseline_a_search_reads_no_row(
 
 @pytest.mark.parametrize("edit", [
     "DELETE FROM records WHERE record_id = ?",
-    "UPDATE records SET expiry_us = expiry_us + 1000000 WHERE record_id = ?",
-    "UPDATE records SET blob = substr(blob, 1, length(blob) - 1) || x'00' WHERE record_id = ?",
+    *HEADER_AND_TAG_EDITS,
 ])
 def test_another_connection_s_edit_ends_the_baseline_at_the_next_search(
         store: bt.TemplateStore, store_dir: Path, gallery: Gallery, enrolled: list[str],
