@@ -6,7 +6,7 @@ on 2 cores at 1M; ``--n 2000`` is a smoke test of a few seconds::
 
     .venv/bin/python benchmarks/bench_1m.py --n 1000000 --dim 128
 
-Phases (same process, same vectors, the store's M (16, common.M) / ef_construction=200 /
+Phases (same process, same vectors, the store's M (32; 16 before issue 13) / ef_construction=200 /
 ef=auto_ef(N), 3168 at 1M):
   1. raw hnswlib ``add_items`` of the in-memory array (wall, CPU);
   2. ``enroll_many`` of the same vectors into a fresh store (1 sample per identity, one

@@ -1,5 +1,5 @@
 """Issues 4 and 13's targets: biotemplate vs raw hnswlib in the same process, on the same
-vectors, with the same M / ef_construction / ef (the store's defaults: 16 / 200 /
+vectors, with the same M / ef_construction / ef (the store's defaults: 32 / 200 /
 auto_ef(N)).
 
 Who runs it: anyone checking the targets table of RESULTS.md, after a change to the

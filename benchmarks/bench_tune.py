@@ -14,7 +14,7 @@ d=512, ~20 min at 1M (d=128) on 2 cores; seconds with --n 5000::
 
 Method: data set A (``common.data_a``: N identities x 1 sample, the hard case for a
 graph; 2000 fresh mated probes with exact top-1 as truth) is enrolled into a store with
-the default parameters (M=16, or --m; ef_construction=200, ef = auto_ef(N)), threshold
+the default parameters (M=32, or --m; ef_construction=200, ef = auto_ef(N)), threshold
 0.55. Then, in this order:
 
 1. ``index_health(sample=--health-sample, seed=1)`` at auto_ef: the added miss rate on

@@ -50,7 +50,7 @@ RESULTS = HERE / "results"  # the committed results; --results-dir writes elsewh
 # The same HNSW parameters for every system (biotemplate's IndexParams defaults). ef is
 # not a constant: by default the store searches an N-record sub-index with auto_ef(N), so
 # every system is run at that ef (``ef_default``, set by ``configure`` from --n).
-M, EF_CONSTRUCTION, K = 16, 200, 10  # the store's default (the targets table ran at --M 32)
+M, EF_CONSTRUCTION, K = 32, 200, 10  # M: the store default since issue 13 (was 16)
 _N: int | None = None
 _RESULTS_DIR: Path = RESULTS
 

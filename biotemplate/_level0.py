@@ -77,6 +77,61 @@ class Level0:
                                                 (self.dim,))
         return vectors
 
+    @property
+    def links(self) -> NDArray[np.uint32]:
+        """(count, maxM0) level-0 link lists, a strided view; row ``i`` holds
+        ``link_counts[i]`` links, and whatever an earlier, longer list left after them."""
+        width = (self.data_at - 4) // 4
+        links: NDArray[np.uint32] = _strided(self.block, 4, np.dtype("<u4"), (width,))
+        return links
+
+    @property
+    def link_counts(self) -> NDArray[np.uint16]:
+        """(count,) how many of each row's ``links`` are in use."""
+        counts: NDArray[np.uint16] = _strided(self.block, 0, np.dtype("<u2"), ())
+        return counts
+
+    def linking_to(self, targets: NDArray[np.int64], start: int,
+                   stop: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """The (row, target) pairs of rows ``start:stop`` whose list names one of
+        ``targets``: in use, or left behind after its end (a snapshot would keep those
+        bytes too; an unused 0 is not counted as naming element 0)."""
+        count = self.block.shape[0]
+        stop = min(stop, count)
+        empty = np.zeros(0, dtype=np.int64)
+        targets = targets[(targets >= 0) & (targets < count)]
+        if not targets.size or start >= stop:
+            return empty, empty
+        wanted = np.zeros(count, dtype=bool)
+        wanted[targets] = True
+        links = self.links[start:stop]
+        inside = np.arange(links.shape[1]) < self.link_counts[start:stop, None]
+        named = (links < count) & (inside | (links != 0))
+        named[named] = wanted[links[named]]
+        rows, cols = np.nonzero(named)
+        return rows.astype(np.int64) + start, links[rows, cols].astype(np.int64)
+
+    def unlink(self, rows: NDArray[np.int64], targets: NDArray[np.int64]) -> int:
+        """Take ``targets[i]`` out of row ``rows[i]``'s list (its later links move up one)
+        and out of what lies after the list's end. Returns how many links were dropped."""
+        links, counts = self.links, self.link_counts
+        dropped = 0
+        for row, target in zip(rows.tolist(), targets.tolist(), strict=True):
+            if not 0 <= row < links.shape[0]:
+                continue
+            used = int(counts[row])
+            row_links = links[row]
+            kept = row_links[:used][row_links[:used] != target]
+            if kept.size < used:
+                row_links[: kept.size] = kept
+                row_links[kept.size : used] = 0
+                counts[row] = kept.size
+                dropped += used - kept.size
+            tail = row_links[used:]
+            if target:
+                tail[tail == target] = 0
+        return dropped
+
     def zero(self, slots: NDArray[np.int64], labels: NDArray[np.uint64]) -> bool:
         """Zero the vectors of ``slots`` after checking that each holds its label and is
         marked deleted (the caller marks first, through the API). False, and nothing

@@ -18,8 +18,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["HOLD", "RWLock", "Repairs", "paced"]
@@ -115,25 +116,39 @@ def paced(lock: RWLock, step: Callable[[int], bool], duty: float = 1.0,
             budget = max(1, budget // 2)
 
 
+@dataclass(eq=False)
+class _Job:
+    sub: Any
+    index: Any  # sub.index when queued: a sub-index rebuilt since took its links along
+    labels: list[int]
+    found: Any = None  # what ``survey`` returned for the whole job; None: not surveyed
+
+
 class Repairs:
     """Erased labels awaiting the repair of their graph links, and the thread doing it.
 
-    ``repair(sub, labels)`` does the work (under the write lock); ``current(sub)`` says
-    whether a sub-index is still the index's (a job of one rebuilt or dropped since, its
-    links gone with it, is skipped). Every method but ``pending`` expects the caller to
-    hold the write lock of ``lock``.
+    ``repair(sub, labels, found)`` does the work (under the write lock), with what
+    ``survey(sub, labels)`` found: a generator that reads the graph a step at a time, each
+    step under the *read* lock, so that a scan of the whole block (the rows linking to an
+    erased element can be anywhere in it) never holds searches up; ``found`` is None when
+    no survey was taken (``settle``), and ``repair`` reads the block itself then.
+    ``current(sub)`` says whether a sub-index is still the index's (a job of one rebuilt or
+    dropped since, its links gone with it, is skipped). Every method but ``pending``
+    expects the caller to hold the write lock of ``lock``.
     """
 
-    def __init__(self, lock: RWLock, repair: Callable[[Any, list[int]], None],
-                 current: Callable[[Any], bool]) -> None:
+    def __init__(self, lock: RWLock, repair: Callable[[Any, list[int], Any], None],
+                 current: Callable[[Any], bool],
+                 survey: Callable[[Any, list[int]], Generator[None, None, Any]]) -> None:
         self._lock, self._repair, self._current = lock, repair, current
-        self._jobs: deque[tuple[Any, Any, list[int]]] = deque()  # (sub, its index, labels)
+        self._survey = survey
+        self._jobs: deque[_Job] = deque()
         self._worker: threading.Thread | None = None
         self._more = threading.Event()  # wakes a worker that waits for work
         _live.add(self)
 
     def add(self, sub: Any, labels: list[int]) -> None:
-        self._jobs.append((sub, sub.index, labels))
+        self._jobs.append(_Job(sub, sub.index, labels))
         if self._worker is None:
             self._worker = threading.Thread(target=self._run, daemon=True,
                                             name="biotemplate-index-repair")
@@ -142,7 +157,7 @@ class Repairs:
             self._more.set()
 
     def pending(self) -> int:
-        return sum(len(job[2]) for job in list(self._jobs))
+        return sum(len(job.labels) for job in list(self._jobs))
 
     def clear(self) -> None:
         self._jobs.clear()
@@ -156,24 +171,27 @@ class Repairs:
     def worker(self) -> threading.Thread | None:
         return self._worker
 
-    def _next(self, budget: int) -> tuple[Any, list[int]] | None:
-        """Up to ``budget`` labels of the oldest job whose sub-index is still current."""
+    def _next(self, budget: int, surveyed: bool = False) -> tuple[Any, list[int], Any] | None:
+        """Up to ``budget`` labels of the oldest job whose sub-index is still current, and
+        its survey (None when ``surveyed`` and the oldest job has none yet)."""
         while self._jobs:
-            sub, index, labels = self._jobs[0]
-            if sub.index is not index or not self._current(sub):
+            job = self._jobs[0]
+            if job.sub.index is not job.index or not self._current(job.sub):
                 self._jobs.popleft()
                 continue
-            if len(labels) > budget:
-                self._jobs[0] = (sub, index, labels[budget:])
-                return sub, labels[:budget]
+            if surveyed and job.found is None:
+                return None
+            if len(job.labels) > budget:
+                labels, job.labels = job.labels[:budget], job.labels[budget:]
+                return job.sub, labels, job.found
             self._jobs.popleft()
-            return sub, labels
+            return job.sub, job.labels, job.found
         return None
 
     def _step(self, budget: int) -> bool:
         if _exiting.is_set():
             return False
-        job = self._next(budget)
+        job = self._next(budget, surveyed=True)
         if job is None:
             return False
         try:
@@ -182,13 +200,37 @@ class Repairs:
             pass
         return True
 
+    def _survey_all(self) -> None:
+        """Survey every queued job that has no survey yet, a step per read lock, resting
+        between steps as the repair does (``REPAIR_DUTY``)."""
+        for job in list(self._jobs):
+            if job.found is not None:
+                continue
+            steps = self._survey(job.sub, job.labels)
+            while not _exiting.is_set():
+                with self._lock.read():
+                    if job.sub.index is not job.index:
+                        break
+                    started = time.perf_counter()
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        job.found = done.value if done.value is not None else False
+                        break
+                    took = time.perf_counter() - started
+                if _exiting.wait(took * (1 / REPAIR_DUTY - 1)):
+                    return
+
     def _run(self) -> None:
-        """Repair in batches while there is work; then wait a while for more (a thread
-        start would cost a lone deletion more than its erasure) and leave."""
+        """Survey and repair in batches while there is work; then wait a while for more (a
+        thread start would cost a lone deletion more than its erasure) and leave."""
         try:
             while True:
                 self._more.clear()
+                self._survey_all()
                 paced(self._lock, self._step, REPAIR_DUTY, _exiting)
+                if self._jobs and not _exiting.is_set():
+                    continue  # a job queued since the survey: survey it
                 if self._more.wait(LINGER) and not _exiting.is_set():
                     continue
                 with self._lock.write():  # decided under the lock ``add`` runs under

@@ -6,15 +6,19 @@ behind ``mark_deleted``, and the mean of the neighbours they name lies within ~0
 cosine of the erased template (median over 200 erased records, synthetic d=128 faces; a
 genuine mate scores ~0.70), so a graph that keeps them keeps a usable copy of the face.
 hnswlib's only way to rewrite an element, ``add_items`` on its label, does both jobs at
-once: it stores a new vector and re-links the element and its neighbours around it
-(out-link and in-link means then score ~0.01 and ~0.08), at ~6 ms an element at d=512.
+once: it stores a new vector and re-links the element and its neighbours around it, at
+~6 ms an element at d=512. But it leaves the links of rows that name the element without
+being among its neighbours (with M=32 their mean kept a median ~0.5 cosine to the face).
 
 So, when :mod:`._level0` can see the block the vectors live in, an erasure here zeroes
 the bytes at once (microseconds; ``erase``), and leaves the re-linking, the same
 ``add_items`` with a random unit vector, to ``repair``, which the index runs in small
-batches between searches. Without that view, ``erase`` does both through the API, as
-before. Either way the element stays marked deleted, and a later add may take its slot
-(``replace_deleted``), which re-links it too.
+batches between searches; ``survey`` first finds every row that names the element (a
+read of the whole block, in steps, under the read lock) and ``repair`` takes the element
+out of those rows' lists after the update (out-link and in-link means then score ~0).
+Without that view, ``erase`` does both through the API, as before (the in-links stay as
+the update leaves them). Either way the element stays marked deleted, and a later add may
+take its slot (``replace_deleted``), which re-links it too.
 
 ``slots`` maps label -> element (slot) in hnswlib's block, ``dead`` the marked slots to
 the label each held, so that an erasure finds its bytes without a scan of the block. Both
@@ -25,20 +29,29 @@ Callers hold the index's write lock for everything that changes state here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ._level0 import DELETED, Level0, locate
 
-__all__ = ["SubIndex"]
+__all__ = ["InLinks", "SubIndex"]
+
+SURVEY_ROWS = 8192  # rows a survey step reads: ~3 ms at 100k, M=32
 
 Labels = NDArray[np.uint64]
 Vectors = NDArray[np.float32]
 Noise = Callable[[int], Vectors]
+
+
+class InLinks(NamedTuple):
+    """Row ``rows[i]``'s level-0 list named element ``targets[i]`` (an erased one)."""
+
+    rows: NDArray[np.int64]
+    targets: NDArray[np.int64]
 
 
 @dataclass(slots=True, eq=False)
@@ -148,9 +161,66 @@ class SubIndex:
         self.rewrite(targets, noise, threads)
         return []
 
-    def repair(self, labels: Sequence[int], noise: Noise, threads: int) -> None:
-        """Re-link erased labels (bytes already zero) through hnswlib's update."""
+    def survey(self, labels: Sequence[int]) -> Generator[None, None, InLinks | None]:
+        """Find the rows whose level-0 lists name erased ``labels``, ``SURVEY_ROWS`` rows
+        a step: the caller holds the index's read lock for each step (searches go on) and
+        may give the lock up between them (the view is located again each step). The
+        result is for :meth:`repair`; None when the block cannot be seen."""
+        level0 = locate(self.index)
+        if level0 is None or self.slots is None:
+            return None
+        targets = self._erased_slots(level0, labels)
+        rows, named, start = [], [], 0
+        while True:
+            r, t = level0.linking_to(targets, start, start + SURVEY_ROWS)
+            rows.append(r)
+            named.append(t)
+            start += SURVEY_ROWS
+            if start >= level0.block.shape[0]:
+                return InLinks(np.concatenate(rows), np.concatenate(named))
+            yield
+            level0 = locate(self.index)
+            if level0 is None:
+                return None
+
+    def repair(self, labels: Sequence[int], noise: Noise, threads: int,
+               found: InLinks | None = None) -> None:
+        """Re-link erased labels (bytes already zero) through hnswlib's update, then take
+        them out of every row that named them before it.
+
+        The update moves the element and re-links its own neighbours around a random
+        vector, but a row that linked *to* it without being one of them keeps the link
+        (with M=32 the mean of such rows scored a median ~0.5 cosine to the erased face;
+        single elements up to ~0.8 at M=16). ``found`` is a :meth:`survey` taken since
+        the erasure; without one the whole block is read here, under the caller's lock.
+        """
+        level0 = locate(self.index)
+        targets = None
+        if level0 is not None and self.slots is not None:
+            targets = self._erased_slots(level0, labels)
+            if found is None:
+                found = InLinks(*level0.linking_to(targets, 0, level0.block.shape[0]))
         self.rewrite(labels, noise, threads)
+        if targets is None or found is None or not targets.size:
+            return
+        level0 = locate(self.index)
+        if level0 is not None:
+            mine = np.isin(found.targets, targets)
+            level0.unlink(found.rows[mine], found.targets[mine])
+
+    def _erased_slots(self, level0: Level0, labels: Sequence[int]) -> NDArray[np.int64]:
+        """The elements that still hold erased ``labels``, marked deleted (a slot a later
+        add took is that record's now: its links are its own)."""
+        assert self.slots is not None
+        want = np.asarray(labels, dtype=np.int64)
+        want = want[(want >= 0) & (want < self.slots.shape[0])]
+        slots = self.slots[want]
+        ok = (slots >= 0) & (slots < level0.block.shape[0])
+        want, slots = want[ok], slots[ok]
+        ok = (level0.labels[slots] == want.astype(np.uint64)) & (
+            (level0.flags[slots] & DELETED) != 0)
+        erased: NDArray[np.int64] = slots[ok]
+        return erased
 
     def rewrite(self, labels: Sequence[int], noise: Noise, threads: int) -> None:
         """Overwrite deleted labels' vectors with noise through ``add_items`` (which

@@ -49,7 +49,7 @@ from numpy.typing import NDArray
 from ._labels import LabelTable
 from ._level0 import DELETED, locate
 from ._repair import Repairs, RWLock, paced
-from ._subindex import SubIndex
+from ._subindex import InLinks, SubIndex
 from .errors import BiotemplateError, InvalidInput, InvalidTemplate
 
 __all__ = ["Hit", "IndexParams", "TemplateIndex", "TunedEf", "auto_ef", "retune_due",
@@ -71,14 +71,15 @@ class IndexParams:
 
     # Links per node (2*M on the bottom layer). Higher M: better recall in high dimension
     # and a graph that tolerates deletions, at the cost of memory (~8*M bytes a node)
-    # and slower inserts. 12-48 is the useful range. M=32 is the cheaper graph at the
-    # tuned ef (2.5x less graph CPU at 100k, and at 1M d=128 the only one that keeps the
-    # added miss rate at 0.1 %: RESULTS.md, "M=16 or M=32"), but the default stays 16:
-    # with M=32 the erasure repair sometimes leaves the nodes that link *into* an erased
-    # element close to its face (tests/unit/test_index.py, the repair test, failed in CI),
-    # a trace of the erased template in memory and in later snapshots. Choose M=32 for
-    # very large galleries knowing that (SECURITY.md, "Erasure and the graph").
-    M: int = 16
+    # and slower inserts. 12-48 is the useful range. 32 because it is the cheaper graph
+    # that keeps the index's added miss rate at 0.1 % (tune_index's target) on face-like
+    # data: at its tuned ef a search costs 2.5x less graph CPU than M=16's at d=128 and
+    # d=512 (100k), and at 1M (d=128) M=16 meets it at no ef up to 8192 while M=32 does at
+    # 1536; at the default auto_ef it added no miss in any of those runs. The price: inserts
+    # ~1.5-2.5x slower and ~130 more bytes a node (RESULTS.md, "M=16 or M=32"). Its
+    # erasure repair drops every link into an erased element (``_subindex``), which
+    # hnswlib's update alone did not at M=32 (SECURITY.md, "Erasure and the graph").
+    M: int = 32
     # Beam width while building: a better graph for a slower add. Fixed once built.
     ef_construction: int = 200
     # Beam width while searching; hnswlib uses max(ef, k), so an over-fetch of k items
@@ -106,7 +107,7 @@ class IndexParams:
 # one sample per identity (the hard case), M=16, face-like data, grows like n^0.9:
 # ~128 at 30k, ~384 at 100k, ~1024 at 300k (d=128). The fit is used for every dimension
 # and with a margin, so it is conservative where fewer is needed (d=512, several samples).
-# With M=32 (IndexParams(M=32)) it sits near what tune_index picks for the
+# With M=32 (the default since issue 13) it sits near what tune_index picks for the
 # stricter threshold-level mates at d=128 (512 at 100k, 1536 at 1M) and well above it at
 # d=512 (96 at 100k): there tune_index saves ~4x of the graph's CPU.
 _EF_FLOOR = 64
@@ -221,7 +222,8 @@ class TemplateIndex:
         self._t = LabelTable()
         # erased labels whose bytes are zero but whose graph links are not re-linked yet
         self._repairs = Repairs(self._lock, self._repair,
-                                lambda sub: sub in self._subs.values())
+                                lambda sub: sub in self._subs.values(),
+                                lambda sub, labels: sub.survey(labels))
         self._tuned: dict[str, TunedEf] = {}  # purpose -> measured ef (set_tuned)
 
     # -- writes ------------------------------------------------------------------------
@@ -867,10 +869,10 @@ class TemplateIndex:
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         return noise
 
-    def _repair(self, sub: SubIndex, labels: list[int]) -> None:
+    def _repair(self, sub: SubIndex, labels: list[int], found: InLinks | None) -> None:
         """One batch of the background repair: on one thread, leaving the other cores to
         the searches it runs between."""
-        sub.repair(labels, self._noise, 1)
+        sub.repair(labels, self._noise, 1, found or None)
 
     def _erase(self, purpose: str, sub: SubIndex, labels: list[int]) -> None:
         """Erase, then rebuild the sub-index if more than half its slots are dead."""

@@ -37,8 +37,7 @@ tuning refuses to run beside one. A larger M cannot be measured without building
 second graph; the report *advises* it when the target is not met, or when the chosen ef
 is >= 256 on a graph of M < 32, from the synthetic measurements in RESULTS.md ("Choosing
 ef", "M=16 or M=32": M=32 needed 4-5x less ef than M=16 and 2.5x less graph CPU at the
-tuned ef, for a ~2x slower build and +20-25 % memory at d=128; not the default: its
-erasure repair leaves more of an erased element's in-links near the face).
+tuned ef, for a ~2x slower build and +20-25 % memory at d=128; it is the default).
 
 **What stays private.** Probes are made from decrypted templates the index already
 holds in memory, scrubbed (zeroed) when the measurement ends; nothing is written but

@@ -55,6 +55,62 @@ def test_the_view_follows_deletions_and_zeroes_only_what_it_is_told() -> None:
     assert not index.get_items([1005])[0].any()  # hnswlib reads the zeros too
 
 
+def test_the_links_agree_with_hnswlib_and_a_survey_finds_every_row_naming_a_target() -> None:
+    index, _ = index_of()
+    view = locate(index)
+    assert view is not None
+    slot_of = {int(label): s for s, label in enumerate(view.labels)}
+    assert view.links.shape == (300, 2 * 8)
+    counts = view.link_counts.astype(int)
+    assert counts.min() >= 1 and counts.max() <= 16
+    for row in range(300):  # every link in use names another element
+        used = view.links[row, : counts[row]]
+        assert used.max() < 300 and row not in used.tolist()
+    targets = np.array([slot_of[1005], slot_of[1200]], dtype=np.int64)
+    rows, found = view.linking_to(targets, 0, 300)
+    in_use = {(r, int(t)) for r in range(300) for t in targets
+              if t in view.links[r, : view.link_counts[r]]}
+    left = {(r, int(t)) for r in range(300) for t in targets  # by a list that shrank
+            if t in view.links[r, view.link_counts[r]:]}
+    assert in_use  # in-links exist
+    expected = in_use | left
+    assert {(int(r), int(t)) for r, t in zip(rows, found, strict=True)} == expected
+    parts = [view.linking_to(targets, a, a + 64) for a in range(0, 300, 64)]  # in steps
+    assert set(zip(np.concatenate([p[0] for p in parts]).tolist(),
+                   np.concatenate([p[1] for p in parts]).tolist())) == expected
+
+
+def test_unlink_drops_a_link_keeps_the_others_in_order_and_clears_what_lies_past_the_end(
+        ) -> None:
+    index, x = index_of()
+    view = locate(index)
+    assert view is not None
+    target = 7
+    rows, found = view.linking_to(np.array([target], np.int64), 0, 300)
+    row = int(rows[0])
+    before = view.links[row, : view.link_counts[row]].tolist()
+    view.links[row, view.link_counts[row]:] = target  # as if a longer list had named it
+    assert view.unlink(rows, found) == rows.size
+    after = view.links[row, : view.link_counts[row]].tolist()
+    assert after == [s for s in before if s != target]
+    assert target not in view.links[row].tolist()  # nor after the end
+    assert not view.linking_to(np.array([target], np.int64), 0, 300)[0].size
+    assert view.unlink(rows, found) == 0  # gone already: nothing to drop
+    labels, _ = index.knn_query(x[:20], k=5)  # the graph still searches
+    assert (labels[:, 0] == np.arange(1000, 1020)).mean() >= 0.9
+
+
+def test_an_unused_zero_does_not_name_element_zero() -> None:
+    index, _ = index_of()
+    view = locate(index)
+    assert view is not None
+    row = int(np.flatnonzero(view.link_counts < view.links.shape[1])[0])
+    view.links[row, view.link_counts[row]:] = 0
+    rows, _ = view.linking_to(np.array([0], np.int64), 0, 300)
+    expected = [r for r in range(300) if 0 in view.links[r, : view.link_counts[r]]]
+    assert sorted(rows.tolist()) == expected
+
+
 @pytest.mark.parametrize("thing", [object(), 3, "index", np.zeros(4)])
 def test_anything_else_is_not_an_index(thing: Any) -> None:
     assert locate(thing) is None
