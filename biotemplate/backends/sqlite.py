@@ -62,6 +62,7 @@ _CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 _COLUMNS = "seq, record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob"
 _HEADERS = _COLUMNS.replace("blob", "substr(CAST(blob AS BLOB), -16)")  # blob: its tag
 _VERSION_POLL = 0.002  # seconds between looks at a write transaction's version
+_PAGE = 1024  # rows a purge's selection reads per hold of the connection (~10 ms)
 _INSERT = (
     "INSERT INTO records (record_id, subject_ref, epoch, expiry_us, purposes, model, held, blob)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -452,13 +453,32 @@ class SQLiteBackend:
         """Rows whose expiry is at or before ``now_us`` (indexed), held or not, with
         ``blob`` cut to its tag: a purge deletes them, and reading 10% of a store's
         ciphertext would hold the connection (and searches) for ~100 ms."""
-        return self._select("expired", "expiry_us <= ?", (now_us,), columns=_HEADERS)
+        return self._paged("expired", "expiry_us <= ?", (now_us,), "expiry_us")
 
     def below_epoch(self, epoch: int) -> list[RecordRow]:
         """Rows not held whose epoch is below ``epoch`` (their key is destroyed), with
         ``blob`` cut to its tag, as ``expired``."""
-        return self._select("below_epoch", "held = 0 AND epoch < ?", (epoch,),
-                            columns=_HEADERS)
+        return self._paged("below_epoch", "held = 0 AND epoch < ?", (epoch,), "seq")
+
+    def _paged(self, what: str, where: str, args: tuple[object, ...],
+               key: str) -> list[RecordRow]:
+        """The headers of the rows ``where`` selects, in ``seq`` order, read ``_PAGE`` at a
+        time in ``(key, seq)`` order (keyset pagination: ``key`` is indexed, each page one
+        seek), taking the connection's lock per page: a purge reads 10 % of a store, ~100 ms
+        in one query at 100k, during which no search could read ``data_version``."""
+        order = "seq" if key == "seq" else f"{key}, seq"
+        after = "seq > ?" if key == "seq" else f"({key}, seq) > (?, ?)"
+        # Only fixed fragments from this module are formatted in; values are always bound.
+        sql = (f"SELECT {_HEADERS}, {key} FROM records WHERE ({where}) AND {after}"  # noqa: S608
+               f" ORDER BY {order} LIMIT ?")
+        last: tuple[int, ...] = (0,) if key == "seq" else (-(1 << 63), 0)
+        rows: list[RecordRow] = []
+        while True:
+            page = self._query(what, sql, (*args, *last, _PAGE))
+            rows.extend(_row(r[:-1]) for r in page)
+            if len(page) < _PAGE:
+                return sorted(rows, key=lambda r: r.seq)
+            last = (page[-1][0],) if key == "seq" else (page[-1][-1], page[-1][0])
 
     def scan(self, batch_size: int = 4096) -> Iterator[list[RecordRow]]:
         """Every row in ``seq`` order, ``batch_size`` at a time, never all in memory.

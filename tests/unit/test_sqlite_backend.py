@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from biotemplate.backends.base import Backend, RecordRow
+from biotemplate.backends import sqlite as sqlite_module
 from biotemplate.backends.sqlite import SQLiteBackend
 from biotemplate.errors import (
     IntegrityError,
@@ -219,6 +220,34 @@ def test_below_epoch_skips_held(backend: SQLiteBackend) -> None:
     insert(backend, make_row(1, epoch=3), make_row(2, epoch=3, held=True), make_row(3, epoch=4))
     assert [r.record_id for r in backend.below_epoch(4)] == [make_row(1).record_id]
     assert len(backend.below_epoch(5)) == 2
+
+
+@pytest.mark.parametrize("page", [1, 2, 3, 7, 1024])
+def test_a_purge_selection_read_in_pages_is_the_whole_selection_in_seq_order(
+        backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch, page: int) -> None:
+    """A purge's selection takes the connection's lock per page (searches read the
+    database's version in between); pages meet at ties of the key and in any seq order."""
+    expiries = [50, 10, 50, 50, 10, 99, 50, 30, 10, 200, 50, 10]
+    insert(backend, *(make_row(i, expiry_us=e, epoch=i % 3, held=i % 5 == 0)
+                      for i, e in enumerate(expiries)))
+    with backend.transaction():
+        backend.delete([make_row(6).record_id])
+    monkeypatch.setattr(sqlite_module, "_PAGE", page)
+    taken = []
+    real = backend._query
+
+    def query(what: str, sql: str, args: tuple[object, ...] = ()) -> list[object]:
+        taken.append(what)
+        return real(what, sql, args)
+
+    monkeypatch.setattr(backend, "_query", query)
+    expected = [make_row(i).record_id for i, e in enumerate(expiries) if e <= 50 and i != 6]
+    assert [r.record_id for r in backend.expired(50)] == expected
+    assert taken.count("expired") == len(expected) // page + 1
+    assert all(len(r.blob) == 16 for r in backend.expired(50))  # the tag only
+    expected = [make_row(i).record_id for i in range(12) if i % 3 < 2 and i % 5 and i != 6]
+    assert [r.record_id for r in backend.below_epoch(2)] == expected
+    assert backend.expired(0) == [] and backend.below_epoch(0) == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 10])
