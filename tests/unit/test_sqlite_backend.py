@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from biotemplate.backends.base import Backend, RecordRow
 from biotemplate.backends import sqlite as sqlite_module
+from biotemplate.backends.base import Backend, RecordRow
 from biotemplate.backends.sqlite import SQLiteBackend
 from biotemplate.errors import (
     IntegrityError,
