@@ -121,7 +121,8 @@ class _Job:
     sub: Any
     index: Any  # sub.index when queued: a sub-index rebuilt since took its links along
     labels: list[int]
-    found: Any = None  # what ``survey`` returned for the whole job; None: not surveyed
+    found: Any = None  # what ``survey`` gave for the whole job; None: not surveyed yet,
+    #                    False: it could not see the block (``repair`` then reads it itself)
 
 
 class Repairs:
@@ -158,6 +159,10 @@ class Repairs:
 
     def pending(self) -> int:
         return sum(len(job.labels) for job in list(self._jobs))
+
+    def waiting(self, sub: Any) -> bool:
+        """Whether labels of ``sub`` (its current index) still await their repair."""
+        return any(job.sub is sub and job.index is sub.index for job in self._jobs)
 
     def clear(self) -> None:
         self._jobs.clear()

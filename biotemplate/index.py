@@ -14,10 +14,11 @@ meets hnswlib's sharp edges:
   exact dot product over the live vectors. Results are never padded.
 - **Erasure.** ``mark_deleted`` only hides a vector, and the graph's links around it keep
   a usable approximation of it (``_subindex``). A removed record's bytes are zeroed before
-  ``remove`` returns, and its neighbourhood is re-linked around a random vector by a
-  background repair in short batches (or both at once, through the API, where the block
-  hnswlib keeps vectors in cannot be seen: ``_level0``). Its slot is reused by later adds
-  (``replace_deleted``), and a sub-index more than half deleted is rebuilt.
+  ``remove`` returns, and its neighbourhood is re-linked around a random vector, and the
+  links into it dropped, by a background repair in short batches (or re-linked at once,
+  through the API, where the block hnswlib keeps vectors in cannot be seen: ``_level0``).
+  Once repaired, its slot is reused by later adds (``replace_deleted``), and a sub-index
+  more than half deleted is rebuilt.
 - **Concurrency.** hnswlib searches may run together but not beside add, delete or
   resize; a phase-fair readers-writer lock guards every hnswlib call, so a writer that
   works in batches (a purge, the repair) lets waiting searches in between its batches.
@@ -316,7 +317,11 @@ class TemplateIndex:
                 self._subs[purpose] = SubIndex(self._new_index(len(idx)), purpose=purpose,
                                                mirror_labels=np.empty(0, np.uint64),
                                                mirror=np.empty((0, self._dim), np.float32))
-            self._reserve(self._subs[purpose], len(idx))
+        # A slot whose repair is pending must not go to a new record first: its old rows'
+        # links to it, still to be dropped by the repair, would then name a live record.
+        reuse = {p: not self._repairs.waiting(self._subs[p]) for p in rows_of}
+        for purpose, idx in rows_of.items():
+            self._reserve(self._subs[purpose], len(idx), reuse[purpose])
         label_arr = np.asarray(labels, dtype=np.uint64)
         per_purpose = {p: np.asarray(idx, dtype=np.intp) for p, idx in rows_of.items()}
         for start in range(0, len(labels), _CHUNK):
@@ -331,7 +336,7 @@ class TemplateIndex:
                 before: int = sub.index.get_current_count()
                 try:
                     sub.index.add_items(chunk, chunk_labels, num_threads=self._threads,
-                                        replace_deleted=True)
+                                        replace_deleted=reuse[purpose])
                     self._refresh_mirror(sub, add=(chunk_labels, chunk))
                 finally:
                     _scrub(chunk)
@@ -847,9 +852,11 @@ class TemplateIndex:
             sub.index.set_ef(ef)
             sub.ef = ef
 
-    def _reserve(self, sub: SubIndex, extra: int) -> None:
-        """Double capacity until ``extra`` more fit (replace_deleted fills dead slots first)."""
-        need = max(sub.index.get_current_count(), len(sub.live) + extra)
+    def _reserve(self, sub: SubIndex, extra: int, reuse: bool = True) -> None:
+        """Double capacity until ``extra`` more fit (with ``reuse``, replace_deleted fills
+        dead slots first)."""
+        count: int = sub.index.get_current_count()
+        need = max(count, len(sub.live) + extra) if reuse else count + extra
         capacity: int = sub.index.get_max_elements()
         if need > capacity:
             while capacity < need:

@@ -238,6 +238,7 @@ def test_deleted_slots_are_reused_and_capacity_doubles():
     rng = np.random.default_rng(12)
     index = build(random_unit(rng, 1000, 16))
     index.remove([f"r{i}" for i in range(400)])
+    index.settle()  # a slot is reused once its repair has run
     index.add([f"n{i}" for i in range(300)], [b"x"] * 300, [("p",)] * 300, [FAR] * 300,
               random_unit(rng, 300, 16))
     assert index.stats()["purposes"]["p"]["deleted"] == 100
@@ -523,6 +524,32 @@ def test_the_background_repair_surveys_the_graph_under_the_read_lock_and_drops_t
     out, into = _traces(index, gallery, gone, slots)
     assert np.median(out) < 0.15 and np.median(into) < 0.15
     assert max(out) < 0.6 and max(into) < 0.6
+
+
+def test_a_slot_awaiting_its_repair_is_not_given_to_a_new_record(monkeypatch):
+    """replace_deleted would hand an erased slot to the next record before the repair
+    dropped the rows' links to it (they would then name a live record); after the
+    repair, slots are reused again."""
+    monkeypatch.setattr(repair_module.Repairs, "_run", lambda self: None)  # no background
+    rng = np.random.default_rng(35)
+    gallery = random_unit(rng, 3000, 32)
+    index = build(gallery, params=HNSW_ONLY)
+    sub = index._subs["p"]
+    gone = list(range(0, 3000, 100))
+    index.remove([f"r{i}" for i in gone])
+    slots = sub.slots[gone].copy()
+    fresh = random_unit(rng, 40, 32)
+    index.add([f"n{i}" for i in range(20)], [f"t{i}".encode() for i in range(20)],
+              [("p",)] * 20, [FAR] * 20, fresh[:20])
+    assert sub.index.get_current_count() == 3020  # appended, no slot taken
+    view = index_module.locate(sub.index)
+    assert np.array_equal(view.labels[slots], np.asarray(gone, dtype=np.uint64))
+    index.settle()
+    index.add([f"n{i}" for i in range(20, 40)], [f"t{i}".encode() for i in range(20, 40)],
+              [("p",)] * 20, [FAR] * 20, fresh[20:])
+    assert sub.index.get_current_count() == 3020  # repaired slots reused
+    for i in range(40):
+        assert index.search_many(fresh[i : i + 1], "p", 1, NOW)[0][0].record_id == f"n{i}"
 
 
 def test_where_the_block_cannot_be_seen_hnswlib_erases_bytes_and_links_at_once(monkeypatch):
