@@ -112,25 +112,37 @@ class Level0:
         return rows.astype(np.int64) + start, links[rows, cols].astype(np.int64)
 
     def unlink(self, rows: NDArray[np.int64], targets: NDArray[np.int64]) -> int:
-        """Take ``targets[i]`` out of row ``rows[i]``'s list (its later links move up one)
-        and out of what lies after the list's end. Returns how many links were dropped."""
+        """Take every one of ``targets`` out of each of ``rows``' lists (later links move
+        up) and out of what lies after each list's end. Returns how many links in use
+        were dropped."""
+        rows = np.unique(rows[(rows >= 0) & (rows < self.block.shape[0])])
+        if not rows.size or not targets.size:
+            return 0
         links, counts = self.links, self.link_counts
+        named = np.isin(links[rows], targets)  # (rows, maxM0): a copy
+        named &= (links[rows] != 0) | (np.arange(links.shape[1]) < counts[rows, None])
         dropped = 0
-        for row, target in zip(rows.tolist(), targets.tolist(), strict=True):
-            if not 0 <= row < links.shape[0]:
-                continue
-            used = int(counts[row])
+        for i in np.flatnonzero(named.any(axis=1)).tolist():
+            row, used = int(rows[i]), int(counts[rows[i]])
             row_links = links[row]
-            kept = row_links[:used][row_links[:used] != target]
-            if kept.size < used:
-                row_links[: kept.size] = kept
-                row_links[kept.size : used] = 0
-                counts[row] = kept.size
-                dropped += used - kept.size
-            tail = row_links[used:]
-            if target:
-                tail[tail == target] = 0
+            gone = named[i]
+            kept = row_links[:used][~gone[:used]]
+            tail = row_links[used:].copy()
+            tail[gone[used:]] = 0
+            row_links[: kept.size] = kept
+            row_links[kept.size : used] = 0
+            row_links[used:] = tail
+            counts[row] = kept.size
+            dropped += used - kept.size
         return dropped
+
+    def clear_tails(self, slots: NDArray[np.int64]) -> None:
+        """Zero what lies after the end of ``slots``' own lists: an update that shortens
+        a list (hnswlib's, on an erased element or a reused slot) leaves the old
+        neighbours there, and a snapshot copies them."""
+        links, counts = self.links, self.link_counts
+        for slot in slots[(slots >= 0) & (slots < self.block.shape[0])].tolist():
+            links[slot, int(counts[slot]) :] = 0
 
     def zero(self, slots: NDArray[np.int64], labels: NDArray[np.uint64]) -> bool:
         """Zero the vectors of ``slots`` after checking that each holds its label and is

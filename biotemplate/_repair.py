@@ -123,6 +123,7 @@ class _Job:
     labels: list[int]
     found: Any = None  # what ``survey`` gave for the whole job; None: not surveyed yet,
     #                    False: it could not see the block (``repair`` then reads it itself)
+    surveying: bool = False  # its survey has begun: ``add`` no longer extends ``labels``
 
 
 class Repairs:
@@ -149,7 +150,12 @@ class Repairs:
         _live.add(self)
 
     def add(self, sub: Any, labels: list[int]) -> None:
-        self._jobs.append(_Job(sub, sub.index, labels))
+        last = self._jobs[-1] if self._jobs else None
+        if (last is not None and last.sub is sub and last.index is sub.index
+                and not last.surveying):  # one survey (a read of the block) for both
+            last.labels.extend(labels)
+        else:
+            self._jobs.append(_Job(sub, sub.index, list(labels)))
         if self._worker is None:
             self._worker = threading.Thread(target=self._run, daemon=True,
                                             name="biotemplate-index-repair")
@@ -165,32 +171,40 @@ class Repairs:
         return any(job.sub is sub and job.index is sub.index for job in self._jobs)
 
     def clear(self) -> None:
+        for job in self._jobs:
+            _scrub(job.found)
         self._jobs.clear()
 
     def settle(self) -> None:
         """Every pending repair now, in this thread."""
         while (job := self._next(1 << 62)) is not None:
-            self._repair(*job)
+            try:
+                self._repair(*job[:3])
+            finally:
+                if job[3]:
+                    _scrub(job[2])
 
     @property
     def worker(self) -> threading.Thread | None:
         return self._worker
 
-    def _next(self, budget: int, surveyed: bool = False) -> tuple[Any, list[int], Any] | None:
-        """Up to ``budget`` labels of the oldest job whose sub-index is still current, and
-        its survey (None when ``surveyed`` and the oldest job has none yet)."""
+    def _next(self, budget: int,
+              surveyed: bool = False) -> tuple[Any, list[int], Any, bool] | None:
+        """Up to ``budget`` labels of the oldest job whose sub-index is still current, its
+        survey, and whether they are the job's last (None when ``surveyed`` and the oldest
+        job has no survey yet)."""
         while self._jobs:
             job = self._jobs[0]
             if job.sub.index is not job.index or not self._current(job.sub):
-                self._jobs.popleft()
+                _scrub(self._jobs.popleft().found)
                 continue
             if surveyed and job.found is None:
                 return None
             if len(job.labels) > budget:
                 labels, job.labels = job.labels[:budget], job.labels[budget:]
-                return job.sub, labels, job.found
+                return job.sub, labels, job.found, False
             self._jobs.popleft()
-            return job.sub, job.labels, job.found
+            return job.sub, job.labels, job.found, True
         return None
 
     def _step(self, budget: int) -> bool:
@@ -200,9 +214,12 @@ class Repairs:
         if job is None:
             return False
         try:
-            self._repair(*job)
-        except RuntimeError:  # hnswlib failed: the bytes are zero already, links stay
+            self._repair(*job[:3])
+        except RuntimeError:  # hnswlib failed: the bytes are zero already, links dropped
             pass
+        finally:
+            if job[3]:
+                _scrub(job[2])
         return True
 
     def _survey_all(self) -> None:
@@ -211,11 +228,12 @@ class Repairs:
         for job in list(self._jobs):
             if job.found is not None:
                 continue
-            steps = self._survey(job.sub, job.labels)
+            steps = self._survey(job.sub, job.labels)  # reads the labels at its first step
             while not _exiting.is_set():
                 with self._lock.read():
                     if job.sub.index is not job.index:
                         break
+                    job.surveying = True
                     started = time.perf_counter()
                     try:
                         next(steps)
@@ -247,6 +265,12 @@ class Repairs:
                 if self._worker is threading.current_thread():
                     self._worker = None
             raise
+
+
+def _scrub(found: Any) -> None:
+    """Zero a survey once its job is done (it says which rows linked to an erased face)."""
+    if found:
+        found.scrub()
 
 
 @atexit.register

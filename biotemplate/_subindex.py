@@ -53,6 +53,11 @@ class InLinks(NamedTuple):
     rows: NDArray[np.int64]
     targets: NDArray[np.int64]
 
+    def scrub(self) -> None:
+        """Zero both: which rows linked to an erased element is a trace of its face."""
+        self.rows.fill(0)
+        self.targets.fill(0)
+
 
 @dataclass(slots=True, eq=False)
 class SubIndex:
@@ -101,6 +106,7 @@ class SubIndex:
             return
         reused = np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))
         now = level0.labels[reused]
+        taken = []
         for slot, label in zip(reused.tolist(), now.tolist(), strict=True):
             old = self.dead[slot]
             if label != old:  # replace_deleted gave this element to a new record
@@ -109,6 +115,10 @@ class SubIndex:
                     slots[old] = -1
                 self.hidden.discard(old)
                 slots[label] = slot
+                taken.append(slot)
+        # hnswlib's update wrote the new record's list over the old one's: what it left
+        # after the end is the old record's neighbourhood
+        level0.clear_tails(np.asarray(taken, dtype=np.int64))
 
     def _scan(self, level0: Level0, labels_needed: int) -> None:
         labels = level0.labels.astype(np.int64)
@@ -165,48 +175,73 @@ class SubIndex:
         """Find the rows whose level-0 lists name erased ``labels``, ``SURVEY_ROWS`` rows
         a step: the caller holds the index's read lock for each step (searches go on) and
         may give the lock up between them (the view is located again each step). The
-        result is for :meth:`repair`; None when the block cannot be seen."""
+        labels are read at the first step. The result is for :meth:`repair`; None when
+        the block cannot be seen."""
         level0 = locate(self.index)
         if level0 is None or self.slots is None:
             return None
         targets = self._erased_slots(level0, labels)
         rows, named, start = [], [], 0
-        while True:
-            r, t = level0.linking_to(targets, start, start + SURVEY_ROWS)
-            rows.append(r)
-            named.append(t)
-            start += SURVEY_ROWS
-            if start >= level0.block.shape[0]:
-                return InLinks(np.concatenate(rows), np.concatenate(named))
-            yield
-            level0 = locate(self.index)
-            if level0 is None:
-                return None
+        try:
+            while True:
+                r, t = level0.linking_to(targets, start, start + SURVEY_ROWS)
+                rows.append(r)
+                named.append(t)
+                start += SURVEY_ROWS
+                if start >= level0.block.shape[0]:
+                    return InLinks(np.concatenate(rows), np.concatenate(named))
+                yield
+                level0 = locate(self.index)
+                if level0 is None:
+                    return None
+        finally:
+            for part in (*rows, *named):  # which rows linked to what: a trace of the faces
+                part.fill(0)
 
     def repair(self, labels: Sequence[int], noise: Noise, threads: int,
                found: InLinks | None = None) -> None:
         """Re-link erased labels (bytes already zero) through hnswlib's update, then take
-        them out of every row that named them before it.
+        every erased element out of the rows that named them or that the update rewrote.
 
         The update moves the element and re-links its own neighbours around a random
         vector, but a row that linked *to* it without being one of them keeps the link
         (with M=32 the mean of such rows scored a median ~0.5 cosine to the erased face;
-        single elements up to ~0.8 at M=16). ``found`` is a :meth:`survey` taken since
-        the erasure; without one the whole block is read here, under the caller's lock.
+        single elements up to ~0.8 at M=16); and the neighbours it rewrites take their new
+        links from a two-hop set that holds other erased elements (zero or noise, linked
+        when a list has room). So after it, the rows ``found`` (a :meth:`survey` taken
+        since the erasure; without one it is taken here, under the caller's lock) and the
+        elements' former neighbours drop their links to every erased element, and the
+        elements' own lists lose what the update left after their end. Done even when the
+        update fails: a slot whose repair ended is reused by later adds.
         """
         level0 = locate(self.index)
-        targets = None
-        if level0 is not None and self.slots is not None:
-            targets = self._erased_slots(level0, labels)
-            if found is None:
-                found = InLinks(*level0.linking_to(targets, 0, level0.block.shape[0]))
-        self.rewrite(labels, noise, threads)
-        if targets is None or found is None or not targets.size:
+        if level0 is None or self.slots is None:
+            self.rewrite(labels, noise, threads)
             return
-        level0 = locate(self.index)
-        if level0 is not None:
-            mine = np.isin(found.targets, targets)
-            level0.unlink(found.rows[mine], found.targets[mine])
+        targets = self._erased_slots(level0, labels)
+        if found is None:
+            found = _completed(self.survey(labels))
+        links, counts = level0.links, level0.link_counts
+        before = links[targets]  # the rows hnswlib's update rewrites: their neighbours
+        rewritten = before[np.arange(before.shape[1]) < counts[targets, None]].astype(np.int64)
+        before.fill(0)
+        try:
+            self.rewrite(labels, noise, threads)
+        finally:
+            level0 = locate(self.index)
+            if level0 is not None and targets.size:
+                rows = [targets, rewritten]
+                if found is not None:  # the job's survey: this batch's part of it
+                    rows.append(found.rows[np.isin(found.targets, targets)])
+                level0.unlink(np.concatenate(rows), self._erased_all())
+                level0.clear_tails(targets)
+            rewritten.fill(0)
+
+    def _erased_all(self) -> NDArray[np.int64]:
+        """The elements of every erased record still in the graph (marked, not merely
+        expired: an expired record's links are those of a record, kept until its purge)."""
+        erased = [slot for slot, label in self.dead.items() if label not in self.hidden]
+        return np.asarray(erased, dtype=np.int64)
 
     def _erased_slots(self, level0: Level0, labels: Sequence[int]) -> NDArray[np.int64]:
         """The elements that still hold erased ``labels``, marked deleted (a slot a later
@@ -246,6 +281,16 @@ class SubIndex:
     def dead_count(self) -> int:
         slots: int = self.index.get_current_count()
         return slots - len(self.live)
+
+
+def _completed(survey: Generator[None, None, InLinks | None]) -> InLinks | None:
+    """Every step of a survey at once (the caller holds the lock throughout)."""
+    while True:
+        try:
+            next(survey)
+        except StopIteration as done:
+            result: InLinks | None = done.value
+            return result
 
 
 def _marked(index: Any, label: int) -> bool:

@@ -463,22 +463,39 @@ class SQLiteBackend:
     def _paged(self, what: str, where: str, args: tuple[object, ...],
                key: str) -> list[RecordRow]:
         """The headers of the rows ``where`` selects, in ``seq`` order, read ``_PAGE`` at a
-        time in ``(key, seq)`` order (keyset pagination: ``key`` is indexed, each page one
-        seek), taking the connection's lock per page: a purge reads 10 % of a store, ~100 ms
-        in one query at 100k, during which no search could read ``data_version``."""
-        order = "seq" if key == "seq" else f"{key}, seq"
-        after = "seq > ?" if key == "seq" else f"({key}, seq) > (?, ?)"
+        time, taking the connection's lock per page: a purge reads 10 % of a store, ~100 ms
+        in one query at 100k, during which no search could read ``data_version``.
+
+        Keyset pages, each one index seek: by ``seq``, or by (``key``, ``seq``) on
+        ``key``'s index, where a page that ends inside a run of equal keys (an enrolment
+        batch shares its expiry) is followed by the rest of that run (``key = ? AND
+        seq > ?``) before the next key: a row-value comparison would seek by ``key``
+        alone and re-read the run for every page.
+        """
         # Only fixed fragments from this module are formatted in; values are always bound.
-        sql = (f"SELECT {_HEADERS}, {key} FROM records WHERE ({where}) AND {after}"  # noqa: S608
-               f" ORDER BY {order} LIMIT ?")
-        last: tuple[int, ...] = (0,) if key == "seq" else (-(1 << 63), 0)
+        head = f"SELECT {_HEADERS}, {key} FROM records WHERE ({where}) AND "  # noqa: S608
+        by_seq = head + "seq > ? ORDER BY seq LIMIT ?"
+        in_run = head + f"{key} = ? AND seq > ? ORDER BY seq LIMIT ?"
+        after = head + f"{key} > ? ORDER BY {key}, seq LIMIT ?"
         rows: list[RecordRow] = []
+        last_key: int | None = None  # inside a run of this key, after ``last_seq``
+        last_seq, floor = 0, -(1 << 63)
         while True:
-            page = self._query(what, sql, (*args, *last, _PAGE))
+            if key == "seq":
+                page = self._query(what, by_seq, (*args, last_seq, _PAGE))
+            elif last_key is not None:
+                page = self._query(what, in_run, (*args, last_key, last_seq, _PAGE))
+            else:
+                page = self._query(what, after, (*args, floor, _PAGE))
             rows.extend(_row(r[:-1]) for r in page)
-            if len(page) < _PAGE:
+            if page:
+                last_seq = page[-1][0]
+            if len(page) == _PAGE:
+                last_key = None if key == "seq" else page[-1][-1]
+                continue
+            if key == "seq" or last_key is None:
                 return sorted(rows, key=lambda r: r.seq)
-            last = (page[-1][0],) if key == "seq" else (page[-1][-1], page[-1][0])
+            floor, last_key = last_key, None  # the run is done: the next key on
 
     def scan(self, batch_size: int = 4096) -> Iterator[list[RecordRow]]:
         """Every row in ``seq`` order, ``batch_size`` at a time, never all in memory.

@@ -237,13 +237,15 @@ def test_a_purge_selection_read_in_pages_is_the_whole_selection_in_seq_order(
     real = backend._query
 
     def query(what: str, sql: str, args: tuple[object, ...] = ()) -> list[object]:
-        taken.append(what)
-        return real(what, sql, args)
+        found = real(what, sql, args)
+        taken.append((what, len(found)))
+        return found
 
     monkeypatch.setattr(backend, "_query", query)
     expected = [make_row(i).record_id for i, e in enumerate(expiries) if e <= 50 and i != 6]
     assert [r.record_id for r in backend.expired(50)] == expected
-    assert taken.count("expired") == len(expected) // page + 1
+    sizes = [n for what, n in taken if what == "expired"]
+    assert len(sizes) >= len(expected) // page + 1 and max(sizes) <= page  # a page a query
     assert all(len(r.blob) == 16 for r in backend.expired(50))  # the tag only
     expected = [make_row(i).record_id for i in range(12) if i % 3 < 2 and i % 5 and i != 6]
     assert [r.record_id for r in backend.below_epoch(2)] == expected
