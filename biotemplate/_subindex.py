@@ -219,7 +219,8 @@ class SubIndex:
             self.rewrite(labels, noise, threads)
             return
         targets = self._erased_slots(level0, labels)
-        if found is None:
+        own = found is None
+        if own:
             found = _completed(self.survey(labels))
         links, counts = level0.links, level0.link_counts
         before = links[targets]  # the rows hnswlib's update rewrites: their neighbours
@@ -236,6 +237,8 @@ class SubIndex:
                 level0.unlink(np.concatenate(rows), self._erased_all())
                 level0.clear_tails(targets)
             rewritten.fill(0)
+            if own and found is not None:
+                found.scrub()
 
     def _erased_all(self) -> NDArray[np.int64]:
         """The elements of every erased record still in the graph (marked, not merely
