@@ -119,8 +119,10 @@ class Level0:
         if not rows.size or not targets.size:
             return 0
         links, counts = self.links, self.link_counts
-        named = np.isin(links[rows], targets)  # (rows, maxM0): a copy
-        named &= (links[rows] != 0) | (np.arange(links.shape[1]) < counts[rows, None])
+        listed = links[rows]  # (rows, maxM0): a copy
+        named = np.isin(listed, targets)
+        named &= (listed != 0) | (np.arange(links.shape[1]) < counts[rows, None])
+        listed.fill(0)
         dropped = 0
         for i in np.flatnonzero(named.any(axis=1)).tolist():
             row, used = int(rows[i]), int(counts[rows[i]])

@@ -14,11 +14,13 @@ So, when :mod:`._level0` can see the block the vectors live in, an erasure here 
 the bytes at once (microseconds; ``erase``), and leaves the re-linking, the same
 ``add_items`` with a random unit vector, to ``repair``, which the index runs in small
 batches between searches; ``survey`` first finds every row that names the element (a
-read of the whole block, in steps, under the read lock) and ``repair`` takes the element
-out of those rows' lists after the update (out-link and in-link means then score ~0).
-Without that view, ``erase`` does both through the API, as before (the in-links stay as
-the update leaves them). Either way the element stays marked deleted, and a later add may
-take its slot (``replace_deleted``), which re-links it too.
+read of the whole block, in steps, under the read lock), and after the update ``repair``
+takes every erased element out of those rows and of the rows the update rewrote, and
+zeroes what the update left after the end of the element's own list (out-link and in-link
+means then score ~0). Without that view, ``erase`` does both through the API, as before
+(the in-links stay as the update leaves them). Either way the element stays marked
+deleted, and once repaired a later add may take its slot (``replace_deleted``), which
+re-links it too.
 
 ``slots`` maps label -> element (slot) in hnswlib's block, ``dead`` the marked slots to
 the label each held, so that an erasure finds its bytes without a scan of the block. Both
